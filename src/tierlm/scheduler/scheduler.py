@@ -1,0 +1,141 @@
+"""The scheduler.
+
+Algorithm. There is no prefill phase or decode phase: every request carries num_computed_tokens, and
+each step gives each scheduled request some new tokens to compute so that it catches up with
+num_tokens (prompt + output). A step has a token budget (max_num_batched_tokens). Running requests go
+first, decodes (one token each) before unfinished prefills, so generation never stalls behind a long
+prompt; a prefill that does not fit the remaining budget is chunked (chunked prefill), and continues
+next step. When the KV pool has no block for a running request, the scheduler preempts by recompute:
+it frees the blocks of the lowest-priority running request (the most recently arrived in FCFS mode;
+the largest (priority, arrival) in priority mode), puts it back at the front of the waiting queue, and
+retries; freed blocks keep their prefix hashes, so the recompute is mostly prefix-cache hits. Then
+waiting requests are admitted in order (FCFS, or by (priority, arrival)) while the budget, the
+max_num_seqs cap and the pool allow: each first reuses its longest cached prefix, then allocates for
+the rest. Admission stops at the first request that does not fit, so later arrivals never overtake.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from tierlm.config import SchedulerConfig
+from tierlm.core.request import Request, RequestStatus
+from tierlm.kvcache import KVCacheManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    block_table: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.request.num_computed_tokens == self.request.num_tokens - 1
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)  # decodes first, then prefills
+    preempted: list[Request] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue verbs ---------------------------------------------------------------------------
+    def _key(self, r: Request) -> tuple:
+        return (r.priority, r.arrival_time) if self.config.policy == "priority" else (r.arrival_time,)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        keys = [self._key(r) for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self._key(request)), request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Remove a request wherever it is and release its blocks."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[int, ScheduledRequest] = {}
+
+        # 1. Running requests: decodes first, then unfinished prefills.
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for req in order:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while True:
+                table = self.kv.allocate_slots(req, n)
+                if table is not None:
+                    break
+                victim = max((r for r in self.running if id(r) not in scheduled), key=self._key)
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                scheduled[id(req)] = ScheduledRequest(req, n, table)
+                budget -= n
+
+        # 2. Waiting requests, in queue order, while they fit.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            n = req.num_tokens - num_hit
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            table = self.kv.allocate_slots(req, n, hit_blocks)
+            if table is None:
+                break
+            self.waiting.pop(0)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[id(req)] = ScheduledRequest(req, n, table)
+            budget -= n
+
+        out.scheduled = sorted(scheduled.values(), key=lambda s: not s.is_decode)
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+        self.add(req)
+        req.status = RequestStatus.PREEMPTED
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counters once the step's forward pass has written its KV."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens

@@ -1,0 +1,81 @@
+"""KVSpec arithmetic: exact byte counts for the default model (SmolLM2-135M: 30 layers, 3 KV heads, d=64)."""
+import pytest
+import torch
+
+from tierlm.config import KV_FORMATS, ModelConfig
+from tierlm.core.errors import InvalidParameterError
+from tierlm.kvcache.spec import KV_FORMAT_REGISTRY, KVSpec, implemented_kv_formats
+
+SMOLLM2 = ModelConfig(
+    architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+    num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
+)
+
+
+def smol(kv_format: str, block_size: int = 16) -> KVSpec:
+    return KVSpec.from_model(SMOLLM2, kv_format, block_size)
+
+
+@pytest.mark.parametrize(
+    ("kv_format", "bytes_per_token"),
+    [
+        ("fp32", 46_080),
+        ("bf16", 23_040),  # 2 * 30 * 3 * 64 * 2
+        ("fp16", 23_040),
+        ("fp8_e4m3", 11_700),  # 2 * 30 * 3 * (64 + 1 UE8M0 scale)
+        ("fp8_e5m2", 11_700),
+        ("fp8_e4m3_fp32scale", 12_240),  # 2 * 30 * 3 * (64 + 4)
+        ("fp8_e5m2_fp32scale", 12_240),
+    ],
+)
+def test_bytes_per_token_smollm2(kv_format, bytes_per_token):
+    assert smol(kv_format).bytes_per_token == bytes_per_token
+    assert smol(kv_format).page_size_bytes == 16 * bytes_per_token
+
+
+def test_from_model_copies_the_shape():
+    assert smol("bf16", 32) == KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, kv_format="bf16", block_size=32)
+
+
+def test_scales_are_counted_per_head_when_head_dim_is_not_a_multiple_of_the_group():
+    # head_dim 96 -> 2 scale groups per head: 96 + 2 bytes per head vector
+    assert KVSpec(1, 1, 96, "fp8_e4m3", 16).bytes_per_token == 2 * 98
+
+
+def test_num_blocks_for_budget_counts_whole_blocks():
+    spec = smol("bf16")  # page 368,640 B
+    assert spec.page_size_bytes == 368_640
+    assert spec.num_blocks_for_budget(10 * 368_640) == 10
+    assert spec.num_blocks_for_budget(10 * 368_640 - 1) == 9
+    assert spec.num_blocks_for_budget(368_639) == 0
+    assert spec.num_blocks_for_budget(1 << 30) == 2912
+
+
+def test_max_sessions_counts_whole_blocks_per_session():
+    spec = smol("bf16")
+    assert spec.max_sessions(1 << 30, 8192) == 5  # 2912 blocks // 512 blocks per session
+    assert spec.max_sessions(4 * 368_640, 17) == 2  # 17 tokens take 2 blocks
+    assert spec.max_sessions(4 * 368_640, 16) == 4
+    assert spec.max_sessions(368_639, 1) == 0
+    with pytest.raises(InvalidParameterError):
+        spec.max_sessions(1 << 30, 0)
+
+
+def test_torch_dtype_for_implemented_formats_and_a_clear_error_for_planned_ones():
+    assert smol("bf16").torch_dtype is torch.bfloat16
+    assert smol("fp32").torch_dtype is torch.float32
+    assert smol("fp16").torch_dtype is torch.float16
+    with pytest.raises(InvalidParameterError, match="planned"):
+        smol("fp8_e4m3").torch_dtype
+
+
+def test_registry_matches_the_formats_config_accepts():
+    assert set(implemented_kv_formats()) == set(KV_FORMATS)
+    assert all(not f.implemented for name, f in KV_FORMAT_REGISTRY.items() if name.startswith("fp8"))
+
+
+@pytest.mark.parametrize("bad", [dict(kv_format="int3"), dict(head_dim=0), dict(block_size=-16), dict(num_layers=1.5)])
+def test_invalid_specs_are_refused(bad):
+    args = dict(num_layers=30, num_kv_heads=3, head_dim=64, kv_format="bf16", block_size=16) | bad
+    with pytest.raises(InvalidParameterError):
+        KVSpec(**args)

@@ -1,0 +1,1 @@
+"""Benchmarks. `python -m tierlm.bench.perf`: engine speed on the default model vs transformers."""

@@ -1,0 +1,183 @@
+"""Engine speed on one model, side by side with transformers' generate() in the same run.
+
+Prints prefill tok/s (one 512-token prompt), decode tok/s at batch 1 and batch 16 (128 new tokens,
+greedy, EOS ignored), achieved GB/s against this machine's measured copy bandwidth, and the greedy
+token diff between tierlm and the peer (a faster wrong answer is a bug).
+
+    python -m tierlm.bench.perf [--model default] [--batch 1 16] [--new-tokens 128] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from tierlm.core.sampling_params import SamplingParams
+
+
+def measure_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Copy bandwidth in GB/s (bytes read + written), best of reps."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def make_prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`batch` distinct prompts of exactly `length` tokens from a fixed text."""
+    text = ("Memory bandwidth, not arithmetic, bounds how fast a language model decodes. "
+            "Each new token reads every weight once, and the cache grows with the context. ") * 64
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [ids[(seed + 7 * i) % 97:][:length] for i in range(batch)]
+
+
+def run_tierlm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Time one batch through the engine: prefill (until every request has its first token), then decode."""
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    ids = [eng.add_request(p, params) for p in prompts]
+    first: dict[str, float] = {}
+    done: dict[str, list[int]] = {}
+    while len(done) < len(ids):
+        for out in eng.step():
+            now = time.perf_counter()
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    t1 = time.perf_counter()
+    t_first = max(first.values())
+    return {"prefill_s": t_first - t0, "decode_s": t1 - t_first, "total_s": t1 - t0,
+            "tokens": [done[i] for i in ids]}
+
+
+def run_transformers(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    x = torch.tensor(prompts)
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        t2 = time.perf_counter()
+    prefill = t1 - t0
+    return {"prefill_s": prefill, "decode_s": (t2 - t1) - prefill, "total_s": t2 - t1,
+            "tokens": out[:, x.shape[1]:].tolist()}
+
+
+def load_peer(model_arg: str | None, dtype: torch.dtype):
+    import transformers
+
+    from tierlm.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(model_arg)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype)
+    return model.eval()
+
+
+def diff(a: list[list[int]], b: list[list[int]]) -> dict:
+    exact = sum(x == y for x, y in zip(a, b))
+    first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None) for x, y in zip(a, b)]
+    return {"prompts": len(a), "exact_match": exact,
+            "first_divergence": min((f for f in first if f is not None), default=None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt length for the decode runs")
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=2, help="repetitions; the median is reported")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    from tierlm import LLM
+
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    llm = LLM(a.model, dtype=a.dtype, device="cpu", enable_prefix_caching=False, kv_cache_memory=1 << 30,
+              max_num_batched_tokens=max(512, a.prefill_len), max_num_seqs=max(a.batch))
+    peer = None if a.no_peer else load_peer(a.model, dtype)
+    cfg = llm.engine.model_config
+    elem = torch.finfo(dtype).bits // 8
+    weight_bytes = cfg.num_params * elem
+    kv_tok = llm.engine.kv_spec.bytes_per_token
+    bw = measure_bandwidth()
+    rows = []
+
+    def record(name, engine, batch, plen, res_list, phase):
+        med = lambda k: statistics.median(r[k] for r in res_list)  # noqa: E731
+        row = {"case": name, "engine": engine, "batch": batch, "prompt_len": plen, "new_tokens": a.new_tokens}
+        if phase == "prefill":
+            row["prefill_tok_s"] = batch * plen / med("prefill_s")
+        else:
+            steps = a.new_tokens - 1
+            row["decode_tok_s"] = batch * steps / med("decode_s")
+            ctx = plen + a.new_tokens / 2
+            step_bytes = weight_bytes + batch * ctx * kv_tok
+            row["achieved_gb_s"] = step_bytes * steps / med("decode_s") / 1e9
+            row["e2e_tok_s"] = batch * a.new_tokens / med("total_s")
+        rows.append(row)
+        return row
+
+    # Prefill: one long prompt, one new token.
+    pp = make_prompts(llm.tokenizer, 1, a.prefill_len)
+    new = a.new_tokens
+    a.new_tokens = 1
+    run_tierlm(llm, pp, 1)  # warm-up
+    record("prefill", "tierlm", 1, a.prefill_len, [run_tierlm(llm, pp, 1) for _ in range(a.reps)], "prefill")
+    if peer is not None:
+        run_transformers(peer, pp, 1)
+        record("prefill", "transformers", 1, a.prefill_len, [run_transformers(peer, pp, 1) for _ in range(a.reps)], "prefill")
+    a.new_tokens = new
+
+    gate = []
+    for b in a.batch:
+        prompts = make_prompts(llm.tokenizer, b, a.prompt_len)
+        run_tierlm(llm, prompts, 8)
+        ours = [run_tierlm(llm, prompts, a.new_tokens) for _ in range(a.reps)]
+        record(f"decode b{b}", "tierlm", b, a.prompt_len, ours, "decode")
+        if peer is not None:
+            run_transformers(peer, prompts, 8)
+            theirs = [run_transformers(peer, prompts, a.new_tokens) for _ in range(a.reps)]
+            record(f"decode b{b}", "transformers", b, a.prompt_len, theirs, "decode")
+            gate.append({"batch": b, **diff(ours[0]["tokens"], theirs[0]["tokens"])})
+
+    print(f"\nmodel {cfg.model_id}, {a.dtype}, {torch.get_num_threads()} threads; "
+          f"weights {weight_bytes / 1e6:.0f} MB; KV {kv_tok} B/token; measured copy bandwidth {bw:.1f} GB/s")
+    print(f"{'case':<12} {'engine':<13} {'tok/s':>9} {'vs peer':>8} {'GB/s':>7} {'% of bw':>8}")
+    by = {(r["case"], r["engine"]): r for r in rows}
+    for r in rows:
+        key = "prefill_tok_s" if "prefill_tok_s" in r else "decode_tok_s"
+        peer_row = by.get((r["case"], "transformers"))
+        ratio = f"{r[key] / peer_row[key]:.2f}x" if peer_row and r["engine"] == "tierlm" else ""
+        gbs = f"{r['achieved_gb_s']:.1f}" if "achieved_gb_s" in r else ""
+        pct = f"{100 * r['achieved_gb_s'] / bw:.0f}%" if "achieved_gb_s" in r else ""
+        print(f"{r['case']:<12} {r['engine']:<13} {r[key]:>9.1f} {ratio:>8} {gbs:>7} {pct:>8}")
+    for g in gate:
+        flag = "OK" if g["exact_match"] == g["prompts"] else "DIVERGED"
+        print(f"greedy diff vs transformers, batch {g['batch']}: {g['exact_match']}/{g['prompts']} exact "
+              f"(first divergence at token {g['first_divergence']}) {flag}")
+    if a.json:
+        env = {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "bandwidth_gb_s": bw}
+        with open(a.json, "w") as f:
+            json.dump({"environment": env, "rows": rows, "correctness": gate}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""`tierlm` entry point: parses arguments and dispatches. User errors: one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from tierlm.core.errors import TierlmError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "t": 1e12, "tb": 1e12}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512MiB, 2GiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", action="append", type=int, default=[], dest="stop_token_ids")
+    g.add_argument("--logprobs", type=int, default=None, help="also return the top-N logprobs per token")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling(a):
+    from tierlm.core.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                          presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                          seed=a.seed, stop=a.stop, stop_token_ids=a.stop_token_ids, logprobs=a.logprobs,
+                          ignore_eos=a.ignore_eos)
+
+
+def _llm(a):
+    from tierlm.engine.llm import LLM
+
+    return LLM(a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, block_size=a.block_size,
+               kv_cache_memory=a.kv_cache_memory, num_kv_blocks=a.num_kv_blocks,
+               enable_prefix_caching=not a.no_prefix_caching, max_num_seqs=a.max_num_seqs,
+               max_num_batched_tokens=a.max_num_batched_tokens)
+
+
+def _write_json(path: str | None, obj) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def cmd_generate(a) -> int:
+    params = _sampling(a)  # validate before the model loads
+    llm = _llm(a)
+    prompt = llm.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    t0 = time.perf_counter()
+    first = None
+    printed = 0
+    out = None
+    for out in llm.stream(prompt, params):
+        if first is None:
+            first = time.perf_counter()
+        text = out.outputs[0].text
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+    t1 = time.perf_counter()
+    sys.stdout.write("\n")
+    c = out.outputs[0]
+    if a.stats:
+        n_out = len(c.token_ids)
+        ttft = (first - t0) if first else float("nan")
+        decode_rate = (n_out - 1) / (t1 - first) if first and n_out > 1 and t1 > first else float("nan")
+        print(f"[stats] prompt_tokens={len(out.prompt_token_ids)} cached_tokens={out.num_cached_tokens} "
+              f"output_tokens={n_out} finish_reason={c.finish_reason} load_s={llm.engine.load_seconds:.2f} "
+              f"ttft_ms={ttft * 1e3:.1f} decode_tok_s={decode_rate:.1f} total_s={t1 - t0:.2f}", file=sys.stderr)
+    _write_json(a.json, {"prompt": a.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                         "prompt_tokens": len(out.prompt_token_ids), "cached_tokens": out.num_cached_tokens})
+    return 0
+
+
+def cmd_chat(a) -> int:
+    params = _sampling(a)
+    llm = _llm(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("tierlm chat: empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        printed, text = 0, ""
+        for out in llm.stream(llm.apply_chat_template(messages), params):
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": text})
+    return 0
+
+
+def cmd_info(a) -> int:
+    from tierlm.config import CacheConfig
+    from tierlm.kvcache.spec import KV_FORMAT_REGISTRY, KVSpec
+    from tierlm.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(a.model)
+    c = ckpt.config
+    CacheConfig(block_size=a.block_size)  # validates
+    budget = a.memory
+    formats = []
+    for name, fmt in KV_FORMAT_REGISTRY.items():
+        spec = KVSpec.from_model(c, name, a.block_size)
+        formats.append({"kv_format": name, "implemented": fmt.implemented, "bytes_per_token": spec.bytes_per_token,
+                        "bytes_per_session": spec.bytes_per_token * a.seq_len,
+                        "max_sessions_at_budget": spec.max_sessions(budget, a.seq_len)})
+    info = {"model_id": c.model_id, "architecture": c.architecture, "source": str(ckpt.path),
+            "parameters": c.num_params, "layers": c.num_layers, "hidden_size": c.hidden_size,
+            "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "context_length": c.max_position_embeddings, "tied_embeddings": c.tie_word_embeddings,
+            "block_size": a.block_size, "seq_len": a.seq_len, "memory_budget_bytes": budget, "kv_formats": formats}
+    print(f"{c.model_id} ({c.architecture}): {c.num_params / 1e6:.1f}M parameters, {c.num_layers} layers, "
+          f"hidden {c.hidden_size}, {c.num_heads} query / {c.num_kv_heads} KV heads x {c.head_dim}, "
+          f"vocab {c.vocab_size}, context {c.max_position_embeddings}")
+    print(f"KV cache, sessions of {a.seq_len} tokens in a {budget / 2**30:.2f} GiB budget (block size {a.block_size}):")
+    print(f"  {'format':<10} {'bytes/token':>12} {'MiB/session':>12} {'max sessions':>13}")
+    for f in formats:
+        note = "" if f["implemented"] else "  (planned)"
+        print(f"  {f['kv_format']:<10} {f['bytes_per_token']:>12,} {f['bytes_per_session'] / 2**20:>12.2f} "
+              f"{f['max_sessions_at_budget']:>13,}{note}")
+    _write_json(a.json, info)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierlm", description="LLM inference built around the memory hierarchy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt (streams to stdout)")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--stats", action="store_true", help="print prompt/cached tokens and timings after the text")
+    g.add_argument("--json", default=None, metavar="PATH")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive streaming chat")
+    c.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat, max_tokens=256)
+
+    i = sub.add_parser("info", help="model shape, KV bytes/token per format, sessions that fit a budget")
+    i.add_argument("--model", default=None)
+    i.add_argument("--block-size", type=int, default=16)
+    i.add_argument("--seq-len", type=int, default=4096, help="session length for the capacity figure")
+    i.add_argument("--memory", type=parse_bytes, default=parse_bytes("8GiB"), help="KV memory budget, e.g. 8GiB")
+    i.add_argument("--json", default=None, metavar="PATH")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TierlmError as e:
+        print(f"tierlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tierlm: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if getattr(e, "filename", None):
+            print(f"tierlm: error: {e.strerror}: {e.filename} (check the path and permissions)", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

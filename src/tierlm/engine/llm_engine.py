@@ -1,0 +1,232 @@
+"""LLMEngine: add_request / step / abort. One step = schedule -> execute -> update.
+
+Construction loads the checkpoint, builds the model on `meta` and assigns weights, sizes the KV block
+pool from the memory budget (kvcache/spec.py), and wires scheduler, runner and sampler together.
+A request with n > 1 becomes n sequences (request_id#i) that share the prompt's cached prefix.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from tierlm.config import EngineConfig
+from tierlm.core.errors import InvalidParameterError, PromptTooLongError
+from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from tierlm.core.request import Request, RequestStatus
+from tierlm.core.sampling_params import SamplingParams
+from tierlm.engine.detokenizer import IncrementalDetokenizer
+from tierlm.engine.model_runner import ModelRunner
+from tierlm.engine.sampler import Sampler
+from tierlm.kvcache import KVCacheManager, KVSpec
+from tierlm.models import build_model
+from tierlm.models.loader import load_checkpoint
+from tierlm.scheduler import Scheduler
+
+DEFAULT_CPU_KV_BYTES = 2 << 30  # 2 GiB of KV on CPU unless told otherwise
+DEFAULT_CUDA_KV_FRACTION = 0.5  # of free device memory after weights
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError("device 'cuda' requested but CUDA is not available", "use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    # fp32 on CPU: without native bf16, fp32 matmuls are faster there (and exact w.r.t. the reference).
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+_DTYPE_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one generated sequence."""
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[list[Logprob]] | None = None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(config.model)
+        self.model_config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
+                                 ckpt.config.max_position_embeddings)
+        self.model = build_model(ckpt.config, ckpt.weights, self.dtype, self.device, self.max_model_len)
+        del ckpt
+        self.load_seconds = time.perf_counter() - t0
+
+        cc = config.cache
+        kv_format = cc.kv_format or _DTYPE_FORMAT[self.dtype]
+        self.kv_spec = KVSpec.from_model(self.model_config, kv_format, cc.block_size)
+        num_blocks = cc.num_blocks or self.kv_spec.num_blocks_for_budget(cc.memory_bytes or self._default_kv_bytes())
+        if num_blocks < 1:
+            raise InvalidParameterError("the KV memory budget holds no block", "raise the KV cache memory budget")
+        extra_keys = (self.model_config.model_id, kv_format, cc.tenant_salt)
+        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device)
+        self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
+        self.groups: dict[str, _Group] = {}
+        self._seq_to_group: dict[str, _Group] = {}
+        self._ids = itertools.count()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    def _default_kv_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * DEFAULT_CUDA_KV_FRACTION)
+        return DEFAULT_CPU_KV_BYTES
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise InvalidParameterError(f"request id {request_id!r} is already in use", "use a unique request_id")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in ids):
+                raise InvalidParameterError("prompt token ids out of range",
+                                            f"use ids in [0, {self.model_config.vocab_size})", param="prompt")
+        if not ids:
+            raise InvalidParameterError("the prompt is empty", "give at least one token", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(len(ids), self.max_model_len)
+        capacity = self.kv.num_blocks * self.kv.block_size
+        room = min(self.max_model_len, capacity) - len(ids)
+        if room < 1:
+            raise InvalidParameterError(
+                f"the KV cache holds {capacity} tokens but the prompt has {len(ids)}",
+                "raise the KV cache memory budget (--kv-cache-memory) or shorten the prompt", param="prompt")
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        group = _Group(request_id, text, ids)
+        for i in range(params.n):
+            p = replace(params, max_tokens=max_tokens, n=1,
+                        seed=None if params.seed is None else params.seed + i)
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(seq_id, list(ids), p, prompt=text, priority=priority)
+            detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
+            group.seqs.append(_Sequence(req, detok, [] if p.logprobs is not None else None))
+            self._seq_to_group[seq_id] = group
+            self.scheduler.add(req)
+        self.groups[request_id] = group
+        self.counters["prompt_tokens"] += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for s in group.seqs:
+            if not s.request.is_finished:
+                self.scheduler.finish(s.request, RequestStatus.FINISHED_ABORTED)
+            self._release(s.request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits, reqs = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        self.counters["steps"] += 1
+        touched: dict[str, _Group] = {}
+        if reqs:
+            sampled = self.sampler(logits, reqs)
+            now = time.monotonic()
+            for req, tok, lps in zip(reqs, sampled.token_ids, sampled.logprobs):
+                group = self._seq_to_group[req.request_id]
+                seq = next(s for s in group.seqs if s.request is req)
+                self._append_token(seq, tok, lps, now)
+                touched[group.request_id] = group
+        outputs = [self._make_output(g) for g in touched.values()]
+        for g in touched.values():
+            if g.finished:
+                self.groups.pop(g.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: _Sequence, tok: int, lps: list[Logprob] | None, now: float) -> None:
+        req, p = seq.request, seq.request.sampling_params
+        req.output_token_ids.append(tok)
+        self.counters["generation_tokens"] += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if seq.logprobs is not None and lps is not None:
+            for lp in lps:
+                lp.token = self.tokenizer.id_to_token(lp.token_id)
+            seq.logprobs.append(lps)
+        stop_str = seq.detok.append(tok)
+        n_out = len(req.output_token_ids)
+        status = None
+        if n_out >= p.min_tokens:
+            if stop_str is not None:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+            elif tok in p.stop_token_ids:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok
+            elif not p.ignore_eos and tok in self.tokenizer.eos_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None and (n_out >= p.max_tokens or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            req.finished_time = now
+            self.scheduler.finish(req, status)
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
+        self.sampler.forget(req.request_id)
+        self._seq_to_group.pop(req.request_id, None)
+
+    def _make_output(self, g: _Group) -> RequestOutput:
+        outs = []
+        for i, s in enumerate(g.seqs):
+            r = s.request
+            done = r.is_finished
+            outs.append(CompletionOutput(
+                index=i, text=s.detok.visible_text(done), token_ids=list(r.output_token_ids),
+                finish_reason=r.status.value if done else None, stop_reason=r.stop_reason,
+                logprobs=s.logprobs))
+        first = g.seqs[0].request
+        metrics = {"arrival_time": first.arrival_time}
+        if first.first_token_time is not None:
+            metrics["first_token_time"] = first.first_token_time
+        if g.finished:
+            metrics["finished_time"] = max(s.request.finished_time or 0.0 for s in g.seqs)
+        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, g.finished,
+                             num_cached_tokens=max(first.num_cached_tokens, 0), metrics=metrics)

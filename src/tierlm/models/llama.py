@@ -1,0 +1,142 @@
+"""The Llama family (Llama, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norm) over a paged KV cache.
+
+Weights arrive in Hugging Face names; `load_weights` fuses q/k/v and gate/up into single matmuls.
+The forward pass takes the step's flattened tokens and explicit attention metadata.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierlm.attention import AttentionMetadata, paged_attention, write_kv
+from tierlm.config import ModelConfig
+from tierlm.core.errors import CorruptModelError
+from tierlm.models.layers import RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = self.d ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = q.view(T, self.hq, self.d)
+        k = k.view(T, self.hkv, self.d)
+        v = v.view(T, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        k_cache, v_cache = kv
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.view(T, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, rope, kv, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_positions = max_positions or cfg.max_position_embeddings
+
+    def init_rope(self, device: torch.device | str) -> None:
+        """RoPE tables are derived, not loaded: build them after the weights are in place."""
+        c = self.config
+        self.rope = RotaryEmbedding(c.head_dim, self.max_positions, c.rope_theta, c.rope_scaling).to(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] (final norm applied)."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rope, kv, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w).float()
+
+    # ---- weights -------------------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> None:
+        """Assign Hugging Face-named tensors (fusing q/k/v and gate/up) into a module built on `meta`."""
+        c = self.config
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise CorruptModelError(f"checkpoint is missing tensor {name!r}",
+                                        "re-download or re-convert the model; the file is incomplete")
+            used.add(name)
+            return weights[name]
+
+        def put(param_path: str, *tensors: torch.Tensor) -> None:
+            t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+            module_path, _, attr = param_path.rpartition(".")
+            module = self.get_submodule(module_path)
+            expected = getattr(module, attr).shape
+            if tuple(t.shape) != tuple(expected):
+                raise CorruptModelError(f"tensor {param_path} has shape {tuple(t.shape)}, expected {tuple(expected)}",
+                                        "the weights do not match config.json; check the checkpoint")
+            setattr(module, attr, nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
+
+        put("embed_tokens.weight", take("model.embed_tokens.weight"))
+        put("norm.weight", take("model.norm.weight"))
+        if self.lm_head is not None:
+            put("lm_head.weight", take("lm_head.weight"))
+        for i in range(c.num_layers):
+            p, a = f"model.layers.{i}.", f"layers.{i}.self_attn."
+            put(a + "qkv_proj.weight", *(take(p + f"self_attn.{n}_proj.weight") for n in "qkv"))
+            if c.attention_bias:
+                put(a + "qkv_proj.bias", *(take(p + f"self_attn.{n}_proj.bias") for n in "qkv"))
+            put(a + "o_proj.weight", take(p + "self_attn.o_proj.weight"))
+            if c.qk_norm:
+                put(a + "q_norm.weight", take(p + "self_attn.q_norm.weight"))
+                put(a + "k_norm.weight", take(p + "self_attn.k_norm.weight"))
+            m = f"layers.{i}.mlp."
+            put(m + "gate_up_proj.weight", take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight"))
+            put(m + "down_proj.weight", take(p + "mlp.down_proj.weight"))
+            put(f"layers.{i}.input_layernorm.weight", take(p + "input_layernorm.weight"))
+            put(f"layers.{i}.post_attention_layernorm.weight", take(p + "post_attention_layernorm.weight"))
+        meta_left = [n for n, t in self.named_parameters() if t.is_meta]
+        if meta_left:
+            raise CorruptModelError(f"parameters left unloaded: {meta_left[:3]}", "the checkpoint is incomplete")
+        self.init_rope(device)

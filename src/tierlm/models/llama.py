@@ -12,7 +12,7 @@ from torch import nn
 from tierlm.attention import AttentionMetadata, paged_attention, write_kv
 from tierlm.config import ModelConfig
 from tierlm.core.errors import CorruptModelError
-from tierlm.models.layers import RMSNorm, RotaryEmbedding
+from tierlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope
 
 
 class Attention(nn.Module):
@@ -25,17 +25,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.d ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = q.view(T, self.hq, self.d)
-        k = k.view(T, self.hkv, self.d)
-        v = v.view(T, self.hkv, self.d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        qkv = self.qkv_proj(x).view(T, self.hq + 2 * self.hkv, self.d)  # [T, Hq + 2 Hkv, D]
+        v = qkv[:, self.hq + self.hkv:]
+        if self.q_norm is None:
+            # q and k are adjacent: rotate them in one pass.
+            qk = apply_rope(qkv[:, : self.hq + self.hkv], *rope)
+            q, k = qk[:, : self.hq], qk[:, self.hq:]
+        else:
+            q = apply_rope(self.q_norm(qkv[:, : self.hq]), *rope)
+            k = apply_rope(self.k_norm(qkv[:, self.hq: self.hq + self.hkv]), *rope)
         k_cache, v_cache = kv
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
@@ -62,8 +63,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, kv, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, meta)
+    def forward(self, x, rope, kv, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -86,14 +87,16 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (final norm applied)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, kv, meta)
+            x = layer(x, rope, kv, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        if self.lm_head is None:  # tied embeddings
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------------
     def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> None:

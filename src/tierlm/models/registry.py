@@ -5,6 +5,7 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.core.errors import UnsupportedModelError
+from tierlm.models.linear import PackedLinear, optimize_linears, use_packed
 from tierlm.models.llama import LlamaForCausalLM
 
 _REGISTRY = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
@@ -20,4 +21,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch
     with torch.device("meta"):
         model = cls(cfg, max_positions)
     model.load_weights(weights, dtype, device)
+    if use_packed(torch.device(device), dtype):
+        optimize_linears(model)
+        if model.lm_head is None:  # tied: a packed copy for the logits, the embedding stays for lookups
+            model.lm_head = PackedLinear(model.embed_tokens.weight, None)
     return model.eval()

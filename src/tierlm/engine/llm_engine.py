@@ -78,6 +78,9 @@ class LLMEngine:
         self.tokenizer = ckpt.tokenizer
         self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
                                  ckpt.config.max_position_embeddings)
+        if ckpt.config.sliding_window:
+            # Attention here is full-context; within the window that is exactly sliding-window attention.
+            self.max_model_len = min(self.max_model_len, ckpt.config.sliding_window)
         self.model = build_model(ckpt.config, ckpt.weights, self.dtype, self.device, self.max_model_len)
         del ckpt
         self.load_seconds = time.perf_counter() - t0

@@ -61,3 +61,16 @@ def test_corrupt_gguf_exits_2(tmp_path):
     r = run("generate", "hi", "--model", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tierlm: error:" in r.stderr
+
+
+def test_chat_streams_replies_and_keeps_history(default_llm):
+    from tierlm import SamplingParams
+
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "tierlm.cli", "chat", "--max-tokens", "12", "--ignore-eos"],
+                       input="What is 2+2?\nAnd 3+3?\n\n", capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    first = default_llm.chat([{"role": "user", "content": "What is 2+2?"}],
+                             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    assert first.strip() and first.strip() in r.stdout
+    assert r.stdout.count("> ") >= 3  # prompted for each turn and for the final empty line

@@ -1,0 +1,240 @@
+"""AsyncEngine: one background thread steps an LLMEngine; asyncio callers add requests and stream.
+
+Thread model. The loop thread is the only thread that touches the LLMEngine. Callers (coroutines on
+an asyncio event loop) hand it commands (add, abort) through a locked deque and wake it with a
+condition variable. Each loop iteration runs the pending commands, then one `engine.step()`, then
+delivers the step's RequestOutputs: one `call_soon_threadsafe` per step puts each output on its
+request's asyncio.Queue. When nothing is pending the thread sleeps on the condition.
+
+Outputs are cumulative, so a slow consumer loses nothing by skipping to the newest output
+(`RequestStream` does exactly that). An add that the engine rejects (InvalidParameterError,
+PromptTooLongError) raises in the caller. A failure inside `step()` is logged, counted in
+`num_step_errors`, and raised in every in-flight request's stream; the loop goes on.
+
+    stream = await aengine.add_request(prompt_ids, params)   # raises on invalid input
+    async for out in stream: ...                              # cumulative RequestOutputs
+    aengine.abort(stream.request_id)                          # frees the request's KV blocks
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from tierlm.core.outputs import RequestOutput
+from tierlm.core.sampling_params import SamplingParams
+from tierlm.engine.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class RequestStream:
+    """The caller's end of one request: an async iterator of cumulative RequestOutputs."""
+
+    def __init__(self, request_id: str, num_seqs: int, owner: "AsyncEngine"):
+        self.request_id = request_id
+        self.num_seqs = num_seqs
+        self.finished = False
+        self._owner = owner
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                while not self._queue.empty():  # outputs are cumulative: skip to the newest
+                    nxt = self._queue.get_nowait()
+                    item = nxt if not isinstance(item, BaseException) else item
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+        finally:
+            if not self.finished:  # consumer stopped early (disconnect, timeout, cancel)
+                self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._owner.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._commands: collections.deque = collections.deque()
+        self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
+        self._ids = itertools.count()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.num_step_errors = 0
+        # Snapshots written by the loop thread after each step; read anywhere (plain ints).
+        self.num_running = 0
+        self.num_waiting = 0
+        self.num_seqs_in_flight = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "AsyncEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tierlm-engine-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread; requests still in flight are aborted and their streams fail."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- caller side (event loop thread) -------------------------------------------------------
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str | None = None, priority: int = 0) -> RequestStream:
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stream = RequestStream(rid, params.n, self)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            self._streams[rid] = (stream, loop)
+            self.num_seqs_in_flight += params.n
+            self._commands.append(("add", rid, prompt, params, priority, fut))
+            self._cond.notify()
+        try:
+            await asyncio.wrap_future(fut)
+        except BaseException:
+            self._forget(rid)
+            raise
+        return stream
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id)
+        async for out in stream:
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, idempotent); its KV blocks are freed on the loop thread."""
+        if self._forget(request_id):
+            with self._cond:
+                self._commands.append(("abort", request_id))
+                self._cond.notify()
+
+    def _forget(self, request_id: str) -> bool:
+        with self._cond:
+            entry = self._streams.pop(request_id, None)
+            if entry is not None:
+                self.num_seqs_in_flight -= entry[0].num_seqs
+            return entry is not None
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until no command is pending and the engine has no unfinished request (tests)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._commands and not self._streams and not self.engine.has_unfinished_requests(),
+                timeout)
+
+    # ---- loop thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            with self._cond:
+                while not self._stop and not self._commands and not eng.has_unfinished_requests():
+                    self._cond.notify_all()  # wake wait_idle()
+                    self._cond.wait()
+                if self._stop:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for cmd in commands:
+                self._run_command(cmd)
+            try:
+                outputs = eng.step()
+            except Exception as e:  # noqa: BLE001 - counted, logged, and raised in every stream
+                self.num_step_errors += 1
+                log.exception("engine step failed; failing %d in-flight requests", len(self._streams))
+                self._fail_all(e)
+                continue
+            self.num_running = len(eng.scheduler.running)
+            self.num_waiting = len(eng.scheduler.waiting)
+            if outputs:
+                self._deliver(outputs)
+        dead = EngineDeadError("the engine is shutting down")
+        with self._cond:
+            pending = list(self._commands)
+            self._commands.clear()
+        for cmd in pending:
+            if cmd[0] == "add" and cmd[-1].set_running_or_notify_cancel():
+                cmd[-1].set_exception(dead)
+        self._fail_all(dead)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run_command(self, cmd: tuple) -> None:
+        if cmd[0] == "abort":
+            self.engine.abort_request(cmd[1])
+            return
+        _, rid, prompt, params, priority, fut = cmd
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            self.engine.add_request(prompt, params, rid, priority)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+            fut.set_exception(e)
+            return
+        fut.set_result(rid)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._cond:
+            for out in outputs:
+                entry = self._streams.get(out.request_id)
+                if entry is None:
+                    continue  # aborted meanwhile
+                if out.finished:
+                    self._streams.pop(out.request_id)
+                    self.num_seqs_in_flight -= entry[0].num_seqs
+                by_loop.setdefault(entry[1], []).append((entry[0], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's event loop is closed
+                for stream, _ in items:
+                    self.abort(stream.request_id)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cond:
+            entries = list(self._streams.items())
+            self._streams.clear()
+            self.num_seqs_in_flight = 0
+        for rid, (stream, loop) in entries:
+            self.engine.abort_request(rid)
+            try:
+                loop.call_soon_threadsafe(stream._put, err)
+            except RuntimeError:
+                pass
+
+
+def _put_all(items: list) -> None:
+    for stream, out in items:
+        stream._put(out)

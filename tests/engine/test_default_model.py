@@ -85,3 +85,22 @@ def test_chunked_prefill_gives_same_output(default_llm):
     ref = default_llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
     small = LLM(kv_cache_memory=64 << 20, max_num_batched_tokens=32)
     assert small.generate(prompt, GREEDY)[0].outputs[0].token_ids == ref
+
+
+def test_cache_salt_isolates_tenants():
+    llm = LLM(kv_cache_memory=64 << 20)
+    eng = llm.engine
+    prompt = "Shared system prompt for every tenant of this service. " * 4
+    params = SamplingParams(temperature=0, max_tokens=2)
+
+    def cached(salt):
+        rid = eng.add_request(prompt, params, cache_salt=salt)
+        while True:
+            for out in eng.step():
+                if out.request_id == rid and out.finished:
+                    return out.num_cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") > 0  # same tenant: hit
+    assert cached("tenant-b") == 0  # other tenant: no sharing
+    assert cached(None) == 0

@@ -57,7 +57,7 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
     cap = plan.concurrency
     pending = deque(range(len(requests)))
     inflight: dict[str, RequestRecord] = {}
-    kv, spec = engine.kv, engine.kv_spec
+    kv = engine.kv
     stats0, preempt0, steps0 = kv.stats, engine.scheduler.num_preemptions, engine.counters["steps"]
     run.start = time.monotonic()
     try:
@@ -102,7 +102,6 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
         run.evictions = stats.evictions - stats0.evictions
         run.preemptions = engine.scheduler.num_preemptions - preempt0
         run.steps = engine.counters["steps"] - steps0
-    del spec
     return run
 
 

@@ -36,6 +36,7 @@ class Request:
     sampling_params: SamplingParams
     prompt: str | None = None
     priority: int = 0  # lower value = served first when the scheduler runs in priority mode
+    cache_salt: str | None = None  # joins the block hashes: only requests with the same salt share a prefix
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -113,7 +113,7 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
+                    request_id: str | None = None, priority: int = 0, cache_salt: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
@@ -141,7 +141,7 @@ class LLMEngine:
             p = replace(params, max_tokens=max_tokens, n=1,
                         seed=None if params.seed is None else params.seed + i)
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(seq_id, list(ids), p, prompt=text, priority=priority)
+            req = Request(seq_id, list(ids), p, prompt=text, priority=priority, cache_salt=cache_salt)
             detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
             group.seqs.append(_Sequence(req, detok, [] if p.logprobs is not None else None))
             self._seq_to_group[seq_id] = group

@@ -104,7 +104,7 @@ class KVCacheManager:
         tokens = request.all_token_ids
         bs = self.block_size
         max_blocks = max(0, (len(tokens) - 1) // bs)
-        hashes = self._block_hashes(request.request_id, tokens, max_blocks)
+        hashes = self._block_hashes(request, tokens, max_blocks)
         hit: list[int] = []
         for i in range(max_blocks):
             block = self.pool.lookup(hashes[i], tokens[i * bs : (i + 1) * bs])
@@ -187,9 +187,12 @@ class KVCacheManager:
                     "cached prefix get_computed_blocks returned (evicted since, or from another request)"
                 )
 
-    def _block_hashes(self, request_id: str, tokens: Sequence[int], num_blocks: int) -> list[BlockHash]:
-        """The request's hash list, extended (and kept) to cover at least `num_blocks` full blocks."""
-        hashes = self._hashes.setdefault(request_id, [])
+    def _block_hashes(self, request: Request, tokens: Sequence[int], num_blocks: int) -> list[BlockHash]:
+        """The request's hash list, extended (and kept) to cover at least `num_blocks` full blocks.
+
+        A request's cache_salt (tenant isolation) joins the engine-wide extra keys.
+        """
+        hashes = self._hashes.setdefault(request.request_id, [])
         if len(hashes) < num_blocks:
             bs = self.block_size
             start = len(hashes) * bs
@@ -198,7 +201,7 @@ class KVCacheManager:
                     tokens[start : num_blocks * bs],
                     bs,
                     self.hash_seed,
-                    self.extra_keys,
+                    self.extra_keys + ((request.cache_salt,) if request.cache_salt else ()),
                     start_parent=hashes[-1] if hashes else None,
                 )
             )
@@ -210,7 +213,7 @@ class KVCacheManager:
         if num_full <= start:
             return
         tokens = request.all_token_ids
-        hashes = self._block_hashes(rid, tokens, num_full)
+        hashes = self._block_hashes(request, tokens, num_full)
         bs = self.block_size
         for i in range(start, num_full):
             # False when another block already holds this prefix: this copy just stays uncached.

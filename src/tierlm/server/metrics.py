@@ -78,14 +78,15 @@ class ServerMetrics:
     def observe_status(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
 
-    def observe_request(self, ttft: float | None, e2e: float, num_prompt: int, num_out: int) -> None:
+    def observe_request(self, ttft: float | None, e2e: float, num_prompt: int, num_out: int, seq_len: int) -> None:
+        """num_out: tokens over all n sequences; seq_len: the longest sequence's tokens (TPOT's divisor)."""
         self.e2e.observe(e2e)
         self.request_prompt_tokens.inc(num_prompt)
         self.request_generation_tokens.inc(num_out)
         if ttft is not None:
             self.ttft.observe(ttft)
-            if num_out > 1:
-                self.tpot.observe((e2e - ttft) / (num_out - 1))
+            if seq_len > 1:
+                self.tpot.observe((e2e - ttft) / (seq_len - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

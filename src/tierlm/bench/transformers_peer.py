@@ -1,0 +1,62 @@
+"""The in-process peer: Hugging Face transformers' generate() on the same model, prompts and dtype.
+
+It loads the HF-format directory the tierlm loader produced (for the default GGUF, the converted
+copy in the user cache), so both sides run the same weights. Greedy, static KV cache, EOS ignored
+for the speed phases; EOS honoured for the gate prompts.
+"""
+from __future__ import annotations
+
+import time
+
+from tierlm.core.errors import TierlmError
+
+
+def load_peer(model_arg: str | None, dtype):
+    """transformers' AutoModelForCausalLM for `model_arg`, in eval mode. TierlmError if transformers is absent."""
+    try:
+        import transformers
+    except ImportError:
+        raise TierlmError("the transformers peer needs the transformers package",
+                          "pip install transformers accelerate, or pass --no-peer") from None
+    from tierlm.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(model_arg)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype)
+    return model.eval()
+
+
+def run_transformers(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Time generate() on equal-length prompts: prefill (one new token), then the whole generation.
+    decode_s is the whole generation minus one prefill."""
+    import torch
+
+    x = torch.tensor(prompts, device=model.device)
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        t2 = time.perf_counter()
+    prefill = t1 - t0
+    return {"prefill_s": prefill, "decode_s": (t2 - t1) - prefill, "total_s": t2 - t1,
+            "tokens": out[:, x.shape[1]:].tolist()}
+
+
+def peer_greedy(model, prompts: list[list[int]], max_tokens: int, eos_token_ids: tuple[int, ...]) -> list[list[int]]:
+    """Greedy tokens per prompt, one prompt at a time (no padding), stopping at EOS like the engine."""
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for p in prompts:
+            x = torch.tensor([p], device=model.device)
+            y = model.generate(x, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                               eos_token_id=list(eos_token_ids) or None)
+            toks = y[0, len(p):].tolist()
+            for i, t in enumerate(toks):
+                if t in eos_token_ids:
+                    toks = toks[: i + 1]
+                    break
+            outs.append(toks)
+    return outs

@@ -1,6 +1,7 @@
 """Paged attention in PyTorch: write new K/V into cache slots, then attend over each sequence's blocks.
 
-Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+Cache layout per layer: one tensor kv_cache: [2, num_blocks, block_size, Hkv, D] (K at 0, V at 1), so
+one index_select gathers a sequence's K and V blocks together.
 
 Grouped-query attention without repeating K/V: the G = Hq / Hkv query heads that share a KV head are
 laid out as G extra query rows of that head, so SDPA sees q: [B, Hkv, G * Q, D] against k: [B, Hkv, L, D].
@@ -13,45 +14,35 @@ import torch.nn.functional as F
 from tierlm.attention.metadata import AttentionMetadata
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D] -> cache slots slot_mapping: [T]."""
-    nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    _, nb, bs, h, d = kv_cache.shape
+    kv_cache.view(2, nb * bs, h, d).index_copy_(1, slot_mapping, torch.stack((k, v)).to(kv_cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first `length` cached tokens: [length, Hkv, D]."""
-    nb, bs, h, d = cache.shape
-    return cache.index_select(0, block_table).view(-1, h, d)[:length]
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, Hq, D] (the step's new tokens, decodes first) -> out: [T, Hq, D].
 
     The new tokens' K/V must already be written (write_kv) so that each query sees its own key.
     """
     T, hq, d = q.shape
-    hkv = k_cache.shape[2]
+    bs, hkv = kv_cache.shape[2], kv_cache.shape[3]
     g = hq // hkv
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         bt = meta.decode_block_tables  # [Nd, MB]
-        nbk, bs = bt.shape[1], k_cache.shape[1]
-        # k, v: [Nd, MB*bs, Hkv, D] -> [Nd, Hkv, L, D]
-        k = k_cache.index_select(0, bt.reshape(-1)).view(nd, nbk * bs, hkv, d).transpose(1, 2)
-        v = v_cache.index_select(0, bt.reshape(-1)).view(nd, nbk * bs, hkv, d).transpose(1, 2)
+        # kv: [2, Nd * MB, bs, Hkv, D] -> k, v: [Nd, Hkv, MB * bs, D]
+        kv = kv_cache.index_select(1, bt.reshape(-1)).view(2, nd, -1, hkv, d).transpose(2, 3)
+        k, v = kv[0], kv[1]
         qd = q[:nd].view(nd, hkv, g, d).to(k.dtype)  # [Nd, Hkv, G, D]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_key_mask, scale=scale)
         out[:nd] = o.reshape(nd, hq, d).to(q.dtype)
     row = nd
     for q_len, seq_len, table in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables):
-        # k, v: [L, Hkv, D] -> [1, Hkv, L, D];  qp: [q_len, Hq, D] -> [1, Hkv, G * q_len, D]
-        k = _gather(k_cache, table, seq_len).transpose(0, 1).unsqueeze(0)
-        v = _gather(v_cache, table, seq_len).transpose(0, 1).unsqueeze(0)
+        # kv: [2, L, Hkv, D] -> k, v: [1, Hkv, L, D];  qp: [q_len, Hq, D] -> [1, Hkv, G * q_len, D]
+        kv = kv_cache.index_select(1, table).view(2, -1, hkv, d)[:, :seq_len].transpose(1, 2)
+        k, v = kv[0].unsqueeze(0), kv[1].unsqueeze(0)
         qp = q[row:row + q_len].view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * q_len, d)
         qp = qp.to(k.dtype)
         ctx = seq_len - q_len

@@ -1,7 +1,7 @@
 """Turns a SchedulerOutput into tensors, runs the model, and returns logits for the rows that sample.
 
-Owns the device KV cache: one tensor per layer for K and one for V, [num_blocks, block_size, Hkv, D],
-allocated once from the KVSpec. Block ids handed out by the KV manager index dim 0 directly.
+Owns the device KV cache: one tensor per layer, [2 (K, V), num_blocks, block_size, Hkv, D], allocated
+once from the KVSpec. Block ids handed out by the KV manager index dim 1 directly.
 """
 from __future__ import annotations
 
@@ -20,15 +20,13 @@ class ModelRunner:
         self.spec = spec
         self.device = device
         self.block_size = spec.block_size
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        dtype = spec.torch_dtype
+        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         # Zero-filled: padded key positions are masked out, but 0 * NaN would still poison the output.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(spec.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=spec.torch_dtype, device=device) for _ in range(spec.num_layers)]
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv_caches)
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Request]]:
         bs = self.block_size

@@ -26,7 +26,7 @@ class Attention(nn.Module):
         self.scale = self.d ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.hq + 2 * self.hkv, self.d)  # [T, Hq + 2 Hkv, D]
         v = qkv[:, self.hq + self.hkv:]
@@ -37,9 +37,8 @@ class Attention(nn.Module):
         else:
             q = apply_rope(self.q_norm(qkv[:, : self.hq]), *rope)
             k = apply_rope(self.k_norm(qkv[:, self.hq: self.hq + self.hkv]), *rope)
-        k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, kv_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.view(T, self.hq * self.d))
 
 
@@ -84,7 +83,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(c.head_dim, self.max_positions, c.rope_theta, c.rope_scaling).to(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (final norm applied)."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions)

@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--memory", type=parse_bytes, default=parse_bytes("8GiB"), help="KV memory budget, e.g. 8GiB")
     i.add_argument("--json", default=None, metavar="PATH")
     i.set_defaults(func=cmd_info)
+
+    from tierlm.server.command import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -63,6 +64,12 @@ class Serving:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    @property
+    def context_len(self) -> int:
+        """Most tokens one sequence can hold: the model's context, or less when the KV pool is smaller."""
+        kv = self.engine.kv
+        return min(self.engine.max_model_len, kv.num_blocks * kv.block_size)
+
     # ---- checks --------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
@@ -99,7 +106,7 @@ class Serving:
 
     # ---- prompt fitting ------------------------------------------------------------------------
     async def fit(self, ids: list[int], body, max_tokens: int | None, messages=None, render=None) -> FittedPrompt:
-        mml = self.engine.max_model_len
+        mml = self.context_len
         budget = body.tierlm_max_prompt_tokens
         n = len(ids)
         over_context = n + (max_tokens or 1) > mml
@@ -129,7 +136,6 @@ class Serving:
     # ---- running -------------------------------------------------------------------------------
     async def serve(self, request: Request, body, prepare) -> JSONResponse | StreamingResponse:
         """Admit, then await `prepare()` -> (fitted, params), then stream or answer in one piece."""
-        self.check_model(body.model)
         self.admit(body.n)
         start = time.monotonic()
         deadline = None if self.config.timeout is None else start + self.config.timeout
@@ -148,7 +154,11 @@ class Serving:
         job = Job(stream.request_id, params, fitted, include_usage, start)
         headers = {"x-tierlm-prompt-policy": fitted.policy, "x-request-id": job.id}
         if body.stream:
-            return StreamingResponse(self._sse(job, stream, deadline), media_type="text/event-stream",
+            events = self._sse(job, stream, deadline)
+            # A client gone before the first event leaves the generator unstarted, so its `finally`
+            # never runs: abort when the generator is collected instead (no-op once finished).
+            weakref.finalize(events, stream.abort)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers=dict(headers, **{"Cache-Control": "no-cache"}))
         final = await self._until_disconnect(request, self._collect(job, stream, deadline))
         if final is None:  # client went away; nobody reads this
@@ -260,6 +270,30 @@ class Serving:
         return None
 
     def chunks(self, job: Job, state: dict, out: RequestOutput) -> str:
+        """SSE events for what changed since the last output: one chunk per choice that moved."""
+        events = []
+        want_lp = job.params.logprobs is not None
+        for c in out.outputs:
+            i = c.index
+            if state["done"][i]:
+                continue
+            delta = c.text[state["text"][i]:]
+            ntok = len(c.token_ids)
+            lp = self.logprobs(c, state["tokens"][i], ntok, state["text"][i]) \
+                if want_lp and ntok > state["tokens"][i] else None
+            if not delta and c.finish_reason is None and lp is None:
+                continue
+            state["text"][i], state["tokens"][i] = len(c.text), ntok
+            state["done"][i] = c.finish_reason is not None
+            choice = self.stream_choice(i, delta, lp, c)
+            events.append(_event(self._chunk_base(job, [choice], extra=not state["sent_info"])))
+            state["sent_info"] = True
+        return "".join(events)
+
+    def stream_choice(self, index: int, delta: str, logprobs, c) -> dict:
+        raise NotImplementedError
+
+    def logprobs(self, c, start: int, end: int, text_offset: int):
         raise NotImplementedError
 
     def response(self, job: Job, final: RequestOutput) -> dict:

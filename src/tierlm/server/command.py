@@ -1,0 +1,127 @@
+"""`tierlm serve`: argument parsing and the command. Importing this module does not import torch.
+
+    tierlm serve --model default --host 127.0.0.1 --port 8000 [--api-key KEY ...] [--prompt-policy P]
+
+API keys come from --api-key (repeatable) and the TIERLM_API_KEYS environment variable (comma-separated);
+they are never printed or logged. `python -m tierlm.server` runs the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from tierlm.server.server_config import PROMPT_POLICIES
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512MiB, 2GiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _timeout(text: str) -> float | None:
+    value = float(text)
+    return None if value <= 0 else value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="model id clients send (default: the --model value)")
+    s.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
+                   help="accept this API key (repeatable; also TIERLM_API_KEYS=k1,k2). No key: no auth")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait beyond --max-num-seqs before new requests get 503 (default 256)")
+    s.add_argument("--timeout", type=_timeout, default=600.0,
+                   help="per-request timeout in seconds, queueing included; 0 disables (default 600)")
+    s.add_argument("--prompt-policy", choices=PROMPT_POLICIES, default="reject",
+                   help="default for prompts over the context or tierlm_max_prompt_tokens (default reject)")
+    s.add_argument("--max-body-bytes", type=parse_bytes, default=8 << 20, help="request body limit (default 8MiB)")
+    s.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on shutdown (default 30)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on the `tierlm` subparsers; sets func(args) -> int."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)",
+                              description="Serve the model behind an OpenAI-compatible API.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def api_keys(args) -> tuple[str, ...]:
+    keys = list(args.api_keys)
+    keys += [k.strip() for k in os.environ.get("TIERLM_API_KEYS", "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def server_config(args):
+    from tierlm.server.server_config import ServerConfig
+
+    name = args.served_model_name or (args.model if args.model not in (None, "") else "default")
+    return ServerConfig(model_name=name, host=args.host, port=args.port, api_keys=api_keys(args),
+                        max_queue=args.max_queue, timeout=args.timeout, prompt_policy=args.prompt_policy,
+                        max_body_bytes=args.max_body_bytes, graceful_timeout=args.graceful_timeout)
+
+
+def engine_config(args):
+    from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    model = None if args.model in (None, "", "default") else args.model
+    cache = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks, memory_bytes=args.kv_cache_memory,
+                        enable_prefix_caching=not args.no_prefix_caching)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                        cache=cache, scheduler=sched)
+
+
+def run(args) -> int:
+    config = server_config(args)  # validate before the model loads
+    ecfg = engine_config(args)
+    from tierlm.engine.async_engine import AsyncEngine
+    from tierlm.engine.llm_engine import LLMEngine
+    from tierlm.server.app import build_app
+    from tierlm.server.launcher import serve_forever
+
+    engine = LLMEngine(ecfg)
+    auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no auth"
+    print(f"tierlm serve: {engine.model_config.model_id} as '{config.model_name}', {engine.num_kv_blocks} KV blocks, "
+          f"context {engine.max_model_len}, {auth}, on http://{config.host}:{config.port}", file=sys.stderr)
+    if not serve_forever(build_app(AsyncEngine(engine), config), config, args.log_level):
+        print(f"tierlm: error: could not serve on {config.host}:{config.port} (is the port in use? "
+              "pick another with --port)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tierlm.core.errors import TierlmError
+
+    p = argparse.ArgumentParser(prog="tierlm serve", description="Serve the model behind an OpenAI-compatible API.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except TierlmError as e:
+        print(f"tierlm: error: {e}", file=sys.stderr)
+        return 2

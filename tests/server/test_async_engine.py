@@ -1,0 +1,77 @@
+"""AsyncEngine on its own: streaming, errors raised in the caller, abort frees blocks, shutdown."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tierlm import SamplingParams
+from tierlm.core.errors import InvalidParameterError, PromptTooLongError
+from tierlm.engine.async_engine import AsyncEngine, EngineDeadError
+
+
+@pytest.fixture
+def aengine(server_engine):
+    a = AsyncEngine(server_engine).start()
+    yield a
+    a.shutdown()
+    assert not server_engine.has_unfinished_requests()
+
+
+def test_stream_matches_engine_greedy(aengine, default_llm):
+    ids = default_llm.tokenizer.encode("The quick brown fox")
+    params = SamplingParams(temperature=0, max_tokens=6)
+
+    async def go():
+        outs = [o async for o in aengine.generate(ids, params)]
+        return outs
+
+    outs = asyncio.run(go())
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].outputs[0].token_ids == default_llm.generate(ids, params)[0].outputs[0].token_ids
+    assert aengine.num_seqs_in_flight == 0
+
+
+def test_invalid_request_raises_in_caller(aengine):
+    async def go(prompt):
+        await aengine.add_request(prompt, SamplingParams(max_tokens=2))
+
+    with pytest.raises(InvalidParameterError):
+        asyncio.run(go([]))
+    with pytest.raises(PromptTooLongError):
+        asyncio.run(go([5] * (aengine.engine.max_model_len + 1)))
+    assert aengine.num_seqs_in_flight == 0
+
+
+def test_abort_frees_blocks(aengine):
+    kv = aengine.engine.kv
+
+    async def go():
+        stream = await aengine.add_request([7] * 100, SamplingParams(max_tokens=500, ignore_eos=True, n=2))
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 3:
+                assert kv.num_free_blocks < kv.num_blocks
+                break
+        stream.abort()
+
+    asyncio.run(go())
+    assert aengine.wait_idle(10)
+    assert kv.num_free_blocks == kv.num_blocks and aengine.num_seqs_in_flight == 0
+
+
+def test_shutdown_fails_open_streams(server_engine):
+    a = AsyncEngine(server_engine).start()
+
+    async def go():
+        stream = await a.add_request([9] * 10, SamplingParams(max_tokens=1000, ignore_eos=True))
+        async for _ in stream:
+            a.shutdown()
+            break
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await a.add_request([1, 2], SamplingParams())
+
+    asyncio.run(go())
+    assert not server_engine.has_unfinished_requests()

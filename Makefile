@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tierlm generate "Write a haiku about memory bandwidth." --max-tokens 48 --stats
+	$(VENV)/bin/tierlm bench --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -3,36 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 
+from tierlm.args import add_engine_args, engine_config, parse_bytes
 from tierlm.core.errors import TierlmError
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "t": 1e12, "tb": 1e12}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1.5G', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512MiB, 2GiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -65,10 +40,7 @@ def _sampling(a):
 def _llm(a):
     from tierlm.engine.llm import LLM
 
-    return LLM(a.model, dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, block_size=a.block_size,
-               kv_cache_memory=a.kv_cache_memory, num_kv_blocks=a.num_kv_blocks,
-               enable_prefix_caching=not a.no_prefix_caching, max_num_seqs=a.max_num_seqs,
-               max_num_batched_tokens=a.max_num_batched_tokens)
+    return LLM.from_config(engine_config(a))
 
 
 def _write_json(path: str | None, obj) -> None:
@@ -173,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stats", action="store_true", help="print prompt/cached tokens and timings after the text")
     g.add_argument("--json", default=None, metavar="PATH")
-    _add_model_args(g)
+    add_engine_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive streaming chat")
     c.add_argument("--system", default=None, help="system prompt")
-    _add_model_args(c)
+    add_engine_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat, max_tokens=256)
 
@@ -191,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", default=None, metavar="PATH")
     i.set_defaults(func=cmd_info)
 
+    from tierlm.bench.command import add_parser as add_bench_parser
     from tierlm.server.command import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return p
 
 

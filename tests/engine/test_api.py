@@ -103,3 +103,11 @@ def test_abort_frees_blocks(default_llm):
     assert eng.kv.num_free_blocks == free0
     assert not eng.has_unfinished_requests()
     eng.kv.check_integrity()
+
+
+def test_prompt_over_step_budget_without_chunking_is_rejected_not_hung():
+    llm = LLM(kv_cache_memory=32 << 20, enable_chunked_prefill=False, max_num_batched_tokens=16)
+    with pytest.raises(InvalidParameterError, match="chunked prefill"):
+        llm.generate("word " * 40, SamplingParams(max_tokens=2))
+    out = llm.generate("short prompt", SamplingParams(temperature=0, max_tokens=2))[0]
+    assert len(out.outputs[0].token_ids) == 2

@@ -26,7 +26,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     The new tokens' K/V must already be written (write_kv) so that each query sees its own key.
     """
     T, hq, d = q.shape
-    bs, hkv = kv_cache.shape[2], kv_cache.shape[3]
+    hkv = kv_cache.shape[3]
     g = hq // hkv
     out = torch.empty_like(q)
     nd = meta.num_decodes

@@ -36,14 +36,15 @@ def _httpx():
     return httpx
 
 
-def check_server(url: str, timeout: float = 3.0) -> list[str]:
+def check_server(url: str, timeout: float = 3.0, api_key: str | None = None) -> list[str]:
     """Model ids the server lists at /v1/models ([] if it lists none). Raises ServerUnreachableError."""
     httpx = _httpx()
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise ServerUnreachableError(f"server URL {url!r} is not http(s)", "pass e.g. http://127.0.0.1:8080")
     try:
-        resp = httpx.get(f"{base}/v1/models", timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        resp = httpx.get(f"{base}/v1/models", timeout=timeout, headers=headers)
     except httpx.HTTPError as e:
         raise ServerUnreachableError(f"cannot reach the server at {base} ({type(e).__name__})",
                                      "start it first or fix --peer-url") from None

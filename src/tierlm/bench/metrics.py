@@ -164,10 +164,10 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO = SLO(),
 
 
 def spread(values: Sequence[float | None]) -> dict[str, float | None]:
-    """min / median / max / relative spread of one figure across repetitions."""
+    """min / median / max / relative spread of one figure across repetitions (spread None below 2 reps)."""
     xs = sorted(v for v in values if v is not None)
     if not xs:
         return {"min": None, "median": None, "max": None, "rel_spread": None, "reps": 0}
     med = percentile(xs, 50)
     return {"min": xs[0], "median": med, "max": xs[-1],
-            "rel_spread": (xs[-1] - xs[0]) / med if med else None, "reps": len(xs)}
+            "rel_spread": (xs[-1] - xs[0]) / med if med and len(xs) > 1 else None, "reps": len(xs)}

@@ -13,75 +13,16 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
-from tierlm.core.sampling_params import SamplingParams
-
-
-def measure_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    """Copy bandwidth in GB/s (bytes read + written), best of reps."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
-
-
-def make_prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[list[int]]:
-    """`batch` distinct prompts of exactly `length` tokens from a fixed text."""
-    text = ("Memory bandwidth, not arithmetic, bounds how fast a language model decodes. "
-            "Each new token reads every weight once, and the cache grows with the context. ") * 64
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return [ids[(seed + 7 * i) % 97:][:length] for i in range(batch)]
+from tierlm.bench.machine import measure_bandwidth
+from tierlm.bench.phases import engine_generate, make_prompts
+from tierlm.bench.transformers_peer import load_peer, run_transformers
 
 
 def run_tierlm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Time one batch through the engine: prefill (until every request has its first token), then decode."""
-    eng = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    ids = [eng.add_request(p, params) for p in prompts]
-    first: dict[str, float] = {}
-    done: dict[str, list[int]] = {}
-    while len(done) < len(ids):
-        for out in eng.step():
-            now = time.perf_counter()
-            first.setdefault(out.request_id, now)
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    t1 = time.perf_counter()
-    t_first = max(first.values())
-    return {"prefill_s": t_first - t0, "decode_s": t1 - t_first, "total_s": t1 - t0,
-            "tokens": [done[i] for i in ids]}
-
-
-def run_transformers(model, prompts: list[list[int]], new_tokens: int) -> dict:
-    x = torch.tensor(prompts)
-    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        t2 = time.perf_counter()
-    prefill = t1 - t0
-    return {"prefill_s": prefill, "decode_s": (t2 - t1) - prefill, "total_s": t2 - t1,
-            "tokens": out[:, x.shape[1]:].tolist()}
-
-
-def load_peer(model_arg: str | None, dtype: torch.dtype):
-    import transformers
-
-    from tierlm.models.loader import load_checkpoint
-
-    ckpt = load_checkpoint(model_arg)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype)
-    return model.eval()
+    return engine_generate(llm.engine, prompts, new_tokens)
 
 
 def diff(a: list[list[int]], b: list[list[int]]) -> dict:

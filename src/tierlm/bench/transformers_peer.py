@@ -1,8 +1,8 @@
 """The in-process peer: Hugging Face transformers' generate() on the same model, prompts and dtype.
 
 It loads the HF-format directory the tierlm loader produced (for the default GGUF, the converted
-copy in the user cache), so both sides run the same weights. Greedy, static KV cache, EOS ignored
-for the speed phases; EOS honoured for the gate prompts.
+copy in the user cache), so both sides run the same weights. Greedy, EOS ignored
+for the speed phases (transformers' default dynamic cache); EOS honoured for the gate prompts.
 """
 from __future__ import annotations
 
@@ -25,13 +25,16 @@ def load_peer(model_arg: str | None, dtype):
     return model.eval()
 
 
-def run_transformers(model, prompts: list[list[int]], new_tokens: int) -> dict:
+def run_transformers(model, prompts: list[list[int]], new_tokens: int, cache_implementation: str | None = "static") -> dict:
     """Time generate() on equal-length prompts: prefill (one new token), then the whole generation.
-    decode_s is the whole generation minus one prefill."""
+    decode_s is the whole generation minus one prefill. cache_implementation None: transformers' default
+    dynamic cache (no multi-second first-call setup, which `tierlm bench` cannot afford in --quick)."""
     import torch
 
     x = torch.tensor(prompts, device=model.device)
-    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+    kw = dict(do_sample=False, pad_token_id=0)
+    if cache_implementation:
+        kw["cache_implementation"] = cache_implementation
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)

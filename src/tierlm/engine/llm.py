@@ -25,9 +25,18 @@ class LLM:
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed)
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy)
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-                                             cache=cache, scheduler=sched))
-        self.tokenizer = self.engine.tokenizer
+        self._init(LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
+                                          cache=cache, scheduler=sched)))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._init(LLMEngine(config))
+        return llm
+
+    def _init(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, priority: Sequence[int] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

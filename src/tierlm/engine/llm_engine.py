@@ -129,6 +129,11 @@ class LLMEngine:
             raise InvalidParameterError("the prompt is empty", "give at least one token", param="prompt")
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len)
+        sc = self.config.scheduler
+        if not sc.enable_chunked_prefill and len(ids) > sc.max_num_batched_tokens:
+            raise InvalidParameterError(
+                f"the prompt has {len(ids)} tokens but chunked prefill is off and a step computes at most "
+                f"{sc.max_num_batched_tokens}", "enable chunked prefill or raise max_num_batched_tokens", param="prompt")
         capacity = self.kv.num_blocks * self.kv.block_size
         room = min(self.max_model_len, capacity) - len(ids)
         if room < 1:

@@ -9,21 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
+from tierlm.args import add_engine_args, engine_config, parse_bytes
 from tierlm.server.server_config import PROMPT_POLICIES
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512MiB, 2GiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def _timeout(text: str) -> float | None:
     value = float(text)
@@ -47,17 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on shutdown (default 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    add_engine_args(p)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -82,17 +61,6 @@ def server_config(args):
     return ServerConfig(model_name=name, host=args.host, port=args.port, api_keys=api_keys(args),
                         max_queue=args.max_queue, timeout=args.timeout, prompt_policy=args.prompt_policy,
                         max_body_bytes=args.max_body_bytes, graceful_timeout=args.graceful_timeout)
-
-
-def engine_config(args):
-    from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
-
-    model = None if args.model in (None, "", "default") else args.model
-    cache = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks, memory_bytes=args.kv_cache_memory,
-                        enable_prefix_caching=not args.no_prefix_caching)
-    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        cache=cache, scheduler=sched)
 
 
 def run(args) -> int:

@@ -1,0 +1,190 @@
+"""`tierlm bench`: the representative load test. `add_parser(subparsers)` registers it with the CLI.
+
+    tierlm bench --quick                          # < 3 min on a 2-core CPU: headline table + report
+    tierlm bench --workload multi-turn:users=8 --workload long-doc-qa --concurrency 1 4 16 --reps 3
+    tierlm bench --config baseline prefix-cache --rate 2 --burstiness 0.5 --slo-ttft-ms 500
+    tierlm bench --peer-url http://127.0.0.1:8080  # also drive llama.cpp's server (or vLLM, or ours)
+    tierlm bench --list                           # workloads, their knobs, and configurations
+
+Writes OUT/report.md and PNG plots (default OUT = ./bench-out), and --json PATH. Ctrl-C writes what
+was measured, marked incomplete, and exits 130. Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from tierlm.args import parse_bytes
+
+_QUICK = {
+    "workloads": ["multi-turn:users=4,rounds=3,sys=192,user=24,osl=24"],
+    "concurrency": [1, 4], "reps": 1, "warmup": 2, "gate_prompts": 4, "gate_tokens": 24,
+    "phases": dict(prefill_len=256, prompt_len=32, new_tokens=32, batches=(1, 16), reps=1),
+}
+_FULL = {
+    "workloads": ["short-chat", "fixed", "long-doc-qa", "multi-turn", "batch-gen:n=16,osl=128"],
+    "concurrency": [1, 4, 16], "reps": 3, "warmup": 2, "gate_prompts": 6, "gate_tokens": 32,
+    "phases": dict(prefill_len=512, prompt_len=32, new_tokens=64, batches=(1, 16), reps=2),
+}
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="load test: memory and speed of each configuration vs the baseline",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small plan that finishes in < 3 minutes on 2 CPU cores")
+    p.add_argument("--list", action="store_true", help="list workloads (with knobs) and configurations, then exit")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--workload", action="append", default=None, metavar="SPEC",
+                   help="NAME or NAME:knob=v,... (repeatable; see --list)")
+    g.add_argument("--config", nargs="+", default=None, metavar="NAME", help="configurations (default: all registered)")
+    g.add_argument("--concurrency", nargs="+", type=int, default=None, help="closed-loop concurrency sweep")
+    g.add_argument("--rate", type=float, default=None, help="open loop: requests/s (Poisson-like arrivals)")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 = Poisson")
+    g.add_argument("--reps", type=int, default=None, help="repetitions per run (spread is reported)")
+    g.add_argument("--warmup", type=int, default=None, help="unmeasured warm-up requests per config")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("metrics")
+    g.add_argument("--slo-ttft-ms", type=float, default=None)
+    g.add_argument("--slo-tpot-ms", type=float, default=None)
+    g.add_argument("--slo-e2e-ms", type=float, default=None)
+    g.add_argument("--usd-per-hour", type=float, default=None, help="machine price, for $ per 1M output tokens")
+    g.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("8GiB"), help="budget for max sessions that fit")
+    g.add_argument("--gate-prompts", type=int, default=None, help="fixed prompts in the correctness gate")
+    g.add_argument("--gate-tokens", type=int, default=None, help="greedy tokens per gate prompt")
+    g.add_argument("--strict", action="store_true", help="exit 1 when the gate flags a configuration")
+    g = p.add_argument_group("peers")
+    g.add_argument("--no-peer", action="store_true", help="skip the transformers generate() peer")
+    g.add_argument("--peer-prefill-len", type=int, default=None)
+    g.add_argument("--peer-prompt-len", type=int, default=None)
+    g.add_argument("--peer-new-tokens", type=int, default=None)
+    g.add_argument("--peer-batch", nargs="+", type=int, default=None)
+    g.add_argument("--peer-url", action="append", default=[], metavar="URL",
+                   help="an OpenAI-compatible server to drive over HTTP as well (repeatable)")
+    g.add_argument("--peer-model", default=None, help="model name to send to --peer-url servers")
+    g.add_argument("--peer-api-key", default=None, help="bearer token for --peer-url servers")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="bench-out", help="directory for report.md and plots (default ./bench-out)")
+    g.add_argument("--json", default=None, metavar="PATH")
+    g.add_argument("--no-plots", action="store_true")
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="GGUF file, Hugging Face directory, or 'default'")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("1GiB"), help="KV block pool per engine")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.set_defaults(func=run_command)
+    return p
+
+
+def _list() -> int:
+    from tierlm.bench.configs import CONFIGS
+    from tierlm.bench.workloads import WORKLOADS, knobs_of
+
+    print("workloads (NAME:knob=value,...):")
+    for k in WORKLOADS.values():
+        knobs = ", ".join(f"{n}={v}" for n, v in knobs_of(k).items())
+        print(f"  {k.name:<12} {k.summary}\n  {'':<12} knobs: {knobs}")
+    print("configurations:")
+    for c in CONFIGS.values():
+        print(f"  {c.name:<16} {c.summary}")
+    return 0
+
+
+def build_plan(a):
+    from tierlm.bench.configs import CONFIGS
+    from tierlm.bench.metrics import SLO
+    from tierlm.bench.phases import PhaseShapes
+    from tierlm.bench.plan import BenchPlan
+
+    d = _QUICK if a.quick else _FULL
+    pick = lambda v, k: _or(v, d[k])  # noqa: E731
+    ph = d["phases"]
+    phases = PhaseShapes(prefill_len=_or(a.peer_prefill_len, ph["prefill_len"]),
+                         prompt_len=_or(a.peer_prompt_len, ph["prompt_len"]),
+                         new_tokens=_or(a.peer_new_tokens, ph["new_tokens"]),
+                         batches=tuple(_or(a.peer_batch, ph["batches"])), reps=ph["reps"])
+    device = a.device
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    return BenchPlan(
+        configs=list(a.config or CONFIGS), workloads=list(pick(a.workload, "workloads")),
+        concurrencies=list(pick(a.concurrency, "concurrency")), rate=a.rate, burstiness=a.burstiness,
+        reps=pick(a.reps, "reps"), warmup=pick(a.warmup, "warmup"), seed=a.seed,
+        slo=SLO(a.slo_ttft_ms, a.slo_tpot_ms, a.slo_e2e_ms), usd_per_hour=a.usd_per_hour,
+        memory_budget=a.memory_budget, gate_prompts=pick(a.gate_prompts, "gate_prompts"),
+        gate_tokens=pick(a.gate_tokens, "gate_tokens"), peer=not a.no_peer, phases=phases,
+        peer_urls=list(a.peer_url), peer_model=a.peer_model,
+        peer_api_key=a.peer_api_key, out_dir=Path(a.out),
+        json_path=Path(a.json) if a.json else None, plots=not a.no_plots, quick=a.quick,
+        model=a.model, dtype=a.dtype, device=device, max_model_len=a.max_model_len,
+        kv_memory=a.kv_cache_memory, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_command(a) -> int:
+    if a.list:
+        return _list()
+    from tierlm.bench.plan import preflight
+
+    plan = build_plan(a)
+    pre = preflight(plan)  # every bad-input error is raised here, before any engine loads
+
+    from tierlm.bench.results import BenchResult
+    from tierlm.bench.runner import BenchRunner, planned_requests
+
+    argv = getattr(a, "argv", None) or sys.argv[1:]
+    result = BenchResult(command="tierlm " + " ".join(shlex.quote(x) for x in argv))
+    bar = _progress(planned_requests(plan, pre))
+    interrupted = False
+    try:
+        BenchRunner(plan, pre, result, bar).run()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+    return _finish(plan, result, interrupted, a.strict)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+def _finish(plan, result, interrupted: bool, strict: bool = False) -> int:
+    from tierlm.bench.headline import render_text
+    from tierlm.bench.plots import write_plots
+    from tierlm.bench.report import write_report
+
+    doc = result.to_dict()
+    plots, note = ([], "plots disabled (--no-plots)")
+    if plan.plots:
+        plots, note = write_plots(doc, plan.out_dir)
+        if note:
+            result.notes.append(note)
+            doc = result.to_dict()
+    report = write_report(doc, plan.out_dir, plots, note)
+    if plan.json_path is not None:
+        result.write_json(plan.json_path)
+    color = sys.stdout.isatty()
+    print(render_text(doc, color=color))
+    print(f"\nreport: {report}" + (f"  json: {plan.json_path}" if plan.json_path else ""))
+    if interrupted:
+        print("tierlm bench: interrupted; partial results written, marked incomplete", file=sys.stderr)
+        return 130
+    flagged = [g["config"] for g in result.correctness if g["flagged"]]
+    return 1 if flagged and strict else 0

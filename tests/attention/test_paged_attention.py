@@ -54,7 +54,8 @@ def test_matches_dense(decode_lens, prefills, hkv, g, seed):
         block_size=bs, slot_mapping=torch.tensor(slots), num_decodes=nd, decode_block_tables=dec_bt,
         decode_seq_lens=dec_lens, decode_key_mask=mask,
         prefill_query_lens=[n for _, n in prefills], prefill_seq_lens=[c + n for c, n in prefills],
-        prefill_block_tables=[torch.tensor(t) for t in tables[nd:]])
+        prefill_block_tables=[torch.tensor(t) for t in tables[nd:]],
+        prefill_kv_indices=[AttentionMetadata.kv_index(torch.tensor(t), nb) for t in tables[nd:]])
     new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
     write_kv(cache, new_k, new_v, meta.slot_mapping)

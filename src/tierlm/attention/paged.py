@@ -1,7 +1,7 @@
 """Paged attention in PyTorch: write new K/V into cache slots, then attend over each sequence's blocks.
 
-Cache layout per layer: one tensor kv_cache: [2, num_blocks, block_size, Hkv, D] (K at 0, V at 1), so
-one index_select gathers a sequence's K and V blocks together.
+Cache layout per layer: one tensor kv_cache: [2, num_blocks, block_size, Hkv, D] (K at 0, V at 1); one
+index_select along dim 0 of its [2 * num_blocks, ...] view gathers a sequence's K and V blocks together.
 
 Grouped-query attention without repeating K/V: the G = Hq / Hkv query heads that share a KV head are
 laid out as G extra query rows of that head, so SDPA sees q: [B, Hkv, G * Q, D] against k: [B, Hkv, L, D].
@@ -26,22 +26,22 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     The new tokens' K/V must already be written (write_kv) so that each query sees its own key.
     """
     T, hq, d = q.shape
-    hkv = kv_cache.shape[3]
+    _, nb, bs, hkv, _ = kv_cache.shape
+    blocks = kv_cache.view(2 * nb, bs, hkv, d)
     g = hq // hkv
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        bt = meta.decode_block_tables  # [Nd, MB]
-        # kv: [2, Nd * MB, bs, Hkv, D] -> k, v: [Nd, Hkv, MB * bs, D]
-        kv = kv_cache.index_select(1, bt.reshape(-1)).view(2, nd, -1, hkv, d).transpose(2, 3)
+        # kv: [2 * Nd * MB, bs, Hkv, D] -> [2, Nd, MB * bs, Hkv, D] -> k, v: [Nd, Hkv, MB * bs, D]
+        kv = blocks.index_select(0, meta.decode_kv_index).view(2, nd, -1, hkv, d).transpose(2, 3)
         k, v = kv[0], kv[1]
         qd = q[:nd].view(nd, hkv, g, d).to(k.dtype)  # [Nd, Hkv, G, D]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_key_mask, scale=scale)
         out[:nd] = o.reshape(nd, hq, d).to(q.dtype)
     row = nd
-    for q_len, seq_len, table in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables):
+    for q_len, seq_len, index in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_kv_indices):
         # kv: [2, L, Hkv, D] -> k, v: [1, Hkv, L, D];  qp: [q_len, Hq, D] -> [1, Hkv, G * q_len, D]
-        kv = kv_cache.index_select(1, table).view(2, -1, hkv, d)[:, :seq_len].transpose(1, 2)
+        kv = blocks.index_select(0, index).view(2, -1, hkv, d)[:, :seq_len].transpose(1, 2)
         k, v = kv[0].unsqueeze(0), kv[1].unsqueeze(0)
         qp = q[row:row + q_len].view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * q_len, d)
         qp = qp.to(k.dtype)

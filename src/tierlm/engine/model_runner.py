@@ -20,6 +20,7 @@ class ModelRunner:
         self.spec = spec
         self.device = device
         self.block_size = spec.block_size
+        self.num_blocks = num_blocks
         shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         # Zero-filled: padded key positions are masked out, but 0 * NaN would still poison the output.
         self.kv_caches = [torch.zeros(shape, dtype=spec.torch_dtype, device=device) for _ in range(spec.num_layers)]
@@ -38,6 +39,7 @@ class ModelRunner:
         p_qlens: list[int] = []
         p_slens: list[int] = []
         p_tables: list[torch.Tensor] = []
+        p_index: list[torch.Tensor] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
         for s in out.scheduled:
@@ -57,21 +59,24 @@ class ModelRunner:
                 p_qlens.append(n)
                 p_slens.append(end)
                 p_tables.append(torch.tensor(table[: (end + bs - 1) // bs], dtype=torch.long, device=self.device))
+                p_index.append(AttentionMetadata.kv_index(p_tables[-1], self.num_blocks))
             if end == req.num_tokens:  # caught up: this row's logits pick the next token
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(req)
         nd = len(decode_tables)
-        dec_bt = dec_lens = dec_mask = None
+        dec_bt = dec_lens = dec_mask = dec_index = None
         if nd:
             mb = max(len(t) for t in decode_tables)
             dec_bt = torch.tensor([t + [0] * (mb - len(t)) for t in decode_tables], dtype=torch.long, device=self.device)
+            dec_index = AttentionMetadata.kv_index(dec_bt, self.num_blocks)
             dec_lens = torch.tensor(decode_lens, dtype=torch.long, device=self.device)
             dec_mask = (torch.arange(mb * bs, device=self.device)[None, :] < dec_lens[:, None]).view(nd, 1, 1, mb * bs)
         meta = AttentionMetadata(
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decodes=nd, decode_block_tables=dec_bt, decode_seq_lens=dec_lens, decode_key_mask=dec_mask,
-            prefill_query_lens=p_qlens, prefill_seq_lens=p_slens, prefill_block_tables=p_tables,
+            num_decodes=nd, decode_block_tables=dec_bt, decode_kv_index=dec_index, decode_seq_lens=dec_lens,
+            decode_key_mask=dec_mask, prefill_query_lens=p_qlens, prefill_seq_lens=p_slens,
+            prefill_block_tables=p_tables, prefill_kv_indices=p_index,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

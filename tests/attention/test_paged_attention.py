@@ -52,6 +52,7 @@ def test_matches_dense(decode_lens, prefills, hkv, g, seed):
     mask = (torch.arange(mb * bs)[None, :] < dec_lens[:, None]).view(nd, 1, 1, -1) if nd else None
     meta = AttentionMetadata(
         block_size=bs, slot_mapping=torch.tensor(slots), num_decodes=nd, decode_block_tables=dec_bt,
+        decode_kv_index=AttentionMetadata.kv_index(dec_bt, nb) if nd else None,
         decode_seq_lens=dec_lens, decode_key_mask=mask,
         prefill_query_lens=[n for _, n in prefills], prefill_seq_lens=[c + n for c, n in prefills],
         prefill_block_tables=[torch.tensor(t) for t in tables[nd:]],

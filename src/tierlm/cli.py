@@ -127,10 +127,11 @@ def cmd_info(a) -> int:
           f"hidden {c.hidden_size}, {c.num_heads} query / {c.num_kv_heads} KV heads x {c.head_dim}, "
           f"vocab {c.vocab_size}, context {c.max_position_embeddings}")
     print(f"KV cache, sessions of {a.seq_len} tokens in a {budget / 2**30:.2f} GiB budget (block size {a.block_size}):")
-    print(f"  {'format':<10} {'bytes/token':>12} {'MiB/session':>12} {'max sessions':>13}")
+    w = max(len(f["kv_format"]) for f in formats)
+    print(f"  {'format':<{w}} {'bytes/token':>12} {'MiB/session':>12} {'max sessions':>13}")
     for f in formats:
         note = "" if f["implemented"] else "  (planned)"
-        print(f"  {f['kv_format']:<10} {f['bytes_per_token']:>12,} {f['bytes_per_session'] / 2**20:>12.2f} "
+        print(f"  {f['kv_format']:<{w}} {f['bytes_per_token']:>12,} {f['bytes_per_session'] / 2**20:>12.2f} "
               f"{f['max_sessions_at_budget']:>13,}{note}")
     _write_json(a.json, info)
     return 0

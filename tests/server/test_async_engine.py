@@ -75,3 +75,26 @@ def test_shutdown_fails_open_streams(server_engine):
 
     asyncio.run(go())
     assert not server_engine.has_unfinished_requests()
+
+
+def test_loop_crash_fails_streams_instead_of_hanging(server_engine, monkeypatch):
+    a = AsyncEngine(server_engine).start()
+
+    def boom(outputs):
+        raise RuntimeError("delivery bug")
+
+    monkeypatch.setattr(a, "_deliver", boom)
+
+    async def go():
+        stream = await a.add_request([7] * 20, SamplingParams(max_tokens=50, ignore_eos=True))
+        async for _ in stream:
+            pass
+
+    with pytest.raises(EngineDeadError, match="crashed"):
+        asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert not a.is_running
+    with pytest.raises(EngineDeadError):
+        asyncio.run(go())
+    a.shutdown()
+    assert not server_engine.has_unfinished_requests()
+    assert server_engine.kv.num_free_blocks == server_engine.kv.num_blocks

@@ -126,4 +126,4 @@ def warm_up(engine: LLMEngine, requests: list[BenchRequest]) -> None:
 def reset_prefix_cache(engine: LLMEngine) -> None:
     """Drop every cached prefix so repetitions (and configs) start from the same cold cache."""
     if not engine.has_unfinished_requests():
-        engine.kv.pool.reset_prefix_cache()
+        engine.kv.reset_prefix_cache()

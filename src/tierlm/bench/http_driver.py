@@ -130,7 +130,7 @@ class HttpDriver:
                     if data == "[DONE]":
                         break
                     self._on_chunk(json.loads(data), rec, time.monotonic())
-        except (httpx.HTTPError, json.JSONDecodeError) as e:
+        except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError) as e:  # incl. malformed chunks
             rec.error = f"{type(e).__name__}: {e}"
             return
         rec.done = time.monotonic()

@@ -138,7 +138,7 @@ class BenchRunner:
         for w in self.pre.workloads:
             for arrival in plan.arrival_plans():
                 self._run_engine_workload(name, engine, w, arrival)
-        del engine
+        engine = None  # drop it before the next config loads (a closure above still names it)
         gc.collect()
 
     def _gate(self, name: str, tokens: list[list[int]]) -> None:
@@ -254,7 +254,7 @@ class BenchRunner:
             g = compare("transformers", self.reference_tokens, toks).to_dict()
             g["informational"] = True
             peer["gate"] = g
-        del model
+        model = None  # free the peer (a closure above still names it)
         gc.collect()
 
     def _run_http(self, url: str) -> None:

@@ -141,6 +141,8 @@ class AsyncEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         loop = asyncio.get_running_loop()
         with self._cond:
+            if self._stop:  # shutdown() won the race: the loop has drained (or will never run) its commands
+                raise EngineDeadError("the engine loop is not running")
             self._streams[rid] = (stream, loop)
             self.num_seqs_in_flight += params.n
             self._commands.append(("add", rid, prompt, params, priority, fut))
@@ -189,6 +191,17 @@ class AsyncEngine:
         self._looping.set()
         try:
             self._serve()
+        except BaseException as e:  # noqa: BLE001 - the loop must never die with streams left hanging
+            log.exception("engine loop crashed; failing every in-flight request")
+            with self._cond:
+                self._stop = True
+                pending = list(self._commands)
+                self._commands.clear()
+            dead = EngineDeadError(f"the engine loop crashed: {e}")
+            for cmd in pending:
+                if cmd[0] == "add" and cmd[-1].set_running_or_notify_cancel():
+                    cmd[-1].set_exception(dead)
+            self._fail_all(dead)
         finally:
             self._exited.set()
 

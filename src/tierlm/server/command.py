@@ -12,7 +12,8 @@ import os
 import sys
 
 from tierlm.args import add_engine_args, engine_config, parse_bytes
-from tierlm.server.server_config import PROMPT_POLICIES
+from tierlm.server.server_config import PROMPT_POLICIES, ServerConfig
+
 
 def _timeout(text: str) -> float | None:
     value = float(text)
@@ -54,9 +55,7 @@ def api_keys(args) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def server_config(args):
-    from tierlm.server.server_config import ServerConfig
-
+def server_config(args) -> ServerConfig:
     name = args.served_model_name or (args.model if args.model not in (None, "") else "default")
     return ServerConfig(model_name=name, host=args.host, port=args.port, api_keys=api_keys(args),
                         max_queue=args.max_queue, timeout=args.timeout, prompt_policy=args.prompt_policy,

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
     from tierlm.engine.llm_engine import LLMEngine
-    from tierlm.server.command import parse_bytes
+    from tierlm.args import parse_bytes
 
     flags = ["--kv-cache-memory", a.kv_cache_memory, "--max-num-seqs", str(a.max_num_seqs)]
     if a.model:

@@ -9,8 +9,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-POLICY_NAMES = ("reject", "truncate_left", "truncate_middle", "summarize")
-
 Float = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 PromptPolicyName = Literal["reject", "truncate_left", "truncate_middle", "summarize"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 import weakref
@@ -29,6 +30,8 @@ from tierlm.server.errors import APIError
 from tierlm.server.metrics import ServerMetrics
 from tierlm.server.prompt_policy import FittedPrompt, PolicyInput, PromptPolicy
 from tierlm.server.server_config import ServerConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RESERVE = 256  # generation room kept when a policy cuts a prompt that set no max_tokens
 
@@ -54,7 +57,7 @@ class Serving:
                  policies: dict[str, PromptPolicy]):
         self.aengine = aengine
         self.engine = aengine.engine
-        self.tokenizer = aengine.engine.tokenizer
+        self.tokenizer = self.engine.tokenizer
         self.config = config
         self.metrics = metrics
         self.policies = policies
@@ -144,12 +147,8 @@ class Serving:
                 fitted, params = await prepare()
                 stream = await self.aengine.add_request(fitted.token_ids, params,
                                                         f"{self.id_prefix}-{uuid.uuid4().hex}")
-        except TimeoutError:
-            raise self._timeout_error() from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_dead") from None
-        except InvalidParameterError as e:
-            raise APIError.from_invalid(e) from None
+        except (TimeoutError, EngineDeadError, InvalidParameterError) as e:
+            raise self._api_error(e) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(stream.request_id, params, fitted, include_usage, start)
         headers = {"x-tierlm-prompt-policy": fitted.policy, "x-request-id": job.id}
@@ -165,22 +164,29 @@ class Serving:
             return JSONResponse({}, status_code=499)
         return JSONResponse(self.response(job, final), headers=headers)
 
-    def _timeout_error(self) -> APIError:
-        return APIError(408, f"the request did not finish within the server's {self.config.timeout:g} s timeout",
-                        code="timeout")
+    def _api_error(self, e: BaseException) -> APIError:
+        """The APIError for a timeout (408), a dead engine (503) or a rejected parameter (400)."""
+        if isinstance(e, TimeoutError):
+            return APIError(408, f"the request did not finish within the server's {self.config.timeout:g} s "
+                                 "timeout", code="timeout")
+        if isinstance(e, EngineDeadError):
+            return APIError(503, str(e), code="engine_dead")
+        return APIError.from_invalid(e)
+
+    @staticmethod
+    def _note_output(job: Job, out: RequestOutput) -> None:
+        if job.first_token is None and any(c.token_ids for c in out.outputs):
+            job.first_token = time.monotonic()
 
     async def _collect(self, job: Job, stream: RequestStream, deadline: float | None) -> RequestOutput:
         final = None
         try:
             async with asyncio.timeout_at(deadline):
                 async for out in stream:
-                    if job.first_token is None and any(c.token_ids for c in out.outputs):
-                        job.first_token = time.monotonic()
+                    self._note_output(job, out)
                     final = out
-        except TimeoutError:
-            raise self._timeout_error() from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_dead") from None
+        except (TimeoutError, EngineDeadError) as e:
+            raise self._api_error(e) from None
         finally:
             stream.abort()
         self._observe(job, final)
@@ -202,9 +208,7 @@ class Serving:
             watcher.cancel()
             if not task.done():
                 task.cancel()
-        if task.cancelled():
-            return None
-        if not task.done():
+        if not task.done() or task.cancelled():
             return None
         return task.result()
 
@@ -217,8 +221,7 @@ class Serving:
                 yield first
             async with asyncio.timeout_at(deadline):
                 async for out in stream:
-                    if job.first_token is None and any(c.token_ids for c in out.outputs):
-                        job.first_token = time.monotonic()
+                    self._note_output(job, out)
                     final = out
                     text = self.chunks(job, state, out)
                     if text:
@@ -226,10 +229,11 @@ class Serving:
             if job.include_usage:
                 yield _event(self._chunk_base(job, [], usage=self.usage(job, final)))
             self._observe(job, final)
-        except TimeoutError:
-            yield self._timeout_error().sse()
-        except EngineDeadError as e:
-            yield APIError(503, str(e), code="engine_dead").sse()
+        except (TimeoutError, EngineDeadError) as e:
+            yield self._api_error(e).sse()
+        except Exception as e:  # noqa: BLE001 - e.g. an engine step failed: end the stream with an error event
+            log.exception("stream %s failed", job.id)
+            yield APIError(500, f"internal error: {type(e).__name__}").sse()
         finally:
             stream.abort()
         yield "data: [DONE]\n\n"

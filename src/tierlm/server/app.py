@@ -24,6 +24,7 @@ from tierlm.server.metrics import ServerMetrics
 from tierlm.server.prompt_policy import build_policies
 from tierlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from tierlm.server.server_config import ServerConfig
+from tierlm.server.serving import Admission
 from tierlm.server.serving_chat import ChatServing
 from tierlm.server.serving_completions import CompletionServing
 from tierlm.server.summarizer import Summarizer
@@ -52,8 +53,9 @@ def build_app(aengine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     summarizer = Summarizer(aengine)
     policies = build_policies(summarizer)
     metrics = ServerMetrics(aengine, lambda: completions.queue_length(), summarizer)
-    completions = CompletionServing(aengine, config, metrics, policies)
-    chat = ChatServing(aengine, config, metrics, policies)
+    admission = Admission()
+    completions = CompletionServing(aengine, config, metrics, policies, admission)
+    chat = ChatServing(aengine, config, metrics, policies, admission)
     created = int(time.time())
 
     @asynccontextmanager

@@ -49,12 +49,21 @@ class Job:
     first_token: float | None = None
 
 
+@dataclass
+class Admission:
+    """Sequences admitted but not yet in the engine (prompt fitting may await), shared by all endpoints,
+    so that concurrent requests cannot all slip past the queue limit while they are being prepared."""
+
+    reserved: int = 0
+
+
 class Serving:
     kind = "base"
     id_prefix = "cmpl"
 
     def __init__(self, aengine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics,
-                 policies: dict[str, PromptPolicy]):
+                 policies: dict[str, PromptPolicy], admission: Admission | None = None):
+        self.admission = admission or Admission()
         self.aengine = aengine
         self.engine = aengine.engine
         self.tokenizer = self.engine.tokenizer
@@ -89,7 +98,7 @@ class Serving:
             raise APIError(400, f"n={n} is more than this server can ever run at once ({capacity})", param="n")
         if not self.aengine.is_running:
             raise APIError(503, "the engine is not running", code="engine_dead")
-        if self.queue_length(n) > self.config.max_queue:
+        if self.queue_length(n + self.admission.reserved) > self.config.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(503, f"the server is busy: the waiting queue is full ({self.config.max_queue}); "
                                 "retry later", code="queue_full", headers={"Retry-After": str(self.config.retry_after)})
@@ -140,6 +149,7 @@ class Serving:
     async def serve(self, request: Request, body, prepare) -> JSONResponse | StreamingResponse:
         """Admit, then await `prepare()` -> (fitted, params), then stream or answer in one piece."""
         self.admit(body.n)
+        self.admission.reserved += body.n  # the event loop is single-threaded: no lock needed
         start = time.monotonic()
         deadline = None if self.config.timeout is None else start + self.config.timeout
         try:
@@ -149,6 +159,8 @@ class Serving:
                                                         f"{self.id_prefix}-{uuid.uuid4().hex}")
         except (TimeoutError, EngineDeadError, InvalidParameterError) as e:
             raise self._api_error(e) from None
+        finally:
+            self.admission.reserved -= body.n
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         job = Job(stream.request_id, params, fitted, include_usage, start)
         headers = {"x-tierlm-prompt-policy": fitted.policy, "x-request-id": job.id}

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from tierlm.bench.machine import measure_bandwidth
+from tierlm.bench.gate import first_divergence
 from tierlm.bench.phases import engine_generate, make_prompts
 from tierlm.bench.transformers_peer import load_peer, run_transformers
 
@@ -26,9 +27,8 @@ def run_tierlm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def diff(a: list[list[int]], b: list[list[int]]) -> dict:
-    exact = sum(x == y for x, y in zip(a, b))
-    first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None) for x, y in zip(a, b)]
-    return {"prompts": len(a), "exact_match": exact,
+    first = [first_divergence(x, y) for x, y in zip(a, b)]
+    return {"prompts": len(a), "exact_match": sum(f is None for f in first),
             "first_divergence": min((f for f in first if f is not None), default=None)}
 
 

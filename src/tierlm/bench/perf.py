@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt length for the decode runs")
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=2, help="repetitions; the median is reported")
+    ap.add_argument("--reps", type=int, default=3, help="paired repetitions; the median is reported")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -74,32 +74,50 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         return row
 
+    def paired(prompts, new_tokens):
+        """Warm both sides up, then alternate tierlm and the peer rep by rep, so a burst of load from
+        elsewhere on a shared machine hits both sides rather than one."""
+        run_tierlm(llm, prompts, min(new_tokens, 8))
+        if peer is not None:
+            run_transformers(peer, prompts, min(new_tokens, 8))
+        ours, theirs = [], []
+        for _ in range(a.reps):
+            ours.append(run_tierlm(llm, prompts, new_tokens))
+            if peer is not None:
+                theirs.append(run_transformers(peer, prompts, new_tokens))
+        return ours, theirs
+
+    spreads = {}
+
+    def spread(case, key, ours, theirs):
+        if theirs:
+            ratios = sorted(t[key] / o[key] for o, t in zip(ours, theirs))  # time ratio = speed ratio
+            spreads[case] = (ratios[0], ratios[-1])
+
     # Prefill: one long prompt, one new token.
     pp = make_prompts(llm.tokenizer, 1, a.prefill_len)
     new = a.new_tokens
     a.new_tokens = 1
-    run_tierlm(llm, pp, 1)  # warm-up
-    record("prefill", "tierlm", 1, a.prefill_len, [run_tierlm(llm, pp, 1) for _ in range(a.reps)], "prefill")
-    if peer is not None:
-        run_transformers(peer, pp, 1)
-        record("prefill", "transformers", 1, a.prefill_len, [run_transformers(peer, pp, 1) for _ in range(a.reps)], "prefill")
+    ours, theirs = paired(pp, 1)
+    record("prefill", "tierlm", 1, a.prefill_len, ours, "prefill")
+    if theirs:
+        record("prefill", "transformers", 1, a.prefill_len, theirs, "prefill")
+    spread("prefill", "prefill_s", ours, theirs)
     a.new_tokens = new
 
     gate = []
     for b in a.batch:
         prompts = make_prompts(llm.tokenizer, b, a.prompt_len)
-        run_tierlm(llm, prompts, 8)
-        ours = [run_tierlm(llm, prompts, a.new_tokens) for _ in range(a.reps)]
+        ours, theirs = paired(prompts, a.new_tokens)
         record(f"decode b{b}", "tierlm", b, a.prompt_len, ours, "decode")
-        if peer is not None:
-            run_transformers(peer, prompts, 8)
-            theirs = [run_transformers(peer, prompts, a.new_tokens) for _ in range(a.reps)]
+        if theirs:
             record(f"decode b{b}", "transformers", b, a.prompt_len, theirs, "decode")
+            spread(f"decode b{b}", "decode_s", ours, theirs)
             gate.append({"batch": b, **diff(ours[0]["tokens"], theirs[0]["tokens"])})
 
     print(f"\nmodel {cfg.model_id}, {a.dtype}, {torch.get_num_threads()} threads; "
           f"weights {weight_bytes / 1e6:.0f} MB; KV {kv_tok} B/token; measured copy bandwidth {bw:.1f} GB/s")
-    print(f"{'case':<12} {'engine':<13} {'tok/s':>9} {'vs peer':>8} {'GB/s':>7} {'% of bw':>8}")
+    print(f"{'case':<12} {'engine':<13} {'tok/s':>9} {'vs peer':>8} {'GB/s':>7} {'% of bw':>8}  per-rep ratio range")
     by = {(r["case"], r["engine"]): r for r in rows}
     for r in rows:
         key = "prefill_tok_s" if "prefill_tok_s" in r else "decode_tok_s"
@@ -107,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r[key] / peer_row[key]:.2f}x" if peer_row and r["engine"] == "tierlm" else ""
         gbs = f"{r['achieved_gb_s']:.1f}" if "achieved_gb_s" in r else ""
         pct = f"{100 * r['achieved_gb_s'] / bw:.0f}%" if "achieved_gb_s" in r else ""
-        print(f"{r['case']:<12} {r['engine']:<13} {r[key]:>9.1f} {ratio:>8} {gbs:>7} {pct:>8}")
+        rng = spreads.get(r["case"]) if r["engine"] == "tierlm" else None
+        rng = f"  {rng[0]:.2f}x - {rng[1]:.2f}x" if rng else ""
+        print(f"{r['case']:<12} {r['engine']:<13} {r[key]:>9.1f} {ratio:>8} {gbs:>7} {pct:>8}{rng}")
     for g in gate:
         flag = "OK" if g["exact_match"] == g["prompts"] else "DIVERGED"
         print(f"greedy diff vs transformers, batch {g['batch']}: {g['exact_match']}/{g['prompts']} exact "
@@ -116,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "bandwidth_gb_s": bw}
         with open(a.json, "w") as f:
-            json.dump({"environment": env, "rows": rows, "correctness": gate}, f, indent=2)
+            json.dump({"environment": env, "rows": rows, "correctness": gate,
+                       "ratio_range": {k: list(v) for k, v in spreads.items()}}, f, indent=2)
     return 0
 
 

@@ -1,7 +1,6 @@
 """The embedded default model end to end: parity with transformers, batch invariance, caching, preemption."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
@@ -53,14 +52,17 @@ def test_batch_invariance(default_llm):
 def test_prefix_cache_hit_gives_same_output():
     llm = LLM(kv_cache_memory=64 << 20)
     prefix = "You are a careful assistant. Here is a long shared context about caches. " * 6
+    c = llm.engine.counters
     first = llm.generate(prefix + "Question one?", GREEDY)[0]
-    computed_before = llm.engine.counters["prompt_tokens"]
+    computed_first = c["computed_tokens"]
     second = llm.generate(prefix + "Question one?", GREEDY)[0]
+    computed_second = c["computed_tokens"] - computed_first
     assert first.num_cached_tokens == 0
     assert second.num_cached_tokens >= 16 * ((len(second.prompt_token_ids) - 1) // 16)
     assert second.num_cached_tokens > 0
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
-    assert computed_before > 0
+    # The model computed exactly the cached tokens fewer the second time.
+    assert computed_second == computed_first - second.num_cached_tokens
     # A different tenant salt or a prefix-cache-off engine computes everything.
     off = LLM(kv_cache_memory=64 << 20, enable_prefix_caching=False)
     off.generate(prefix + "Question one?", GREEDY)

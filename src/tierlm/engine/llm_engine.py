@@ -99,7 +99,8 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._ids = itertools.count()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        # computed_tokens: tokens run through the model (prefix-cache hits are not computed).
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0}
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -175,6 +176,7 @@ class LLMEngine:
         logits, reqs = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
         self.counters["steps"] += 1
+        self.counters["computed_tokens"] += sched.num_batched_tokens
         touched: dict[str, _Group] = {}
         if reqs:
             sampled = self.sampler(logits, reqs)

@@ -11,7 +11,7 @@ from tierlm.scheduler import Scheduler
 def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, policy="fcfs", chunked=True, prefix=True):
     kv = KVCacheManager(num_blocks, block_size, prefix)
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked, policy=policy)
-    return Scheduler(cfg, kv, max_model_len=1024), kv
+    return Scheduler(cfg, kv), kv
 
 
 def req(rid, n, t, priority=0, base=0):

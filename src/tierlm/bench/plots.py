@@ -47,12 +47,7 @@ def latency_cdf(result: dict, out_dir: Path) -> list[Path]:
             ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
-        fig.suptitle(f"{w['name']}: {w['shape']}", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"latency_cdf_{i}_{_slug(w['name'])}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, w, out_dir / f"latency_cdf_{i}_{_slug(w['name'])}.png"))
     return paths
 
 
@@ -76,13 +71,17 @@ def throughput_vs_concurrency(result: dict, out_dir: Path) -> list[Path]:
             ax.set_xlabel("concurrency (closed loop)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"{w['name']}: {w['shape']}", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"throughput_{i}_{_slug(w['name'])}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, w, out_dir / f"throughput_{i}_{_slug(w['name'])}.png"))
     return paths
+
+
+def _save(plt, fig, workload: dict, path: Path) -> Path:
+    """Title the figure with the workload's shape, write it as PNG and release it."""
+    fig.suptitle(f"{workload['name']}: {workload['shape']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_plots(result: dict, out_dir: Path) -> tuple[list[Path], str | None]:

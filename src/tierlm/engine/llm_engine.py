@@ -93,7 +93,7 @@ class LLMEngine:
             raise InvalidParameterError("the KV memory budget holds no block", "raise the KV cache memory budget")
         extra_keys = (self.model_config.model_id, kv_format, cc.tenant_salt)
         self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device)
         self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
         self.groups: dict[str, _Group] = {}

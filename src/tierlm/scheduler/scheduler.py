@@ -46,10 +46,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
-        self.max_model_len = max_model_len
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0

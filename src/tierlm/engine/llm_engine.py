@@ -105,7 +105,15 @@ class LLMEngine:
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * DEFAULT_CUDA_KV_FRACTION)
+            # Memory torch's caching allocator holds but no tensor uses (e.g. an earlier engine's freed KV
+            # cache) is free to this engine too; the driver counts it as used.
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            # No more than every sequence at full context can use: on a large GPU with a small model, half
+            # the free memory would be millions of blocks (a Python object each) that no step can reach.
+            spec = self.kv_spec
+            seqs = self.config.scheduler.max_num_seqs
+            most = seqs * spec.blocks_per_sequence(self.max_model_len) * spec.page_size_bytes
+            return min(int(free * DEFAULT_CUDA_KV_FRACTION), most)
         return DEFAULT_CPU_KV_BYTES
 
     @property

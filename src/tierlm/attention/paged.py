@@ -29,7 +29,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     _, nb, bs, hkv, _ = kv_cache.shape
     blocks = kv_cache.view(2 * nb, bs, hkv, d)
     g = hq // hkv
-    out = torch.empty_like(q)
+    parts: list[torch.Tensor] = []  # each [rows, Hq, D], in row order; one part (the common case) is returned as is
     nd = meta.num_decodes
     if nd:
         # kv: [2 * Nd * MB, bs, Hkv, D] -> [2, Nd, MB * bs, Hkv, D] -> k, v: [Nd, Hkv, MB * bs, D]
@@ -37,7 +37,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
         k, v = kv[0], kv[1]
         qd = q[:nd].view(nd, hkv, g, d).to(k.dtype)  # [Nd, Hkv, G, D]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_key_mask, scale=scale)
-        out[:nd] = o.reshape(nd, hq, d).to(q.dtype)
+        parts.append(o.reshape(nd, hq, d).to(q.dtype))
     row = nd
     for q_len, seq_len, index in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_kv_indices):
         # kv: [2, L, Hkv, D] -> k, v: [1, Hkv, L, D];  qp: [q_len, Hq, D] -> [1, Hkv, G * q_len, D]
@@ -55,6 +55,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
             mask = mask.repeat(g, 1)  # [G * q_len, L]
             o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
         # o: [1, Hkv, G * q_len, D] -> [q_len, Hq, D]
-        out[row:row + q_len] = o.view(hkv, g, q_len, d).permute(2, 0, 1, 3).reshape(q_len, hq, d).to(q.dtype)
+        parts.append(o.view(hkv, g, q_len, d).permute(2, 0, 1, 3).reshape(q_len, hq, d).to(q.dtype))
         row += q_len
-    return out
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

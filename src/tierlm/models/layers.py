@@ -46,23 +46,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Half-split ("rotate_half") RoPE; cos/sin tables precomputed for max_positions and indexed by position."""
+    """Half-split ("rotate_half") RoPE. Tables are precomputed for max_positions in the form the rotation
+    uses directly: cos = [cos, cos] and sin = [-sin, sin] over the head dim, so that
+    rope(x) = x * cos + swap_halves(x) * sin (see apply_rope), four ops per call."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None):
         super().__init__()
         inv = rope_inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv)  # [P, D/2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)  # [P, D]
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)  # [P, D]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin): [T, 1, D/2] each, computed once per step and shared by all layers."""
+        """positions: [T] -> (cos, sin): [T, 1, D] each, computed once per step and shared by all layers."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D] rotated by position (half-split layout): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    """x: [T, H, D] rotated by position (half-split layout): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
+    written as x * [cos, cos] + [x2, x1] * [-sin, sin] with the tables from RotaryEmbedding (computed in fp32)."""
     dtype = x.dtype
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((x2, x1), dim=-1) * sin).to(dtype)

@@ -39,7 +39,7 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(qkv[:, self.hq: self.hq + self.hkv]), *rope)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, kv_cache, meta, self.scale)  # [T, Hq, D]
-        return self.o_proj(o.view(T, self.hq * self.d))
+        return self.o_proj(o.reshape(T, self.hq * self.d))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,122 @@
+"""`python -m tierlm.bench.perf`'s fp32 reference check, on a tiny random model on CPU.
+
+With --dtype bf16 both sides are also diffed against a tierlm engine in fp32 (built after the timed runs);
+--no-reference and fp32 runs leave it out; and the reference engine reproduces an fp32 engine's tokens
+exactly on the same prompts (the self-check that makes it a reference).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tierlm.bench import perf
+from tierlm.bench.random_model import write_random_model
+from tierlm.config import ModelConfig
+
+VOCAB = 320
+CONFIG = ModelConfig(architecture="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,))
+ARGS = ["--device", "cpu", "--batch", "1", "2", "--prompt-len", "8", "--prefill-len", "16", "--new-tokens", "6",
+        "--reps", "1"]
+
+
+def write_byte_tokenizer(d) -> None:
+    """A byte-level BPE without merges: every byte of the prompt text is its own token (ids 3..258); the
+    model's other ids are plain (never encoded) vocabulary entries, so generated ids decode."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(sorted(byte_chars))}}
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), VOCAB)})  # the rest of the model's vocabulary
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tok.save(str(d / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("perf-tiny")
+    write_random_model(d, CONFIG, seed=3, std=0.15, norm_std=0.2)
+    write_byte_tokenizer(d)
+    return str(d)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_bandwidth(monkeypatch):
+    monkeypatch.setattr(perf, "device_bandwidth", lambda device: 10.0)  # skip the 256 MB copy measurement
+
+
+def run_perf(tmp_path, model, *extra) -> dict:
+    out = tmp_path / "perf.json"
+    assert perf.main(["--model", model, *ARGS, "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_bf16_reports_both_sides_against_fp32_reference(tmp_path, tiny_model, capsys):
+    pytest.importorskip("transformers")
+    res = run_perf(tmp_path, tiny_model, "--dtype", "bf16")
+    text = capsys.readouterr().out
+    ref = res["reference"]
+    assert [r["batch"] for r in ref] == [1, 2]
+    assert [g["batch"] for g in res["correctness"]] == [1, 2]  # the tierlm-vs-transformers diff stays
+    for r in ref:
+        assert r["reference_dtype"] == "fp32"
+        for side in ("tierlm", "transformers"):
+            d = r[side]
+            assert d["prompts"] == r["batch"] and 0 <= d["exact_match"] <= d["prompts"]
+            assert (d["first_divergence"] is None) == (d["exact_match"] == d["prompts"])
+    assert "reference_error" not in res
+    assert "greedy diff tierlm-bf16 vs tierlm-fp32 reference, batch 2:" in text
+    assert "greedy diff transformers-bf16 vs tierlm-fp32 reference, batch 2:" in text
+    assert "greedy diff vs transformers, batch 2:" in text
+
+
+def test_no_reference_flag_and_fp32_runs_leave_it_out(tmp_path, tiny_model, capsys):
+    res = run_perf(tmp_path, tiny_model, "--dtype", "bf16", "--no-peer", "--no-reference")
+    assert "reference" not in res
+    res = run_perf(tmp_path, tiny_model, "--dtype", "fp32", "--no-peer")
+    assert "reference" not in res
+    assert "reference" not in capsys.readouterr().out
+
+
+def test_fp32_reference_reproduces_an_fp32_engine(tiny_model):
+    """The self-check: the reference engine, on the prompts an fp32 run used, gives that run's tokens
+    exactly, and reference_report says so."""
+    from tierlm import LLM
+    from tierlm.bench.phases import engine_generate, make_prompts
+
+    llm = LLM(tiny_model, dtype="fp32", device="cpu", enable_prefix_caching=False, kv_cache_memory=16 << 20,
+              max_num_seqs=3)
+    prompt_sets = [make_prompts(llm.tokenizer, b, 8) for b in (1, 3)]
+    assert len({tuple(p) for p in prompt_sets[1]}) == 3  # distinct prompts, so the check means something
+    ours = [engine_generate(llm.engine, p, 6)["tokens"] for p in prompt_sets]
+    del llm
+    ref = perf.reference_tokens(tiny_model, "cpu", prompt_sets, 6)
+    cases = [{"batch": len(p), "tierlm": t, "transformers": None} for p, t in zip(prompt_sets, ours)]
+    rep = perf.reference_report(cases, ref)
+    assert [r["tierlm"] for r in rep] == [{"prompts": 1, "exact_match": 1, "first_divergence": None},
+                                          {"prompts": 3, "exact_match": 3, "first_divergence": None}]
+    assert all("transformers" not in r for r in rep)
+    # And a diverging side is reported as such, at the right token.
+    bad = [list(t) for t in ours[1]]
+    bad[2][4] = (bad[2][4] + 1) % VOCAB
+    rep = perf.reference_report([{"batch": 3, "tierlm": bad, "transformers": ours[1]}], ref[1:])
+    assert rep[0]["tierlm"] == {"prompts": 3, "exact_match": 2, "first_divergence": 4}
+    assert rep[0]["transformers"] == {"prompts": 3, "exact_match": 3, "first_divergence": None}
+
+
+def test_reference_failure_keeps_the_measurements(tmp_path, tiny_model, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise RuntimeError("no room for fp32 weights")
+
+    monkeypatch.setattr(perf, "reference_tokens", boom)
+    res = run_perf(tmp_path, tiny_model, "--dtype", "bf16", "--no-peer")
+    assert "reference" not in res and "no room" in res["reference_error"]
+    assert res["rows"] and "fp32 reference check failed" in capsys.readouterr().out
+

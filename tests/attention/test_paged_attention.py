@@ -1,11 +1,23 @@
-"""paged_attention against dense causal attention on scrambled block tables (decodes + prefill chunks)."""
+"""paged_attention against dense causal attention on scrambled block tables (decodes + prefill chunks),
+through both decode paths: the native CPU kernel and gather + SDPA."""
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tierlm.attention import AttentionMetadata, paged_attention, write_kv
+from tierlm.kernels import cpu as cpu_kernels
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "usable", lambda *t: False)
+    elif not cpu_kernels.usable(torch.zeros(1)):
+        pytest.skip("native CPU kernels unavailable here (no C compiler)")
+    return request.param
 
 
 def dense_reference(q, k, v, ctx, scale):
@@ -20,11 +32,11 @@ def dense_reference(q, k, v, ctx, scale):
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path fixture holds for all examples
 @given(decode_lens=st.lists(st.integers(1, 40), max_size=4),
        prefills=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 20)), max_size=3),
        hkv=st.sampled_from([1, 2]), g=st.sampled_from([1, 3]), seed=st.integers(0, 1000))
-def test_matches_dense(decode_lens, prefills, hkv, g, seed):
+def test_matches_dense(decode_path, decode_lens, prefills, hkv, g, seed):
     if not decode_lens and not prefills:
         return
     torch.manual_seed(seed)

@@ -3,6 +3,9 @@
 Cache layout per layer: one tensor kv_cache: [2, num_blocks, block_size, Hkv, D] (K at 0, V at 1); one
 index_select along dim 0 of its [2 * num_blocks, ...] view gathers a sequence's K and V blocks together.
 
+Decode rows on CPU in fp32 go to a C kernel that reads the blocks in place (tierlm.kernels.cpu); elsewhere, and
+wherever that kernel is unavailable, they take the gather + SDPA path below.
+
 Grouped-query attention without repeating K/V: the G = Hq / Hkv query heads that share a KV head are
 laid out as G extra query rows of that head, so SDPA sees q: [B, Hkv, G * Q, D] against k: [B, Hkv, L, D].
 """
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.attention.metadata import AttentionMetadata
+from tierlm.kernels import cpu as cpu_kernels
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -31,7 +35,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     g = hq // hkv
     parts: list[torch.Tensor] = []  # each [rows, Hq, D], in row order; one part (the common case) is returned as is
     nd = meta.num_decodes
-    if nd:
+    if nd and cpu_kernels.usable(q, kv_cache):
+        o = cpu_kernels.paged_decode(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        if o is not None:
+            parts.append(o)
+    if nd and not parts:
         # kv: [2 * Nd * MB, bs, Hkv, D] -> [2, Nd, MB * bs, Hkv, D] -> k, v: [Nd, Hkv, MB * bs, D]
         kv = blocks.index_select(0, meta.decode_kv_index).view(2, nd, -1, hkv, d).transpose(2, 3)
         k, v = kv[0], kv[1]

@@ -7,14 +7,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierlm.kernels import cpu as cpu_kernels
+
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with a residual, the pre-norm block's add comes first and is returned too:
+    norm(x, residual) -> (rms_norm(x + residual), x + residual). CPU fp32 uses the fused native kernel."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if cpu_kernels.usable(x, self.weight):
+            out, res = cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, res)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()

@@ -12,20 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from tierlm.paths import cache_root
+
 log = logging.getLogger(__name__)
-ENV_VAR = "TIERLM_CACHE_DIR"
 _PROBE_BYTES = 1 << 20
 _STALE_SECONDS = 24 * 3600  # a temp dir this old is dead even if its pid was reused
-
-
-def cache_root() -> Path:
-    """tierlm's cache root: $TIERLM_CACHE_DIR, else platformdirs' user cache dir for 'tierlm'."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("tierlm"))
 
 
 def file_digest(path: Path, salt: str = "") -> str:

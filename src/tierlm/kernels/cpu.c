@@ -6,8 +6,8 @@
  * SDPA; for one query token per sequence that copy and SDPA's setup cost more than the arithmetic.
  * Here one work item is one sequence: it walks the block table, reading each token's K row (all KV
  * heads, contiguous) once, scores every query head against it, then folds the block into a running
- * (max, sum, accumulator) softmax per head, flash-decoding style, so scratch is bounded by one block;
- * the next block is prefetched while the current one is processed.
+ * (max, sum, accumulator) softmax per head, flash-decoding style, so scratch is bounded by one block.
+ * (Software prefetch of the next block measured slower than the hardware prefetcher alone here.)
  *
  * Layout (one layer): kv_cache [2, num_blocks, block_size, Hkv, D] contiguous (K at 0, V at 1);
  * q and out [Nd, Hq, D] contiguous with Hq = Hkv * G (query head h uses KV head h / G);
@@ -29,12 +29,9 @@
 #pragma omp declare simd notinbranch
 float expf(float);
 
-static void prefetch_block(const float *p, int64_t n_floats) {
-    for (int64_t i = 0; i < n_floats; i += 16) __builtin_prefetch(p + i, 0, 1);
-}
-
-/* One sequence, all heads: each K/V row (all KV heads of one token) is read once, in order. */
-static void one_sequence(const float *q, const float *k_base, const float *v_base, const int64_t *table,
+/* One sequence, all heads: each K/V row (all KV heads of one token) is read once, in order. Always
+ * inlined, so the callers below can hand it a constant head dim and get fully unrolled dot products. */
+static inline __attribute__((always_inline)) void one_sequence(const float *q, const float *k_base, const float *v_base, const int64_t *table,
                          int64_t len, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
                          float *scratch) {
     const int64_t hq = hkv * g;
@@ -54,10 +51,6 @@ static void one_sequence(const float *q, const float *k_base, const float *v_bas
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
         const float *kb = k_base + table[b] * block;
         const float *vb = v_base + table[b] * block;
-        if (b + 1 < nblocks) {
-            prefetch_block(k_base + table[b + 1] * block, block);
-            prefetch_block(v_base + table[b + 1] * block, block);
-        }
         for (int64_t t = 0; t < n_tok; t++) {
             const float *kt = kb + t * row;
             for (int64_t h = 0; h < hq; h++) {
@@ -117,8 +110,15 @@ int tierlm_paged_decode_f32(const float *q, const float *kv_cache, const int64_t
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t n = 0; n < nd; n++) {
         float scratch[MAX_STACK_FLOATS];
-        one_sequence(q + n * hq * d, k_base, v_base, block_tables + n * max_blocks, seq_lens[n], bs, hkv, d, g,
-                     scale, out + n * hq * d, scratch);
+        const float *qn = q + n * hq * d;
+        const int64_t *tn = block_tables + n * max_blocks;
+        float *on = out + n * hq * d;
+        if (d == 64)
+            one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, 64, g, scale, on, scratch);
+        else if (d == 128)
+            one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, 128, g, scale, on, scratch);
+        else
+            one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, d, g, scale, on, scratch);
     }
     return 0;
 }

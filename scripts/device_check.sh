@@ -13,6 +13,13 @@
 # lacks: platformdirs, gguf; unpacked into a private dir, no pip, no index) and .devcheck/smollm2_shape/
 # (config.json + tokenizer files of the default model's converted cache entry, without its weights):
 # the speed runs use seeded random weights in exactly that shape (tierlm.bench.random_model).
+# Prepare both once, here, from the repository root (both are git-ignored via .git/info/exclude):
+#   printf '/.whl/\n/.devcheck/\n' >> .git/info/exclude
+#   d=$(.venv/bin/python -c 'from tierlm.models.loader import load_checkpoint; print(load_checkpoint(None).path)')
+#   mkdir -p .devcheck/smollm2_shape && cp "$d"/{config.json,tokenizer.json,tokenizer_config.json} .devcheck/smollm2_shape/
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       platformdirs==4.5.1 gguf==0.19.0
+# then run it through the device tool with carry [".whl", ".devcheck"].
 set -uo pipefail
 
 OUT="${OUT:-$PWD/device-out}"

@@ -72,14 +72,35 @@ def test_get_new_blocks_short_returns_none_and_changes_nothing():
     pool.check_integrity()
 
 
+def cache_all(pool, blocks):
+    for b in blocks:
+        assert pool.cache_block(b, h(100 + b.block_id), [b.block_id])
+
+
 def test_free_appends_in_the_given_order_and_eviction_is_lru():
     pool = BlockPool(6)
     a = pool.get_new_blocks(3)  # 0 1 2
     b = pool.get_new_blocks(3)  # 3 4 5
+    cache_all(pool, a + b)
     pool.free_blocks(reversed(a))
     pool.free_blocks(reversed(b))
     assert ids(pool.free_queue) == [2, 1, 0, 5, 4, 3]
     assert ids(pool.get_new_blocks(4)) == [2, 1, 0, 5]
+    pool.check_integrity()
+
+
+def test_uncached_blocks_are_reused_before_any_cached_block_is_evicted():
+    pool = BlockPool(6)
+    a = pool.get_new_blocks(3)  # 0 1 2: 0 and 1 cached (full prefix blocks), 2 a partial tail
+    b = pool.get_new_blocks(3)  # 3 4 5: 3 cached
+    cache_all(pool, a[:2] + b[:1])
+    pool.free_blocks(reversed(a))
+    pool.free_blocks(reversed(b))
+    # uncached blocks at the head, most recently freed first; cached ones at the tail in LRU order
+    assert ids(pool.free_queue) == [4, 5, 2, 1, 0, 3]
+    assert ids(pool.get_new_blocks(3)) == [4, 5, 2] and pool.num_evictions == 0
+    assert ids(pool.get_new_blocks(1)) == [1] and pool.num_evictions == 1
+    assert pool.lookup(h(100), [0]) is a[0] and pool.lookup(h(103), [3]) is b[0]
     pool.check_integrity()
 
 
@@ -90,7 +111,7 @@ def test_shared_block_is_freed_only_at_the_last_reference():
     pool.free_blocks([blk])
     assert blk.ref_cnt == 1 and pool.num_free_blocks == 2
     pool.free_blocks([blk])
-    assert ids(pool.free_queue) == [1, 2, 0]
+    assert ids(pool.free_queue) == [0, 1, 2]  # uncached: back at the head
     with pytest.raises(ValueError, match="freed more often"):
         pool.free_blocks([blk])
     pool.check_integrity()
@@ -101,9 +122,9 @@ def test_touch_takes_a_free_cached_block_out_of_the_queue():
     got = pool.get_new_blocks(2)
     pool.cache_block(got[1], h(1), [1])
     pool.free_blocks(got)
-    assert ids(pool.free_queue) == [2, 3, 0, 1]
+    assert ids(pool.free_queue) == [0, 2, 3, 1]  # uncached 0 at the head, cached 1 at the tail
     pool.touch([pool.lookup(h(1), [1])])
-    assert ids(pool.free_queue) == [2, 3, 0] and got[1].ref_cnt == 1
+    assert ids(pool.free_queue) == [0, 2, 3] and got[1].ref_cnt == 1
     pool.check_integrity()
 
 
@@ -111,13 +132,13 @@ def test_reusing_a_cached_block_evicts_its_hash_and_counts_it():
     pool = BlockPool(2)
     got = pool.get_new_blocks(2)
     pool.cache_block(got[0], h(0), [10, 11])
-    pool.free_blocks(got)  # queue: 0 (cached), 1
+    pool.free_blocks(got)  # queue: 1 (uncached, at the head), 0 (cached)
     assert pool.lookup(h(0), [10, 11]) is got[0]  # still reusable while free
+    assert ids(pool.get_new_blocks(1)) == [1]  # block 1 was not cached: no eviction
+    assert pool.num_evictions == 0 and pool.lookup(h(0), [10, 11]) is got[0]
     assert ids(pool.get_new_blocks(1)) == [0]
     assert pool.lookup(h(0), [10, 11]) is None
     assert got[0].block_hash is None and got[0].token_ids is None
-    assert pool.num_evictions == 1
-    pool.get_new_blocks(1)  # block 1 was not cached: no eviction
     assert pool.num_evictions == 1
     pool.check_integrity()
 

@@ -89,8 +89,8 @@ def test_prefix_hit_after_free_and_stats():
     b = make_request("b", A[:8] + [7, 7, 7])
     assert mgr.get_computed_blocks(b) == ([0, 1], 8)
     assert mgr.stats == KVCacheStats(prefix_cache_queries=10 + 11, prefix_cache_hits=0 + 8, evictions=0)
-    assert mgr.allocate_slots(b, 3, [0, 1]) == [0, 1, 3]  # block 2 (a's partial) stays free
-    assert [mgr.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3)] == [1, 1, 0, 1]
+    assert mgr.allocate_slots(b, 3, [0, 1]) == [0, 1, 2]  # a's partial block holds no prefix: reused first
+    assert [mgr.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3)] == [1, 1, 1, 0]
     mgr.check_integrity()
 
 
@@ -132,12 +132,14 @@ def test_eviction_order_is_lru_and_tail_first():
     assert prefill(mgr, b) == [3, 4, 5]
     mgr.free(a)  # freed first: least recently used
     mgr.free(b)
-    assert [blk.block_id for blk in mgr.pool.free_queue] == [6, 7, 2, 1, 0, 5, 4, 3]
+    # partial (uncached) tail blocks go to the head, most recently freed first; cached blocks to the
+    # tail, each request's freed tail-first
+    assert [blk.block_id for blk in mgr.pool.free_queue] == [5, 2, 6, 7, 1, 0, 4, 3]
     c = make_request("c", [9] * 12)
-    assert prefill(mgr, c) == [6, 7, 2]  # uncached free blocks first, then a's partial tail block
+    assert prefill(mgr, c) == [5, 2, 6]  # uncached blocks only
     assert mgr.stats.evictions == 0
-    d = make_request("d", [8] * 4)
-    assert prefill(mgr, d) == [1]  # a's second block goes before its first
+    d = make_request("d", [8] * 8)
+    assert prefill(mgr, d) == [7, 1]  # the last uncached block, then a's second block before its first
     assert mgr.stats.evictions == 1
     assert mgr.get_computed_blocks(make_request("a2", A)) == ([0], 4)
     assert mgr.get_computed_blocks(make_request("b2", list(range(200, 210)))) == ([3, 4], 8)
@@ -159,7 +161,7 @@ def test_free_hit_blocks_are_not_counted_twice():
     mgr = manager(num_blocks=4)
     a = make_request("a", A[:9])
     prefill(mgr, a)  # [0, 1, 2]
-    mgr.free(a)  # queue: 3 2 1 0; blocks 0, 1 cached
+    mgr.free(a)  # queue: 2 3 1 0; blocks 0, 1 cached, 2 a partial block (at the head)
     b = make_request("b", A[:8] + [1] * 9)  # 17 tokens: 5 blocks, 2 of them hits -> 3 new, only 2 spare
     hits, num_hit = mgr.get_computed_blocks(b)
     assert (hits, num_hit) == ([0, 1], 8)
@@ -169,7 +171,7 @@ def test_free_hit_blocks_are_not_counted_twice():
     mgr.check_integrity()
     c = make_request("c", A[:8] + [1] * 5)  # 13 tokens: 4 blocks, 2 hits + 2 new = the whole pool
     hits, _ = mgr.get_computed_blocks(c)
-    assert mgr.allocate_slots(c, 5, hits) == [0, 1, 3, 2]
+    assert mgr.allocate_slots(c, 5, hits) == [0, 1, 2, 3]
     assert mgr.num_free_blocks == 0 and mgr.usage == 1.0
     mgr.check_integrity()
 

@@ -43,10 +43,11 @@ class FreeBlockQueue:
     """Doubly linked list of free blocks, with head/tail sentinels; every operation is O(1) and
     allocates nothing (the links live in the blocks).
 
-    Order: the head is the least recently freed block and is evicted (popped) first; freed blocks
-    are appended at the tail. The caller decides the order within one free: `BlockPool.free_blocks`
-    appends in the order it is given, and the manager gives a finished request's blocks tail-first,
-    so a sequence's last blocks are evicted before its prefix, which other requests share more often.
+    Order: the head is popped (reused) first. Freed cached blocks are appended at the tail, so among
+    them the least recently freed goes first; `BlockPool.free_blocks` appends in the order it is given,
+    and the manager gives a finished request's blocks tail-first, so a sequence's last blocks are
+    evicted before its prefix, which other requests share more often. Freed blocks that hold no cached
+    prefix are put at the head (`appendleft`): reusing them costs no hit.
     """
 
     def __init__(self, blocks: Iterable[KVBlock] = ()):
@@ -86,6 +87,17 @@ class FreeBlockQueue:
         block.prev, block.next = last, self._tail
         last.next = block
         self._tail.prev = block
+        self._len += 1
+
+    def appendleft(self, block: KVBlock) -> None:
+        """Put `block` (not already queued) at the head: it will be evicted first."""
+        if block.prev is not None or block.next is not None:
+            raise ValueError(f"{block!r} is already in the free queue")
+        first = self._head.next
+        assert first is not None
+        block.prev, block.next = self._head, first
+        first.prev = block
+        self._head.next = block
         self._len += 1
 
     def remove(self, block: KVBlock) -> None:
@@ -163,14 +175,19 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, blocks_in_eviction_order: Iterable[KVBlock]) -> None:
-        """Drop one reference on each block; blocks reaching 0 join the free queue's tail in the
-        given order (so the first one given is evicted first). They stay cached until evicted."""
+        """Drop one reference on each block; cached blocks reaching 0 join the free queue's tail in the
+        given order (so the first one given is evicted first) and stay cached until evicted. Blocks that
+        hold no cached prefix (a sequence's partial last block) go to the head: nothing can hit them, so
+        they are reused before any cached block is evicted."""
         for block in blocks_in_eviction_order:
             if block.ref_cnt <= 0:
                 raise ValueError(f"{block!r} freed more often than referenced")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self.free_queue.append(block)
+                if block.block_hash is None:
+                    self.free_queue.appendleft(block)
+                else:
+                    self.free_queue.append(block)
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash, token_ids: Sequence[int]) -> bool:
         """Register a full block under `block_hash`, remembering its tokens for hit confirmation.

@@ -88,8 +88,9 @@ def test_prefix_hit_after_free_and_stats():
     mgr.free(make_request("a", A))
     b = make_request("b", A[:8] + [7, 7, 7])
     assert mgr.get_computed_blocks(b) == ([0, 1], 8)
-    assert mgr.stats == KVCacheStats(prefix_cache_queries=10 + 11, prefix_cache_hits=0 + 8, evictions=0)
+    assert mgr.stats == KVCacheStats(prefix_cache_queries=10, prefix_cache_hits=0, evictions=0)  # not admitted yet
     assert mgr.allocate_slots(b, 3, [0, 1]) == [0, 1, 2]  # a's partial block holds no prefix: reused first
+    assert mgr.stats == KVCacheStats(prefix_cache_queries=10 + 11, prefix_cache_hits=0 + 8, evictions=0)
     assert [mgr.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3)] == [1, 1, 1, 0]
     mgr.check_integrity()
 
@@ -256,3 +257,20 @@ def test_free_forgets_every_per_request_record():
     prefill(mgr, a)
     mgr.free(a)
     assert mgr._tables == {} and mgr._hashes == {} and mgr._num_cached == {}
+
+
+def test_a_request_probed_until_it_fits_counts_its_prefix_query_once():
+    mgr = manager(num_blocks=5)
+    prefill(mgr, make_request("a", A[:8]))  # blocks 0, 1 (full, cached)
+    c = make_request("c", [5] * 4)
+    prefill(mgr, c)  # block 2; 2 blocks left free
+    b = make_request("b", A[:8] + [1] * 9)  # 17 tokens: 2 hit blocks + 3 new
+    for _ in range(3):  # the scheduler retries each step while it does not fit
+        hits, _ = mgr.get_computed_blocks(b)
+        assert hits == [0, 1] and mgr.allocate_slots(b, 9, hits) is None
+    assert mgr.stats.prefix_cache_queries == 8 + 4 and mgr.stats.prefix_cache_hits == 0
+    mgr.free(c)
+    hits, _ = mgr.get_computed_blocks(b)
+    assert mgr.allocate_slots(b, 9, hits) is not None
+    assert mgr.stats.prefix_cache_queries == 8 + 4 + 17 and mgr.stats.prefix_cache_hits == 8
+    mgr.check_integrity()

@@ -97,7 +97,9 @@ class KVCacheManager:
         `allocate_slots` before any other allocation, or they may be evicted. Call it only for a
         request holding no blocks. The request's block hashes are kept for `allocate_slots`;
         `free` drops them, so free a probed request even if it never got blocks.
-        Returns ([], 0) when prefix caching is off.
+        Returns ([], 0) when prefix caching is off. The query and hit counters move when the request is
+        admitted (its first successful `allocate_slots`), so a request probed on several steps before it
+        fits counts once.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -111,8 +113,6 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block.block_id)
-        self._queries += len(tokens)
-        self._hits += len(hit) * bs
         return hit, len(hit) * bs
 
     # ---- mutations -----------------------------------------------------------------------------
@@ -148,6 +148,9 @@ class KVCacheManager:
         if num_needed > self.pool.num_free_blocks - num_free_hits:
             return None
 
+        if self.enable_prefix_caching and rid not in self._tables and request.num_computed_tokens == 0:
+            self._queries += request.num_tokens  # admitted: count this prefix lookup once
+            self._hits += len(hits) * bs
         self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)
         assert new_blocks is not None  # checked above

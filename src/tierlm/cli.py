@@ -105,6 +105,7 @@ def cmd_chat(a) -> int:
 
 def cmd_info(a) -> int:
     from tierlm.config import CacheConfig
+    from tierlm.kernels import cpu as cpu_kernels
     from tierlm.kvcache.spec import KV_FORMAT_REGISTRY, KVSpec
     from tierlm.models.loader import load_checkpoint
 
@@ -122,7 +123,8 @@ def cmd_info(a) -> int:
             "parameters": c.num_params, "layers": c.num_layers, "hidden_size": c.hidden_size,
             "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
             "context_length": c.max_position_embeddings, "tied_embeddings": c.tie_word_embeddings,
-            "block_size": a.block_size, "seq_len": a.seq_len, "memory_budget_bytes": budget, "kv_formats": formats}
+            "block_size": a.block_size, "seq_len": a.seq_len, "memory_budget_bytes": budget, "kv_formats": formats,
+            "cpu_kernels": cpu_kernels.status()}
     print(f"{c.model_id} ({c.architecture}): {c.num_params / 1e6:.1f}M parameters, {c.num_layers} layers, "
           f"hidden {c.hidden_size}, {c.num_heads} query / {c.num_kv_heads} KV heads x {c.head_dim}, "
           f"vocab {c.vocab_size}, context {c.max_position_embeddings}")
@@ -133,6 +135,9 @@ def cmd_info(a) -> int:
         note = "" if f["implemented"] else "  (planned)"
         print(f"  {f['kv_format']:<{w}} {f['bytes_per_token']:>12,} {f['bytes_per_session'] / 2**20:>12.2f} "
               f"{f['max_sessions_at_budget']:>13,}{note}")
+    k = info["cpu_kernels"]
+    print("CPU kernels (fp32 decode attention, add + RMSNorm): "
+          + (f"native ({k['library']})" if k["native"] else f"PyTorch paths ({k['reason']})"))
     _write_json(a.json, info)
     return 0
 

@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
-def run(*args, timeout=300):
-    env = dict(os.environ)
+def run(*args, timeout=300, **env_overrides):
+    env = dict(os.environ, **env_overrides)
     return subprocess.run([sys.executable, "-m", "tierlm.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -40,6 +41,18 @@ def test_info_json_matches_spec(tmp_path):
     # 1 GiB / (1000 tokens -> 63 blocks of 16 x 46080 B) = 23 sessions in fp32.
     assert by["fp32"]["max_sessions_at_budget"] == (1 << 30) // (63 * 16 * 46080)
     assert "bytes/token" in r.stdout
+    from tierlm.kernels import cpu as cpu_kernels
+
+    assert info["cpu_kernels"]["native"] == cpu_kernels.usable(torch.zeros(1))  # what this process got too
+
+
+def test_info_says_why_the_cpu_kernels_are_off(tmp_path):
+    out_json = tmp_path / "info.json"
+    r = run("info", "--json", str(out_json), TIERLM_CPU_KERNELS="0")
+    assert r.returncode == 0, r.stderr
+    k = json.loads(out_json.read_text())["cpu_kernels"]
+    assert k == {"native": False, "library": None, "reason": "turned off by TIERLM_CPU_KERNELS=0"}
+    assert "PyTorch paths (turned off by TIERLM_CPU_KERNELS=0)" in r.stdout
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -93,12 +93,15 @@ def test_a_failed_build_falls_back_and_says_so(fresh_library, monkeypatch, caplo
         assert K._library() is None
     assert "failed" in caplog.text
     assert not K.usable(torch.zeros(1))
+    st = K.status()
+    assert not st["native"] and st["library"] is None and st["reason"].startswith("build failed")
     assert not list((fresh_library / "kernels").glob("*.so"))  # no half-written library left behind
 
 
 def test_switch_turns_kernels_off(fresh_library, monkeypatch):
     monkeypatch.setenv(K.ENV_SWITCH, "0")
     assert K._library() is None and not K.usable(torch.zeros(1))
+    assert K.status() == {"native": False, "library": None, "reason": "turned off by TIERLM_CPU_KERNELS=0"}
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")

@@ -73,26 +73,49 @@ def _build(cc: str) -> Path:
     return target
 
 
+_status: dict = {}
+
+
+def status() -> dict:
+    """{"native": bool, "library": path or None, "reason": why the PyTorch paths are used, or None};
+    builds the kernels if that has not happened yet (for `tierlm info`)."""
+    _library()
+    return dict(_status)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The loaded, self-checked kernels, or None (logged once)."""
+    """The loaded, self-checked kernels, or None (logged once; `status()` says why)."""
+    lib = _load()
+    _status["native"] = lib is not None
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    _status.update(library=None, reason=None)
     if os.environ.get(ENV_SWITCH, "1") == "0":
+        _status["reason"] = f"turned off by {ENV_SWITCH}=0"
         return None
     cc = _compiler()
     if cc is None:
+        _status["reason"] = "no C compiler found ($CC, cc or gcc)"
         log.info("no C compiler found; tierlm uses its PyTorch paths for decode attention and RMSNorm")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        log.warning("building tierlm's CPU kernels failed (%s); using the PyTorch paths", str(detail)[:500])
+        detail = str(getattr(e, "stderr", "") or e)[:500]
+        _status["reason"] = f"build failed: {detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__}"
+        log.warning("building tierlm's CPU kernels failed (%s); using the PyTorch paths", detail)
         return None
+    _status["library"] = str(path)
     lib.tierlm_paged_decode_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
     lib.tierlm_paged_decode_f32.restype = ctypes.c_int
     lib.tierlm_add_rms_norm_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F32]
     lib.tierlm_add_rms_norm_f32.restype = None
     if not _self_check(lib):
+        _status["reason"] = "self-check against the PyTorch definitions failed"
         log.warning("tierlm's CPU kernels failed their self-check; using the PyTorch paths")
         return None
     return lib

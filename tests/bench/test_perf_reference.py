@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tierlm.bench import perf
-from tierlm.bench.random_model import write_random_model
+from tierlm.bench.random_model import write_random_model, write_tokenizer
 from tierlm.config import ModelConfig
 
 VOCAB = 320
@@ -34,9 +34,7 @@ def write_byte_tokenizer(d) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
-    tok.save(str(d / "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    write_tokenizer(d, tok)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _fixed_bandwidth(monkeypatch):
-    monkeypatch.setattr(perf, "device_bandwidth", lambda device: 10.0)  # skip the 256 MB copy measurement
+    monkeypatch.setattr(perf, "measure_bandwidth", lambda *a, **k: 10.0)  # skip the 256 MB copy measurement
 
 
 def run_perf(tmp_path, model, *extra) -> dict:

@@ -12,14 +12,13 @@ TIERLM_TEST_DEVICE=cpu runs the same checks on CPU, to check the tests themselve
 from __future__ import annotations
 
 import gc
-import json
 import os
 
 import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.bench.random_model import write_random_model
+from tierlm.bench.random_model import write_random_model, write_tokenizer
 from tierlm.config import ModelConfig
 from tierlm.core.request import Request
 from tierlm.engine.sampler import Sampler
@@ -51,16 +50,14 @@ def ids(n: int, seed: int) -> list[int]:
 PROMPTS = [ids(5, 1), ids(17, 2), ids(40, 3), ids(90, 4)]
 
 
-def write_tokenizer(d) -> None:
+def write_word_tokenizer(d) -> None:
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
-    tok.save(str(d / "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    write_tokenizer(d, tok)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,7 @@ def tiny(tmp_path_factory):
         if family not in made:
             d = tmp_path_factory.mktemp(f"tiny-{family}")
             write_random_model(d, ModelConfig(**{**BASE, **FAMILIES[family]}), seed=7, std=0.15, norm_std=0.2)
-            write_tokenizer(d)
+            write_word_tokenizer(d)
             made[family] = str(d)
         return made[family]
 

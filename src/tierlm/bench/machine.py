@@ -11,17 +11,29 @@ from importlib import metadata
 from tierlm.bench.memory import total_memory_bytes
 
 
-def measure_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    """Copy bandwidth in GB/s (bytes read + written), best of reps."""
+def measure_bandwidth(nbytes: int = 256 << 20, reps: int = 5, device=None) -> float:
+    """Copy bandwidth of `device`'s memory (default: the CPU's) in GB/s (bytes read + written), best of reps.
+    On CUDA every copy is synchronized and the buffers' cached memory is handed back afterwards."""
     import torch
 
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    device = torch.device(device or "cpu")
+    cuda = device.type == "cuda"
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
+    if cuda:
+        dst.copy_(src)  # warm-up: the first CUDA copy loads its kernel
     best = float("inf")
     for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
     return 2 * nbytes / best / 1e9
 
 

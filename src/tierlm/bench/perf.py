@@ -26,7 +26,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -34,25 +33,6 @@ from tierlm.bench.machine import measure_bandwidth
 from tierlm.bench.gate import first_divergence
 from tierlm.bench.phases import engine_generate, make_prompts
 from tierlm.bench.transformers_peer import load_peer, run_transformers
-
-
-def device_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """Copy bandwidth of the device's own memory in GB/s (bytes read + written), best of reps."""
-    if device.type != "cuda":
-        return measure_bandwidth()
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / best / 1e9
 
 
 def run_tierlm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -75,15 +55,20 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def make_llm(model: str | None, dtype: str, device: str, max_num_seqs: int, max_num_batched_tokens: int = 512):
+    """The engine both the timed runs and the reference use: no prefix cache, a 1 GiB KV pool."""
+    from tierlm import LLM
+
+    return LLM(model, dtype=dtype, device=device, enable_prefix_caching=False, kv_cache_memory=1 << 30,
+               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+
+
 def reference_tokens(model: str | None, device: str, prompt_sets: list[list[list[int]]], new_tokens: int,
                      max_num_batched_tokens: int = 512) -> list[list[list[int]]]:
     """Greedy tokens (EOS ignored) of a tierlm engine in fp32 on `device` (the reference config), one list of
     per-prompt token lists for each prompt set. The engine is built here and freed before returning."""
-    from tierlm import LLM
-
-    ref = LLM(model, dtype=REFERENCE_DTYPE, device=device, enable_prefix_caching=False,
-              kv_cache_memory=1 << 30, max_num_batched_tokens=max_num_batched_tokens,
-              max_num_seqs=max((len(p) for p in prompt_sets), default=1))
+    ref = make_llm(model, REFERENCE_DTYPE, device, max((len(p) for p in prompt_sets), default=1),
+                   max_num_batched_tokens)
     try:
         return [engine_generate(ref.engine, prompts, new_tokens)["tokens"] for prompts in prompt_sets]
     finally:
@@ -129,14 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="print each case's row as soon as it is measured")
     a = ap.parse_args(argv)
 
-    from tierlm import LLM
-
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available here")
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    llm = LLM(a.model, dtype=a.dtype, device=a.device, enable_prefix_caching=False, kv_cache_memory=1 << 30,
-              max_num_batched_tokens=max(512, a.prefill_len), max_num_seqs=max(a.batch))
+    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max(512, a.prefill_len))
     device = llm.engine.device
     peer = None if a.no_peer else load_peer(a.model, dtype, a.device)
     has_peer = peer is not None
@@ -144,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     elem = torch.finfo(dtype).bits // 8
     weight_bytes = cfg.num_params * elem
     kv_tok = llm.engine.kv_spec.bytes_per_token
-    bw = device_bandwidth(device)
+    bw = measure_bandwidth(1 << 30 if device.type == "cuda" else 256 << 20, device=device)
     where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
     rows = []

@@ -78,6 +78,15 @@ def write_random_model(out_dir: str | Path, config: ModelConfig, *, tokenizer_di
     return out
 
 
+def write_tokenizer(out_dir: str | Path, tokenizer, bos: str = "<s>", eos: str = "</s>", unk: str = "<unk>") -> None:
+    """Save a `tokenizers.Tokenizer` as tokenizer.json plus the minimal tokenizer_config.json that both tierlm
+    and transformers read (for model directories whose tokenizer is built in code, e.g. in tests)."""
+    out = Path(out_dir)
+    tokenizer.save(str(out / "tokenizer.json"))
+    cfg = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "tokenizer_class": "PreTrainedTokenizerFast"}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+
 def config_like(config_dir: str | Path) -> ModelConfig:
     """The ModelConfig of a model directory's config.json (+ generation_config.json eos ids)."""
     d = Path(config_dir)

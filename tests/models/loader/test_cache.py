@@ -51,7 +51,8 @@ def test_default_model_second_load_is_cached(default_ckpt, counted):
     elapsed = time.perf_counter() - start
     assert counted == [] and again.source == "gguf-cache" and again.path == default_ckpt.path
     assert weights_file.stat().st_mtime_ns == mtime
-    assert elapsed < 5.0, f"cached load took {elapsed:.1f}s"
+    assert elapsed < 5.0, f"cached load took {elapsed:.1f}s"  # includes re-hashing the 540 MB manifest-listed files
+    assert again.weights_digest == default_ckpt.weights_digest and len(again.weights_digest) == 32
     assert torch.equal(again.weights["model.layers.3.self_attn.k_proj.weight"],
                        default_ckpt.weights["model.layers.3.self_attn.k_proj.weight"])
     print(f"\ndefault model: first conversion {default_ckpt.conversion_seconds:.1f}s, cached load {elapsed:.2f}s")
@@ -65,7 +66,8 @@ def test_tiny_converted_once(make_gguf, own_cache, counted):
     assert _entries(own_cache) == [first.path.name]
     assert first.path.name.startswith("tiny-")
     assert {p.name for p in first.path.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
-                                                      "tokenizer.json", "tokenizer_config.json"}
+                                                      "tokenizer.json", "tokenizer_config.json",
+                                                      "tierlm-manifest.json"}
 
 
 def test_changed_gguf_gets_a_new_entry(make_gguf, own_cache, counted):

@@ -16,6 +16,7 @@ from tierlm.models.loader.checkpoint import LoadedCheckpoint
 from tierlm.models.loader.default_model import DEFAULT_MODEL_ID, DEFAULT_MODEL_NAMES, default_gguf_path
 from tierlm.models.loader.gguf_conversion import CONVERTER_VERSION, convert_gguf
 from tierlm.models.loader.hf import HFDirectory
+from tierlm.models.loader.manifest import manifest_digests, read_manifest
 from tierlm.models.loader.tokenizer import Tokenizer
 
 __all__ = ["LoadedCheckpoint", "Tokenizer", "load_checkpoint", "resolve_model_path", "cache_root"]
@@ -48,13 +49,16 @@ def _load_gguf(path: Path, model_id: str | None) -> LoadedCheckpoint:
     entry = cache.entry_for(path, salt=f"v{CONVERTER_VERSION}")
     if entry.is_dir():
         try:
-            return HFDirectory(entry).load(source="gguf-cache", origin=path)
+            manifest = cache.verify(entry)  # re-hashes every file: bit rot inside the tensor data shows here
+            return HFDirectory(entry).load(source="gguf-cache", origin=path, file_digests=manifest_digests(manifest))
         except (CorruptModelError, ModelNotFoundError, UnsupportedModelError) as exc:
             log.warning("cached copy %s is unusable (%s); rebuilding it", entry, exc)
             cache.discard(entry)
     log.info("converting %s into %s (once)", path, entry)
     cache.build(entry, lambda tmp: convert_gguf(path, tmp, model_id))
-    return HFDirectory(entry).load(source="gguf-cache", origin=path)
+    # Just written and hashed (or another process's fresh copy): the manifest is trusted without a re-hash.
+    manifest = read_manifest(entry, fix=f"delete {entry} and load the model again to rebuild it")
+    return HFDirectory(entry).load(source="gguf-cache", origin=path, file_digests=manifest_digests(manifest))
 
 
 def load_checkpoint(model: str | Path | None = None) -> LoadedCheckpoint:

@@ -1,6 +1,8 @@
 """ModelCache: the directory of converted models (`$TIERLM_CACHE_DIR/models`, else the platform's user
 cache dir `tierlm/models`). An entry appears all at once: it is written into a hidden temp dir next to
-it and renamed into place, so a crash or error never leaves a partial entry."""
+it and renamed into place, so a crash or error never leaves a partial entry. Every entry carries a
+manifest (`tierlm-manifest.json`: size + xxh3_128 of each file, see manifest.py) written before the
+rename; `verify` re-hashes the files against it, so bit rot inside a file is caught, not just a bad header."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from tierlm.models.loader.manifest import verify_manifest, write_manifest
 from tierlm.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -76,15 +79,23 @@ class ModelCache:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
+    def verify(self, entry: Path) -> dict:
+        """The entry's manifest, after checking every file it lists (present, same size, same xxh3_128).
+        CorruptModelError naming the file when not: a missing manifest counts as damage too (entries
+        written before manifests existed are rebuilt once)."""
+        return verify_manifest(entry, fix=f"delete {entry} and load the model again to rebuild it")
+
     def build(self, entry: Path, write: Callable[[Path], None]) -> Path:
-        """Run `write(tmp_dir)` and move the result to `entry` atomically. On any error nothing is left.
-        If another process finished the same entry first, its copy wins."""
+        """Run `write(tmp_dir)`, write the manifest of what it wrote, and move the result to `entry`
+        atomically. On any error nothing is left. If another process finished the same entry first, its
+        copy wins."""
         entry.parent.mkdir(parents=True, exist_ok=True)
         self._sweep(entry)
         tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             write(tmp)
+            write_manifest(tmp)
             try:
                 os.rename(tmp, entry)
             except OSError:

@@ -15,6 +15,8 @@ from tierlm.models.loader.gguf import GGUFFile
 
 log = logging.getLogger(__name__)
 CONVERTER_VERSION = 1  # bump when the converted layout changes: old cache entries are then rebuilt
+# (Entries written before cache manifests existed are not told apart by a bump: ModelCache.verify treats
+# their missing tierlm-manifest.json as damage, so each is rebuilt once, in place, leaving no orphan.)
 
 
 def write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:

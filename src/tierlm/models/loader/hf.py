@@ -11,6 +11,7 @@ import torch
 from tierlm.core.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from tierlm.models.loader.checkpoint import LoadedCheckpoint
 from tierlm.models.loader.config_json import model_config_from_hf
+from tierlm.models.loader.manifest import weights_digest
 from tierlm.models.loader.tokenizer import Tokenizer
 from tierlm.models.loader.weight_layout import check_weights, expected_weight_shapes
 
@@ -74,7 +75,10 @@ class HFDirectory:
                                         "convert them to safetensors (save_pretrained(..., safe_serialization=True))")
         raise CorruptModelError(f"{self.path} has no *.safetensors weights", self.fix)
 
-    def load(self, *, source: str = "hf", model_id: str | None = None, origin: Path | None = None) -> LoadedCheckpoint:
+    def load(self, *, source: str = "hf", model_id: str | None = None, origin: Path | None = None,
+             file_digests: dict[str, str] | None = None) -> LoadedCheckpoint:
+        """The checkpoint. file_digests: known xxh3_128 digests by file name (a verified cache manifest);
+        weight files not in it are hashed here for `weights_digest`."""
         cfg = read_json(self.path / "config.json", self.fix)
         gen_path = self.path / "generation_config.json"
         gen_eos: list[int] = []
@@ -93,8 +97,9 @@ class HFDirectory:
         if tokenizer.vocab_size > config.vocab_size:
             raise CorruptModelError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                                     f"only {config.vocab_size} embeddings", "use the tokenizer saved with this model")
+        digest = weights_digest(self.weight_files(), known=file_digests)
         return LoadedCheckpoint(config=config, weights=weights, tokenizer=tokenizer, path=self.path,
-                                source=source, origin=origin or self.path)
+                                source=source, weights_digest=digest, origin=origin or self.path)
 
     def tokenizer(self) -> Tokenizer:
         tok_json = self.path / "tokenizer.json"

@@ -98,3 +98,27 @@ def test_loop_crash_fails_streams_instead_of_hanging(server_engine, monkeypatch)
     a.shutdown()
     assert not server_engine.has_unfinished_requests()
     assert server_engine.kv.num_free_blocks == server_engine.kv.num_blocks
+
+
+def test_duplicate_request_id_is_rejected_and_the_original_finishes(aengine):
+    """A second add with an id in flight raises before touching state; the first streams to its end."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    async def go():
+        first = await aengine.add_request([7] * 20, params, request_id="dup")
+        outs = []
+        async for out in first:
+            outs.append(out)
+            if len(outs) == 1:  # the first is running: now try its id again
+                with pytest.raises(InvalidParameterError, match="'dup' is already in flight") as e:
+                    await aengine.add_request([8] * 5, SamplingParams(max_tokens=2), request_id="dup")
+                assert e.value.param == "request_id"
+        again = [o async for o in aengine.generate([9] * 5, SamplingParams(max_tokens=2), request_id="dup")]
+        return outs, again
+
+    outs, again = asyncio.run(asyncio.wait_for(go(), timeout=60))  # the old code left `first` hanging
+    final = outs[-1]
+    assert final.finished and final.request_id == "dup" and len(final.outputs[0].token_ids) == 40
+    assert final.prompt_token_ids == [7] * 20
+    assert again[-1].finished and len(again[-1].outputs[0].token_ids) == 2  # the id is free once finished
+    assert aengine.wait_idle(10) and aengine.num_seqs_in_flight == 0

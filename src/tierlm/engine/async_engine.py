@@ -8,8 +8,9 @@ request's asyncio.Queue. When nothing is pending the thread sleeps on the condit
 
 Outputs are cumulative, so a slow consumer loses nothing by skipping to the newest output
 (`RequestStream` does exactly that). An add that the engine rejects (InvalidParameterError,
-PromptTooLongError) raises in the caller. A failure inside `step()` is logged, counted in
-`num_step_errors`, and raised in every in-flight request's stream; the loop goes on.
+PromptTooLongError) raises in the caller, and so does a request id already in flight here, before any
+state changes: the request holding that id streams on undisturbed. A failure inside `step()` is
+logged, counted in `num_step_errors`, and raised in every in-flight request's stream; the loop goes on.
 
     stream = await aengine.add_request(prompt_ids, params)   # raises on invalid input
     async for out in stream: ...                              # cumulative RequestOutputs
@@ -25,6 +26,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+from tierlm.core.errors import InvalidParameterError
 from tierlm.core.outputs import RequestOutput
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.engine.llm_engine import LLMEngine
@@ -134,6 +136,11 @@ class AsyncEngine:
     # ---- caller side (event loop thread) -------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str | None = None, priority: int = 0) -> RequestStream:
+        """Hand the request to the loop; returns its stream once the engine has accepted it.
+
+        Raises EngineDeadError when the loop is not running, InvalidParameterError (param="request_id")
+        when `request_id` is already in flight here, and whatever the engine's add_request raises.
+        """
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -143,6 +150,10 @@ class AsyncEngine:
         with self._cond:
             if self._stop:  # shutdown() won the race: the loop has drained (or will never run) its commands
                 raise EngineDeadError("the engine loop is not running")
+            if rid in self._streams:  # checked before any state changes: the request holding rid goes on
+                raise InvalidParameterError(f"request id {rid!r} is already in flight",
+                                            "use a unique request_id, or wait until that request finishes",
+                                            param="request_id")
             self._streams[rid] = (stream, loop)
             self.num_seqs_in_flight += params.n
             self._commands.append(("add", rid, prompt, params, priority, fut))
@@ -150,9 +161,11 @@ class AsyncEngine:
         try:
             await asyncio.wrap_future(fut)
         except BaseException:
-            # Rejected, or the caller gave up (cancel, timeout) after the loop may have added it.
             self._forget(rid)
-            self._enqueue_abort(rid)
+            # Rejected by the engine: nothing was added, and rid may name a request the engine holds for
+            # someone else. Otherwise the caller gave up (cancel, timeout) after the loop may have added it.
+            if not (fut.done() and not fut.cancelled() and fut.exception() is not None):
+                self._enqueue_abort(rid)
             raise
         return stream
 

@@ -1,8 +1,9 @@
 """Serving: the pipeline both OpenAI endpoints share.
 
-    check model -> admit (bounded queue, 503) -> SamplingParams (400 naming the param)
-    -> fit the prompt (prompt policy) -> add to the AsyncEngine -> stream SSE or collect one response,
-    under the per-request deadline (408) and, for plain responses, abort on client disconnect.
+    check fields (400 for one accepted but not implemented) -> check model -> admit (bounded queue, 503)
+    -> SamplingParams (400 naming the param) -> fit the prompt (prompt policy) -> add to the AsyncEngine
+    -> stream SSE or collect one response, under the per-request deadline (408) and, for plain
+    responses, abort on client disconnect.
 
 Subclasses (serving_completions.py, serving_chat.py) turn requests into token ids and RequestOutputs
 into the OpenAI shapes: `first_chunk`, `chunks` (deltas since the last output) and `response`.
@@ -29,11 +30,13 @@ from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, RequestStre
 from tierlm.server.errors import APIError
 from tierlm.server.metrics import ServerMetrics
 from tierlm.server.prompt_policy import FittedPrompt, PolicyInput, PromptPolicy
+from tierlm.server.protocol import unknown_fields, unsupported_field
 from tierlm.server.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESERVE = 256  # generation room kept when a policy cuts a prompt that set no max_tokens
+_logged_unknown: set[str] = set()  # undeclared request fields already logged (each is logged once)
 
 
 @dataclass
@@ -83,6 +86,19 @@ class Serving:
         return min(self.engine.max_model_len, kv.num_blocks * kv.block_size)
 
     # ---- checks --------------------------------------------------------------------------------
+    @staticmethod
+    def check_fields(body) -> None:
+        """400 naming the first field set to a value this server accepts but does not implement (the
+        table is protocol.UNSUPPORTED); undeclared fields are ignored, each logged once at debug level."""
+        found = unsupported_field(body)
+        if found is not None:
+            param, message = found
+            raise APIError(400, message, param=param, code="unsupported_parameter")
+        new = [f for f in unknown_fields(body) if f not in _logged_unknown]
+        if new:
+            _logged_unknown.update(new)
+            log.debug("ignoring unknown request fields (logged once each): %s", ", ".join(new))
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.config.model_name}'",
@@ -105,8 +121,6 @@ class Serving:
 
     @staticmethod
     def sampling_params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         opt = lambda v, d: d if v is None else v  # noqa: E731
         return SamplingParams(
             n=body.n, max_tokens=max_tokens, min_tokens=body.min_tokens, temperature=opt(body.temperature, 1.0),

@@ -13,6 +13,7 @@ class ChatServing(Serving):
     chunk_object = "chat.completion.chunk"
 
     async def create(self, request: Request, body: ChatCompletionRequest):
+        self.check_fields(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         self.check_model(body.model)

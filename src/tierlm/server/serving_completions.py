@@ -13,12 +13,7 @@ class CompletionServing(Serving):
     chunk_object = "text_completion"
 
     async def create(self, request: Request, body: CompletionRequest):
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise APIError(400, "only best_of == n is supported", param="best_of")
+        self.check_fields(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:

@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierlm.core.errors import InvalidParameterError
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+from tierlm.core.registry import DTYPE_CHOICES, architecture_names, get_kv_format, implemented_kv_formats
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,10 @@ class ModelConfig:
     model_id: str = "unknown"
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        if self.architecture not in architecture_names():
             raise InvalidParameterError(
                 f"unsupported architecture {self.architecture!r}",
-                f"tierlm supports {', '.join(SUPPORTED_ARCHITECTURES)}",
+                f"tierlm supports {', '.join(architecture_names())}",
             )
         if self.num_heads % self.num_kv_heads:
             raise InvalidParameterError(
@@ -58,9 +57,6 @@ class ModelConfig:
         return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
 
 
-KV_FORMATS = ("fp32", "bf16", "fp16")
-
-
 @dataclass(frozen=True)
 class CacheConfig:
     """The device KV block pool. Size it by `num_blocks` or by `memory_bytes` (num_blocks wins)."""
@@ -80,8 +76,9 @@ class CacheConfig:
             raise InvalidParameterError(f"num_blocks {self.num_blocks} < 1", "give at least one block")
         if self.memory_bytes is not None and self.memory_bytes < 1:
             raise InvalidParameterError(f"memory_bytes {self.memory_bytes} < 1", "give a positive KV memory budget")
-        if self.kv_format is not None and self.kv_format not in KV_FORMATS:
-            raise InvalidParameterError(f"unknown kv_format {self.kv_format!r}", f"use one of {', '.join(KV_FORMATS)}")
+        if self.kv_format is not None and not get_kv_format(self.kv_format).implemented:
+            raise InvalidParameterError(f"KV format {self.kv_format!r} is planned but not implemented yet",
+                                        f"use one of {', '.join(implemented_kv_formats())}")
 
 
 @dataclass(frozen=True)
@@ -108,10 +105,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    compile: bool = False  # torch.compile the decode step where it pays
+    attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backends (validated when the engine picks it)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise InvalidParameterError(f"unknown dtype {self.dtype!r}", "use auto, fp32 or bf16")
+        if self.dtype not in DTYPE_CHOICES:
+            raise InvalidParameterError(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidParameterError(f"unknown device {self.device!r}", "use auto, cpu or cuda")

@@ -1,5 +1,5 @@
-"""paged_attention against dense causal attention on scrambled block tables (decodes + prefill chunks),
-through both decode paths: the native CPU kernel and gather + SDPA."""
+"""Every attention backend against dense causal attention on scrambled block tables (decodes + prefill
+chunks with cached context), through the AttentionContext the models use."""
 from __future__ import annotations
 
 import pytest
@@ -7,17 +7,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierlm.attention import AttentionMetadata, paged_attention, write_kv
-from tierlm.kernels import cpu as cpu_kernels
+from tierlm.attention import BACKENDS, AttentionContext, AttentionMetadata, cpu_backend, select_backend
+from tierlm.kvcache import KVSpec, KVStorage
+
+CPU = torch.device("cpu")
 
 
-@pytest.fixture(params=["native", "torch"])
-def decode_path(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(cpu_kernels, "usable", lambda *t: False)
-    elif not cpu_kernels.usable(torch.zeros(1)):
-        pytest.skip("native CPU kernels unavailable here (no C compiler)")
-    return request.param
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request):
+    cls = BACKENDS[request.param]
+    reason = cls.unsupported(CPU, torch.float32, "fp32")
+    if reason is not None:
+        pytest.skip(f"backend {request.param} cannot run here: {reason}")
+    return cls()
 
 
 def dense_reference(q, k, v, ctx, scale):
@@ -32,16 +34,11 @@ def dense_reference(q, k, v, ctx, scale):
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path fixture holds for all examples
-@given(decode_lens=st.lists(st.integers(1, 40), max_size=4),
-       prefills=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 20)), max_size=3),
-       hkv=st.sampled_from([1, 2]), g=st.sampled_from([1, 3]), seed=st.integers(0, 1000))
-def test_matches_dense(decode_path, decode_lens, prefills, hkv, g, seed):
-    if not decode_lens and not prefills:
-        return
+def run_case(backend, decode_lens, prefills, hkv, g, seed, bs=4, d=8, nb=64):
+    """Build a step of decodes and prefill chunks over a scrambled pool; return (backend out, reference)."""
     torch.manual_seed(seed)
-    bs, d, nb = 4, 8, 64
-    cache = torch.zeros(2, nb, bs, hkv, d)
+    storage = KVStorage(KVSpec(num_layers=1, num_kv_heads=hkv, head_dim=d, kv_format="fp32", block_size=bs), nb, CPU)
+    cache = storage[0].data
     perm = torch.randperm(nb).tolist()  # scrambled physical blocks
     seqs = [(L - 1, 1) for L in decode_lens] + list(prefills)  # (cached context, new tokens)
     full_k, full_v, tables, q_rows, slots = [], [], [], [], []
@@ -49,7 +46,7 @@ def test_matches_dense(decode_path, decode_lens, prefills, hkv, g, seed):
         L = ctx + n
         table = [perm.pop() for _ in range((L + bs - 1) // bs)]
         k, v = torch.randn(L, hkv, d), torch.randn(L, hkv, d)
-        # the cached context is already in the cache; the new tokens are written by write_kv
+        # the cached context is already in the cache; the new tokens are written by the backend
         for p in range(ctx):
             cache[0, table[p // bs], p % bs], cache[1, table[p // bs], p % bs] = k[p], v[p]
         slots += [table[p // bs] * bs + p % bs for p in range(ctx, L)]
@@ -59,20 +56,50 @@ def test_matches_dense(decode_path, decode_lens, prefills, hkv, g, seed):
         q_rows.append(torch.randn(n, hkv * g, d))
     nd = len(decode_lens)
     mb = max((len(t) for t in tables[:nd]), default=0)
-    dec_bt = torch.tensor([t + [0] * (mb - len(t)) for t in tables[:nd]]) if nd else None
-    dec_lens = torch.tensor(decode_lens) if nd else None
-    mask = (torch.arange(mb * bs)[None, :] < dec_lens[:, None]).view(nd, 1, 1, -1) if nd else None
     meta = AttentionMetadata(
-        block_size=bs, slot_mapping=torch.tensor(slots), num_decodes=nd, decode_block_tables=dec_bt,
-        decode_kv_index=AttentionMetadata.kv_index(dec_bt, nb) if nd else None,
-        decode_seq_lens=dec_lens, decode_key_mask=mask,
+        block_size=bs, slot_mapping=torch.tensor(slots), num_decodes=nd,
+        decode_block_tables=torch.tensor([t + [0] * (mb - len(t)) for t in tables[:nd]]) if nd else None,
+        decode_seq_lens=torch.tensor(decode_lens) if nd else None,
         prefill_query_lens=[n for _, n in prefills], prefill_seq_lens=[c + n for c, n in prefills],
-        prefill_block_tables=[torch.tensor(t) for t in tables[nd:]],
-        prefill_kv_indices=[AttentionMetadata.kv_index(torch.tensor(t), nb) for t in tables[nd:]])
+        prefill_block_tables=[torch.tensor(t) for t in tables[nd:]])
+    backend.prepare(meta, nb)
     new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
-    write_kv(cache, new_k, new_v, meta.slot_mapping)
     q = torch.cat(q_rows)
-    out = paged_attention(q, cache, meta, scale=d ** -0.5)
+    out = AttentionContext(meta, storage, backend).forward(0, q, new_k, new_v, scale=d ** -0.5)
     ref = torch.cat([dense_reference(qr, k, v, c, d ** -0.5) for qr, k, v, (c, _) in zip(q_rows, full_k, full_v, seqs)])
+    # the new tokens' K/V landed in their slots
+    for k, v, table, (ctx, n) in zip(full_k, full_v, tables, seqs):
+        for p in range(ctx, ctx + n):
+            assert torch.equal(cache[0, table[p // bs], p % bs], k[p]) and torch.equal(cache[1, table[p // bs], p % bs], v[p])
+    return out, ref
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(decode_lens=st.lists(st.integers(1, 40), max_size=4),
+       prefills=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 20)), max_size=3),
+       hkv=st.sampled_from([1, 2]), g=st.sampled_from([1, 3]), seed=st.integers(0, 1000))
+def test_matches_dense(backend, decode_lens, prefills, hkv, g, seed):
+    if not decode_lens and not prefills:
+        return
+    out, ref = run_case(backend, decode_lens, prefills, hkv, g, seed)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_long_context_prefill_in_runs(backend, monkeypatch):
+    """A context longer than one gather run of the cpu backend is folded in run by run (log-sum-exp merge)."""
+    monkeypatch.setattr(cpu_backend, "RUN_TOKENS", 16)
+    out, ref = run_case(backend, [5, 70], [(67, 9), (0, 13), (40, 1)], hkv=3, g=3, seed=7, nb=128)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_selection():
+    assert select_backend("torch", CPU, torch.float32, "fp32").name == "torch"
+    auto = select_backend("auto", CPU, torch.bfloat16, "bf16")
+    assert auto.name == "torch"  # the cpu backend needs fp32
+    from tierlm.core.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="unknown attention backend"):
+        select_backend("nope", CPU, torch.float32, "fp32")
+    with pytest.raises(InvalidParameterError, match="cannot run here"):
+        select_backend("cpu", CPU, torch.bfloat16, "bf16")

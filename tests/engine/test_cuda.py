@@ -235,7 +235,7 @@ def test_chunked_prefill_gives_same_output(tiny):
 def test_default_kv_budget_on_cuda(tiny):
     llm = LLM(tiny("llama"), device=DEVICE, dtype="auto", max_num_seqs=8)  # auto: bf16 on CUDA
     eng = llm.engine
-    assert eng.dtype == torch.bfloat16 and eng.runner.kv_caches[0].is_cuda
+    assert eng.dtype == torch.bfloat16 and eng.kv_storage[0].data.is_cuda
     # Capped at what max_num_seqs full-length sequences can use: 8 x 1024 / 16 blocks.
     assert 0 < eng.num_kv_blocks <= 8 * 1024 // 16
     out = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

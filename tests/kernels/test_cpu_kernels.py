@@ -121,7 +121,11 @@ def test_default_model_greedy_is_the_same_with_kernels_off(default_llm, monkeypa
 
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    from tierlm.attention import TorchPagedBackend
+
+    assert default_llm.engine.runner.backend.name == "cpu"  # native decode kernel + mask-free prefill
     on = [o.outputs[0].token_ids for o in default_llm.generate(prompts, params)]
-    monkeypatch.setattr(K, "usable", lambda *t: False)
+    monkeypatch.setattr(K, "usable", lambda *t: False)  # the fused add + RMSNorm kernel off
+    monkeypatch.setattr(default_llm.engine.runner, "backend", TorchPagedBackend())  # gather + SDPA everywhere
     off = [o.outputs[0].token_ids for o in default_llm.generate(prompts, params)]
     assert on == off

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tierlm.config import KV_FORMATS, ModelConfig
+from tierlm.config import CacheConfig, ModelConfig
 from tierlm.core.errors import InvalidParameterError
 from tierlm.kvcache.spec import KV_FORMAT_REGISTRY, KVSpec, implemented_kv_formats
 
@@ -70,7 +70,15 @@ def test_torch_dtype_for_implemented_formats_and_a_clear_error_for_planned_ones(
 
 
 def test_registry_matches_the_formats_config_accepts():
-    assert set(implemented_kv_formats()) == set(KV_FORMATS)
+    for name, fmt in KV_FORMAT_REGISTRY.items():
+        if fmt.implemented:
+            assert CacheConfig(kv_format=name).kv_format == name
+        else:
+            with pytest.raises(InvalidParameterError, match="planned"):
+                CacheConfig(kv_format=name)
+    with pytest.raises(InvalidParameterError, match="unknown KV format"):
+        CacheConfig(kv_format="int3")
+    assert implemented_kv_formats() == ("fp32", "bf16", "fp16")
     assert all(not f.implemented for name, f in KV_FORMAT_REGISTRY.items() if name.startswith("fp8"))
 
 

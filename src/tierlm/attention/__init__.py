@@ -1,5 +1,16 @@
-"""Attention ops over the paged KV cache. Metadata is explicit and passed in; there is no global context."""
-from tierlm.attention.metadata import AttentionMetadata
-from tierlm.attention.paged import paged_attention, write_kv
+"""Attention over the paged KV cache, behind one backend interface (backend.py). Metadata is explicit and
+passed in; there is no global context. Backends: "cpu" (native decode kernel, mask-free prefill; the CPU
+default) and "torch" (gather + SDPA, any device; the reference)."""
+from tierlm.attention.backend import (
+    BACKENDS,
+    AttentionBackend,
+    AttentionContext,
+    register_backend,
+    select_backend,
+)
+from tierlm.attention.cpu_backend import CpuBackend
+from tierlm.attention.metadata import AttentionMetadata, kv_index
+from tierlm.attention.torch_backend import TorchPagedBackend
 
-__all__ = ["AttentionMetadata", "paged_attention", "write_kv"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionContext", "AttentionMetadata", "CpuBackend",
+           "TorchPagedBackend", "kv_index", "register_backend", "select_backend"]

@@ -6,21 +6,26 @@ A request with n > 1 becomes n sequences (request_id#i) that share the prompt's 
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from tierlm.attention import select_backend
 from tierlm.config import EngineConfig
 from tierlm.core.errors import InvalidParameterError, PromptTooLongError
 from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from tierlm.core.registry import dtype_name, get_dtype
 from tierlm.core.request import Request, RequestStatus
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.engine.model_runner import ModelRunner
 from tierlm.engine.sampler import Sampler
-from tierlm.kvcache import KVCacheManager, KVSpec
+from tierlm.kvcache import KVCacheManager, KVSpec, KVStorage
 from tierlm.models import build_model
 from tierlm.models.loader import load_checkpoint
 from tierlm.scheduler import Scheduler
@@ -41,10 +46,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     # fp32 on CPU: without native bf16, fp32 matmuls are faster there (and exact w.r.t. the reference).
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return get_dtype(dtype).torch_dtype
 
 
-_DTYPE_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+def _config_digest(config) -> str:
+    """Short digest of every ModelConfig field but the display name (RoPE, norms, shapes shape the KV)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "model_id"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -82,19 +90,28 @@ class LLMEngine:
             # Attention here is full-context; within the window that is exactly sliding-window attention.
             self.max_model_len = min(self.max_model_len, ckpt.config.sliding_window)
         self.model = build_model(ckpt.config, ckpt.weights, self.dtype, self.device, self.max_model_len)
+        self.weights_digest = ckpt.weights_digest
+        self.model_config_digest = _config_digest(ckpt.config)
         del ckpt
         self.load_seconds = time.perf_counter() - t0
 
         cc = config.cache
-        kv_format = cc.kv_format or _DTYPE_FORMAT[self.dtype]
+        compute = dtype_name(self.dtype)
+        kv_format = cc.kv_format or compute
         self.kv_spec = KVSpec.from_model(self.model_config, kv_format, cc.block_size)
         num_blocks = cc.num_blocks or self.kv_spec.num_blocks_for_budget(cc.memory_bytes or self._default_kv_bytes())
         if num_blocks < 1:
             raise InvalidParameterError("the KV memory budget holds no block", "raise the KV cache memory budget")
-        extra_keys = (self.model_config.model_id, kv_format, cc.tenant_salt)
+        # Everything a block's KV depends on besides its tokens: which model (name, weight bytes, shape and
+        # RoPE/norm settings), the compute dtype, the KV format, the tenant. KV in a shared lower tier never
+        # crosses these.
+        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute, kv_format,
+                      cc.tenant_salt)
         self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device)
+        self.attention_backend = select_backend(config.attention_backend, self.device, self.dtype, kv_format)
+        self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
+        self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device)
         self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
         self.groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}

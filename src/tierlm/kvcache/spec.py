@@ -1,7 +1,8 @@
 """KV-cache memory arithmetic: exact bytes per token and per block for every KV format.
 
-Every byte count in the engine comes from here, so a new KV format (FP8 with per-group scales)
-changes one registry entry and nothing else.
+Every byte count in the engine comes from here; the formats themselves are entries of the one
+registry (tierlm.core.registry.KV_FORMATS), so a new KV format (FP8 with per-group scales) changes one
+registry entry and nothing else.
 
 Layout counted by `KVSpec.bytes_per_token` (one token, all layers):
 
@@ -13,80 +14,19 @@ when head_dim is not a multiple of the group size.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tierlm.core.errors import InvalidParameterError
+from tierlm.core.registry import KV_FORMATS, KVFormat, get_kv_format, implemented_kv_formats
+
+KV_FORMAT_REGISTRY = KV_FORMATS  # the registry's table, under the name kvcache callers know
+__all__ = ["KV_FORMAT_REGISTRY", "KVFormat", "KVSpec", "get_kv_format", "implemented_kv_formats"]
 
 if TYPE_CHECKING:
     import torch
 
     from tierlm.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class KVFormat:
-    """How one KV element is stored.
-
-    `scale_bytes` bytes of scale accompany every `scale_group` values (0 / 0 for unscaled formats).
-    `implemented=False` marks a planned format: its sizes are known (for `tierlm info` and memory
-    planning) but no kernel reads or writes it yet, so it has no `torch_dtype`.
-    """
-
-    name: str
-    element_bytes: int
-    scale_bytes: int = 0
-    scale_group: int = 0
-    implemented: bool = True
-
-    def bytes_per_head(self, head_dim: int) -> int:
-        """Bytes for one head's K (or V) vector of `head_dim` values, scales included."""
-        scales = math.ceil(head_dim / self.scale_group) if self.scale_group else 0
-        return head_dim * self.element_bytes + scales * self.scale_bytes
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The dtype the device cache is allocated in. Raises for planned (unimplemented) formats."""
-        if not self.implemented:
-            raise InvalidParameterError(
-                f"KV format {self.name!r} is planned but not implemented yet",
-                f"use one of {', '.join(implemented_kv_formats())}",
-            )
-        import torch  # deferred: memory planning should not pay for importing torch
-
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
-
-
-# The one registry of KV formats. fp8 entries: one 1-byte UE8M0 (power-of-two) scale per 64 values
-# (+1/64), or the `_fp32scale` variants with one fp32 scale per 64 values (+4/64).
-KV_FORMAT_REGISTRY: dict[str, KVFormat] = {
-    f.name: f
-    for f in (
-        KVFormat("fp32", 4),
-        KVFormat("bf16", 2),
-        KVFormat("fp16", 2),
-        KVFormat("fp8_e4m3", 1, scale_bytes=1, scale_group=64, implemented=False),
-        KVFormat("fp8_e5m2", 1, scale_bytes=1, scale_group=64, implemented=False),
-        KVFormat("fp8_e4m3_fp32scale", 1, scale_bytes=4, scale_group=64, implemented=False),
-        KVFormat("fp8_e5m2_fp32scale", 1, scale_bytes=4, scale_group=64, implemented=False),
-    )
-}
-
-
-def implemented_kv_formats() -> tuple[str, ...]:
-    """Names of the formats the engine can run today, in registry order."""
-    return tuple(name for name, f in KV_FORMAT_REGISTRY.items() if f.implemented)
-
-
-def get_kv_format(name: str) -> KVFormat:
-    """The registry entry for `name`; InvalidParameterError naming the known formats if absent."""
-    try:
-        return KV_FORMAT_REGISTRY[name]
-    except KeyError:
-        raise InvalidParameterError(
-            f"unknown KV format {name!r}", f"use one of {', '.join(KV_FORMAT_REGISTRY)}"
-        ) from None
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tierlm.attention import AttentionMetadata, paged_attention, write_kv
+from tierlm.attention import AttentionContext
 from tierlm.config import ModelConfig
 from tierlm.core.errors import CorruptModelError
 from tierlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
@@ -25,8 +26,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.d ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.hq + 2 * self.hkv, self.d)  # [T, Hq + 2 Hkv, D]
         v = qkv[:, self.hq + self.hkv:]
@@ -37,8 +37,7 @@ class Attention(nn.Module):
         else:
             q = apply_rope(self.q_norm(qkv[:, : self.hq]), *rope)
             k = apply_rope(self.k_norm(qkv[:, self.hq: self.hq + self.hkv]), *rope)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, kv_cache, meta, self.scale)  # [T, Hq, D]
+        o = ctx.forward(self.layer_idx, q, k, v, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.hq * self.d))
 
 
@@ -55,21 +54,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv, meta):
+    def forward(self, x, residual, rope, ctx: AttentionContext):
         """Pre-norm block with the residual stream carried beside the branch output (the adds are fused
         into the norms): returns (this block's MLP output, the residual stream before adding it)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, kv, meta)
+        h = self.self_attn(h, rope, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -79,7 +78,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_positions = max_positions or cfg.max_position_embeddings
@@ -89,14 +88,13 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         self.rope = RotaryEmbedding(c.head_dim, self.max_positions, c.rope_theta, c.rope_scaling).to(device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (final norm applied)."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions)
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv, meta)
+        for layer in self.layers:
+            x, residual = layer(x, residual, rope, ctx)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

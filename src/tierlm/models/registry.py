@@ -1,28 +1,36 @@
-"""Architecture name -> model class. Every supported architecture maps to one class today."""
+"""Model family -> model class, and `build_model`. Which architectures exist is the core registry's
+business (tierlm.core.registry.ARCHITECTURES); each names the family whose class runs it."""
 from __future__ import annotations
 
 import torch
 
 from tierlm.config import ModelConfig
 from tierlm.core.errors import UnsupportedModelError
+from tierlm.core.registry import architecture_names, get_architecture
+from tierlm.models.base import CausalLM
 from tierlm.models.linear import PackedLinear, optimize_linears, use_packed
 from tierlm.models.llama import LlamaForCausalLM
 
-_REGISTRY = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
+MODEL_FAMILIES: dict[str, type] = {"llama": LlamaForCausalLM}
+
+
+def model_class(architecture: str) -> type:
+    arch = get_architecture(architecture)
+    if arch is None or arch.family not in MODEL_FAMILIES:
+        raise UnsupportedModelError(f"unsupported architecture {architecture!r}",
+                                    f"tierlm supports {', '.join(architecture_names())}")
+    return MODEL_FAMILIES[arch.family]
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device | str, max_positions: int | None = None) -> LlamaForCausalLM:
+                device: torch.device | str, max_positions: int | None = None) -> CausalLM:
     """Build the module on `meta` (no memory), then assign the loaded weights."""
-    cls = _REGISTRY.get(cfg.architecture)
-    if cls is None:
-        raise UnsupportedModelError(f"unsupported architecture {cfg.architecture!r}",
-                                    f"tierlm supports {', '.join(sorted(_REGISTRY))}")
+    cls = model_class(cfg.architecture)
     with torch.device("meta"):
         model = cls(cfg, max_positions)
     model.load_weights(weights, dtype, device)
     if use_packed(torch.device(device), dtype):
         optimize_linears(model)
-        if model.lm_head is None:  # tied: a packed copy for the logits, the embedding stays for lookups
+        if getattr(model, "lm_head", False) is None:  # tied: a packed copy for the logits, the embedding stays
             model.lm_head = PackedLinear(model.embed_tokens.weight, None)
     return model.eval()

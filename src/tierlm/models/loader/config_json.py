@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from tierlm.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from tierlm.config import ModelConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
-
-_HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM"}
+from tierlm.core.registry import architecture_names, get_architecture
 TIERLM_KEY = "tierlm"  # our own block inside config.json: {"model_id", "source", ...}
 
 
@@ -47,9 +45,9 @@ def model_config_from_hf(cfg: dict, *, where: str, model_id: str,
     """ModelConfig from a parsed config.json. `extra_eos_token_ids`: generation_config / tokenizer ones."""
     fix = f"fix or re-download {where}"
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if get_architecture(model_type) is None:
         raise UnsupportedModelError(f"model_type {model_type!r} in {where} is not supported",
-                                    f"use a {', '.join(SUPPORTED_ARCHITECTURES)} model")
+                                    f"use a {', '.join(architecture_names())} model")
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -99,7 +97,7 @@ def model_config_to_hf(config: ModelConfig, **tierlm_info: Any) -> dict:
     if len(eos) == 1:
         eos = eos[0]
     cfg: dict[str, Any] = {
-        "architectures": [_HF_CLASS[config.architecture]],
+        "architectures": [get_architecture(config.architecture).hf_class],
         "model_type": config.architecture,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,

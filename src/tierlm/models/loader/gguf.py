@@ -19,11 +19,11 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
+from tierlm.core.registry import get_architecture, gguf_architecture_names
 from tierlm.models.loader.tokenizer import Tokenizer
 from tierlm.models.loader.weight_layout import check_weights
 
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-_PERMUTED_QK = ("llama",)
+GGUF_ARCHITECTURES = gguf_architecture_names()  # from the one registry (tierlm.core.registry)
 _REFETCH = "re-download or re-convert the GGUF file"
 
 _GLOBAL_NAMES = {
@@ -210,7 +210,7 @@ class GGUFFile:
             except ValueError as exc:
                 raise CorruptModelError(f"{self.path}: tensor {t.name} holds {arr.size} values, its shape says "
                                         f"{list(shape)}", _REFETCH) from exc
-            if config.architecture in _PERMUTED_QK and (".attn_q." in t.name or ".attn_k." in t.name):
+            if get_architecture(config.architecture).permuted_qk and (".attn_q." in t.name or ".attn_k." in t.name):
                 n_head = config.num_heads if ".attn_q." in t.name else config.num_kv_heads
                 if arr.shape[0] != n_head * config.head_dim:
                     raise CorruptModelError(f"{self.path}: tensor {t.name} has {arr.shape[0]} rows, expected "

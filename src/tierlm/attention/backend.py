@@ -1,0 +1,104 @@
+"""The attention-backend seam: one interface, implementations chosen once per engine by the model runner.
+
+    runner:  backend = select_backend(config.attention_backend, device, dtype, kv_format)   # once
+             per step: meta = <built from the schedule>; backend.prepare(meta, num_blocks)
+             ctx = AttentionContext(meta, kv_storage, backend); model(input_ids, positions, ctx)
+    model:   each attention layer calls ctx.forward(layer_idx, q, k, v, scale)
+             -> backend.write_kv(layer, k, v, meta); backend.attend(q, k, v, layer, meta, scale)
+
+A backend owns how K/V are written into a layer's storage and how the step's queries attend over the
+paged context; it never owns the KV tensors (kvcache.KVStorage does) and keeps no state between steps
+beyond what `prepare` derived for the current one. Later techniques plug in here: an FP8 KV format is a
+backend (or a format a backend reads) that quantizes in `write_kv` and dequantizes in `attend`; a sparse
+selector adds per-sequence block picks to the metadata that `attend` honours.
+
+Backends register in BACKENDS (name -> class). `select_backend("auto", ...)` takes the first registered
+backend, in PREFERENCE order, whose `unsupported(...)` returns None.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from tierlm.attention.metadata import AttentionMetadata
+from tierlm.core.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from tierlm.kvcache.storage import KVStorage, LayerKV
+
+
+class AttentionBackend(ABC):
+    """Writes a step's new K/V into paged storage and attends over each sequence's context."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    @classmethod
+    def unsupported(cls, device: torch.device, dtype: torch.dtype, kv_format: str) -> str | None:
+        """Why this backend cannot run on (device, compute dtype, KV format), or None when it can."""
+        return None
+
+    def prepare(self, meta: AttentionMetadata, num_blocks: int) -> None:
+        """Derive per-step state (indices, masks) once for all layers; stored in meta.backend_state."""
+
+    def write_kv(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """k, v: [T, Hkv, D] (the step's new tokens) -> their cache slots meta.slot_mapping: [T]."""
+        data = layer.data
+        _, nb, bs, h, d = data.shape
+        data.view(2, nb * bs, h, d).index_copy_(1, meta.slot_mapping, torch.stack((k, v)).to(data.dtype))
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """q: [T, Hq, D] (decodes first) -> out [T, Hq, D]. k, v: [T, Hkv, D], the step's new K/V, already
+        written to `layer` by write_kv (a backend may use them directly instead of reading them back)."""
+
+
+@dataclass
+class AttentionContext:
+    """Everything a model's attention layers need for one step, passed explicitly (no globals)."""
+
+    meta: AttentionMetadata
+    kv: KVStorage
+    backend: AttentionBackend
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Write layer `layer_idx`'s new K/V, then attend: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        layer = self.kv[layer_idx]
+        self.backend.write_kv(layer, k, v, self.meta)
+        return self.backend.attend(q, k, v, layer, self.meta, scale)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {}
+PREFERENCE: list[str] = []  # order "auto" tries
+
+
+def register_backend(cls: type[AttentionBackend], preferred: bool = False) -> type[AttentionBackend]:
+    BACKENDS[cls.name] = cls
+    if preferred:
+        PREFERENCE.insert(0, cls.name)
+    else:
+        PREFERENCE.append(cls.name)
+    return cls
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, kv_format: str) -> AttentionBackend:
+    """The backend `name` ("auto": the first in PREFERENCE that runs here). InvalidParameterError when a
+    named backend is unknown or cannot run on this device, dtype and KV format."""
+    if name == "auto":
+        for candidate in PREFERENCE:
+            if BACKENDS[candidate].unsupported(device, dtype, kv_format) is None:
+                return BACKENDS[candidate]()
+        raise InvalidParameterError(f"no attention backend runs {kv_format} KV on {device} in {dtype}",
+                                    "use another --dtype or KV format")
+    cls = BACKENDS.get(name)
+    if cls is None:
+        raise InvalidParameterError(f"unknown attention backend {name!r}", f"use auto or one of {', '.join(BACKENDS)}")
+    reason = cls.unsupported(device, dtype, kv_format)
+    if reason is not None:
+        raise InvalidParameterError(f"attention backend {name!r} cannot run here: {reason}",
+                                    "use --attention-backend auto")
+    return cls()

@@ -1,0 +1,158 @@
+"""The one registry of names the engine accepts: model architectures, compute dtypes and KV formats.
+
+Pure data, no torch import at module level: the command line, the config validation, the loader, the
+model registry, the KV spec and `tierlm info` all read these tables, so adding an architecture, a dtype
+or a KV format is one entry here (plus the code that runs it, registered where it lives).
+
+    ARCHITECTURES  model_type -> Architecture (Hugging Face class name, GGUF name, model family)
+    DTYPES         name -> DType (torch dtype attribute, bytes per element)
+    KV_FORMATS     name -> KVFormat (element bytes, scales, storage dtype, implemented or planned)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tierlm.core.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+
+# ---- architectures ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """A model_type tierlm can run.
+
+    `family` names the model class that runs it (models/registry.py maps families to classes);
+    `hf_class` is config.json's `architectures[0]`; `gguf_name` is the GGUF `general.architecture`
+    value (None: not loadable from GGUF); `permuted_qk`: the GGUF converter permuted Q/K rows for
+    adjacent-pair RoPE, so the loader un-permutes them.
+    """
+
+    name: str
+    family: str
+    hf_class: str
+    gguf_name: str | None = None
+    permuted_qk: bool = False
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("llama", "llama", "LlamaForCausalLM", gguf_name="llama", permuted_qk=True),
+    Architecture("mistral", "llama", "MistralForCausalLM"),
+    Architecture("qwen2", "llama", "Qwen2ForCausalLM", gguf_name="qwen2"),
+    Architecture("qwen3", "llama", "Qwen3ForCausalLM", gguf_name="qwen3"),
+)}
+
+
+def architecture_names() -> tuple[str, ...]:
+    return tuple(ARCHITECTURES)
+
+
+def gguf_architecture_names() -> tuple[str, ...]:
+    return tuple(a.gguf_name for a in ARCHITECTURES.values() if a.gguf_name)
+
+
+def get_architecture(name: str) -> Architecture | None:
+    """The registry entry for a config.json model_type, or None when tierlm cannot run it."""
+    return ARCHITECTURES.get(name)
+
+
+# ---- compute dtypes --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DType:
+    name: str  # what the command line and configs say
+    torch_name: str  # attribute of the torch module
+    bytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch  # deferred: parsing flags should not import torch
+
+        return getattr(torch, self.torch_name)
+
+
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("fp32", "float32", 4),
+    DType("bf16", "bfloat16", 2),
+    DType("fp16", "float16", 2),
+)}
+DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": bf16 on CUDA, fp32 on CPU (no native bf16 there)
+
+
+def get_dtype(name: str) -> DType:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidParameterError(f"unknown dtype {name!r}", f"use one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def dtype_name(torch_dtype: torch.dtype) -> str:
+    """The registry name of a torch dtype ('fp32' for torch.float32)."""
+    for d in DTYPES.values():
+        if d.torch_dtype == torch_dtype:
+            return d.name
+    raise InvalidParameterError(f"dtype {torch_dtype} is not a tierlm compute dtype", f"use one of {', '.join(DTYPES)}")
+
+
+# ---- KV formats ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVFormat:
+    """How one KV element is stored.
+
+    `scale_bytes` bytes of scale accompany every `scale_group` values (0 / 0 for unscaled formats).
+    `storage` is the torch dtype attribute the device cache is allocated in. `implemented=False`
+    marks a planned format: its sizes are known (for `tierlm info` and memory planning) but no kernel
+    reads or writes it yet, so asking for its torch dtype raises.
+    """
+
+    name: str
+    element_bytes: int
+    storage: str
+    scale_bytes: int = 0
+    scale_group: int = 0
+    implemented: bool = True
+
+    def bytes_per_head(self, head_dim: int) -> int:
+        """Bytes for one head's K (or V) vector of `head_dim` values, scales included."""
+        scales = math.ceil(head_dim / self.scale_group) if self.scale_group else 0
+        return head_dim * self.element_bytes + scales * self.scale_bytes
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the device cache is allocated in. Raises for planned (unimplemented) formats."""
+        if not self.implemented:
+            raise InvalidParameterError(
+                f"KV format {self.name!r} is planned but not implemented yet",
+                f"use one of {', '.join(implemented_kv_formats())}",
+            )
+        import torch
+
+        return getattr(torch, self.storage)
+
+
+# fp8 entries: one 1-byte UE8M0 (power-of-two) scale per 64 values (+1/64), or the `_fp32scale` variants
+# with one fp32 scale per 64 values (+4/64).
+KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
+    KVFormat("fp32", 4, "float32"),
+    KVFormat("bf16", 2, "bfloat16"),
+    KVFormat("fp16", 2, "float16"),
+    KVFormat("fp8_e4m3", 1, "float8_e4m3fn", scale_bytes=1, scale_group=64, implemented=False),
+    KVFormat("fp8_e5m2", 1, "float8_e5m2", scale_bytes=1, scale_group=64, implemented=False),
+    KVFormat("fp8_e4m3_fp32scale", 1, "float8_e4m3fn", scale_bytes=4, scale_group=64, implemented=False),
+    KVFormat("fp8_e5m2_fp32scale", 1, "float8_e5m2", scale_bytes=4, scale_group=64, implemented=False),
+)}
+
+
+def implemented_kv_formats() -> tuple[str, ...]:
+    """Names of the formats the engine can run today, in registry order."""
+    return tuple(name for name, f in KV_FORMATS.items() if f.implemented)
+
+
+def get_kv_format(name: str) -> KVFormat:
+    """The registry entry for `name`; InvalidParameterError naming the known formats if absent."""
+    try:
+        return KV_FORMATS[name]
+    except KeyError:
+        raise InvalidParameterError(f"unknown KV format {name!r}", f"use one of {', '.join(KV_FORMATS)}") from None

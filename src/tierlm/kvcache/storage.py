@@ -1,0 +1,156 @@
+"""KVStorage: the KV tensors of every layer, owned by the KV cache (not by the model runner).
+
+One `LayerKV` per layer, allocated once from the KVSpec:
+
+    data        [2 (K, V), num_blocks, block_size, Hkv, D]  in the format's storage dtype
+    scales      None for unscaled formats (fp32, bf16, fp16); scaled formats (FP8) add
+                [2, num_blocks, block_size, Hkv, groups] fp32/ue8m0 scales here
+    block_meta  per-block metadata by name, dim 0 = block id, e.g. Quest's key_min / key_max
+                [num_blocks, Hkv, D] (filled by the component that registers them)
+
+Block ids handed out by the KV manager index dim 1 of `data` directly (dim 0 of the other parts).
+Layout stays per layer, not block-major: every attention kernel reads one layer's blocks at a time,
+so a layer's K (or V) rows of a block are contiguous and a decode kernel walks a block table in place;
+a block-major layout ([num_blocks, L, ...]) would make each block one contiguous range across layers
+(one memcpy per block for a tier transfer) at the price of striding every attention read by the
+layer count. Tier transfers instead go through the batched verbs below, which move many blocks of
+every layer with one index op per layer and part, into a block-major buffer:
+
+    parts = storage.gather_blocks(ids, device="cpu", pin_memory=True)   # {"data": [n, L, 2, bs, Hkv, D], ...}
+    storage.scatter_blocks(other_ids, parts)                               # the same KV, at other blocks
+    storage.copy_blocks(src_ids, dst_ids)                                  # device to device
+
+In a gathered buffer, dim 0 is the block: `parts[name][i]` is block ids[i]'s payload, contiguous, so a
+tier stores or sends one block (or a run of blocks) as one byte range.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tierlm.kvcache.spec import KVSpec
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A view the index ops accept: 1-byte float formats (FP8) as uint8 (torch's CPU index_copy_ has no fp8)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype.is_floating_point else t
+
+
+@dataclass
+class LayerKV:
+    """One layer's paged KV: data, optional scales, optional per-block metadata (see the module docstring)."""
+
+    data: torch.Tensor
+    scales: torch.Tensor | None = None
+    block_meta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.data.shape[2]
+
+    def parts(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """name -> (tensor, its block dim), for every tensor that holds per-block state."""
+        out = {"data": (self.data, 1)}
+        if self.scales is not None:
+            out["scales"] = (self.scales, 1)
+        for name, t in self.block_meta.items():
+            out[f"meta.{name}"] = (t, 0)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t, _ in self.parts().values())
+
+
+class KVStorage:
+    """The device KV cache: `num_blocks` blocks of `spec.block_size` tokens in every layer."""
+
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks {num_blocks} < 1")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # Zero-filled: padded key positions are masked out, but 0 * NaN would still poison the output.
+        self.layers = [LayerKV(torch.zeros(shape, dtype=spec.torch_dtype, device=self.device))
+                       for _ in range(spec.num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> LayerKV:
+        return self.layers[layer]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for every layer's KV (data, scales and block metadata)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def add_block_meta(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Give every layer a zeroed per-block metadata tensor [num_blocks, *shape] under `name`."""
+        for layer in self.layers:
+            layer.block_meta[name] = torch.zeros((self.num_blocks, *shape), dtype=dtype, device=self.device)
+
+    # ---- batched block verbs -------------------------------------------------------------------
+    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(list(block_ids), dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
+            raise IndexError(f"block ids out of range [0, {self.num_blocks}): {list(block_ids)[:8]}")
+        return ids.to(self.device)
+
+    def gather_blocks(self, block_ids: Sequence[int], device: torch.device | str | None = None,
+                      pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Every layer's state of the given blocks, block-major: {part: [n, num_layers, *per-block shape]}.
+
+        One index_select per layer and part, then one copy to `device` (default: the storage's own);
+        `pin_memory` pins a host buffer so a later copy back to a GPU can run asynchronously."""
+        idx = self._index(block_ids)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers[0].parts():
+            per_layer = []
+            for layer in self.layers:
+                t, dim = layer.parts()[name]
+                sel = _raw(t).index_select(dim, idx)
+                per_layer.append(sel.movedim(dim, 0) if dim else sel)  # [n, *rest]
+            stacked = torch.stack(per_layer, dim=1)  # [n, L, *rest]
+            target = torch.device(device) if device is not None else self.device
+            if target != stacked.device or pin_memory:
+                buf = torch.empty(stacked.shape, dtype=stacked.dtype, device=target,
+                                  pin_memory=pin_memory and target.type == "cpu" and torch.cuda.is_available())
+                buf.copy_(stacked)
+                stacked = buf
+            out[name] = stacked.contiguous().view(self.layers[0].parts()[name][0].dtype)
+        return out
+
+    def scatter_blocks(self, block_ids: Sequence[int], parts: dict[str, torch.Tensor]) -> None:
+        """Write block-major parts (as `gather_blocks` returns them, from any device) into the given blocks."""
+        idx = self._index(block_ids)
+        expected = set(self.layers[0].parts())
+        if set(parts) != expected:
+            raise ValueError(f"parts {sorted(parts)} do not match this storage's {sorted(expected)}")
+        for name, src in parts.items():
+            if src.shape[0] != len(idx) or src.shape[1] != len(self.layers):
+                raise ValueError(f"part {name!r} has shape {tuple(src.shape)}: expected [{len(idx)}, "
+                                 f"{len(self.layers)}, ...]")
+            src = _raw(src.to(self.device, non_blocking=True))
+            for i, layer in enumerate(self.layers):
+                t, dim = layer.parts()[name]
+                piece = src[:, i]  # [n, *rest]
+                _raw(t).index_copy_(dim, idx, piece.movedim(0, dim) if dim else piece)
+
+    def copy_blocks(self, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
+        """Copy blocks src_ids[i] -> dst_ids[i] in every layer, on the device."""
+        if len(src_ids) != len(dst_ids):
+            raise ValueError(f"{len(src_ids)} source blocks for {len(dst_ids)} destinations")
+        src, dst = self._index(src_ids), self._index(dst_ids)
+        for layer in self.layers:
+            for t, dim in layer.parts().values():
+                raw = _raw(t)
+                raw.index_copy_(dim, dst, raw.index_select(dim, src))

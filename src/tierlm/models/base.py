@@ -1,0 +1,29 @@
+"""What the engine needs from a model: the CausalLM protocol the model runner depends on.
+
+A model class is built on `meta` from a ModelConfig, gets its weights with `load_weights`, and then runs
+steps over the paged KV cache through the AttentionContext it is handed (it never owns KV tensors and
+never picks an attention implementation: the runner does both, once). models/registry.py maps each
+architecture family (tierlm.core.registry.ARCHITECTURES) to the class that implements it.
+
+    hidden = model(input_ids [T], positions [T], ctx: AttentionContext)   # [T, hidden], final norm applied
+    logits = model.compute_logits(hidden[rows])                           # [N, vocab] fp32
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from tierlm.attention import AttentionContext
+from tierlm.config import ModelConfig
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    config: ModelConfig
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> None: ...

@@ -24,6 +24,7 @@ def prefill(mgr: KVCacheManager, req: Request) -> list[int]:
     table = mgr.allocate_slots(req, req.num_tokens - num_hit, hits)
     assert table is not None
     req.num_computed_tokens = req.num_tokens
+    mgr.cache_blocks(req)  # the forward pass wrote the KV: its full blocks become reusable
     mgr.check_integrity()
     return table
 
@@ -33,6 +34,7 @@ def decode(mgr: KVCacheManager, req: Request, token: int) -> list[int] | None:
     table = mgr.allocate_slots(req, 1)
     if table is not None:
         req.num_computed_tokens += 1
+        mgr.cache_blocks(req)
     mgr.check_integrity()
     return table
 
@@ -200,10 +202,28 @@ def test_concurrent_identical_prefills_keep_one_cached_copy():
     assert ha == hb == []
     assert mgr.allocate_slots(a, 10) == [0, 1, 2]
     assert mgr.allocate_slots(b, 10) == [3, 4, 5]
+    assert not mgr.pool.cached  # nothing is reusable before the forward pass writes the KV
+    for r in (a, b):  # the step ran: both computed the same prefix
+        r.num_computed_tokens = 10
+        mgr.cache_blocks(r)
     assert [mgr.pool.blocks[i].block_hash is not None for i in range(6)] == [True, True, False, False, False, False]
     mgr.free(a)
     mgr.free(b)
     assert mgr.get_computed_blocks(make_request("c", A)) == ([0, 1], 8)
+    mgr.check_integrity()
+
+
+def test_blocks_of_a_step_that_never_ran_are_not_reusable():
+    """A step allocates blocks, then its forward pass raises (nothing written, counters not advanced) and
+    the request is aborted: a later request with the same prompt must not hit those never-written blocks."""
+    mgr = manager()
+    a = make_request("a", A)
+    assert mgr.allocate_slots(a, 10) is not None
+    mgr.free(a)  # aborted after the failed step; cache_blocks never ran
+    assert mgr.get_computed_blocks(make_request("b", A)) == ([], 0)
+    b = make_request("b", A)
+    prefill(mgr, b)  # this time the step runs
+    assert mgr.get_computed_blocks(make_request("c", A)) == (mgr.get_block_table("b")[:2], 8)
     mgr.check_integrity()
 
 

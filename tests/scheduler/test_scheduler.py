@@ -48,10 +48,29 @@ def test_decode_first_and_chunked_prefill():
     kv.check_integrity()
 
 
-def test_no_chunking_waits_for_budget():
+def test_no_chunking_waits_for_a_step_with_room():
     s, _ = make(budget=8, chunked=False)
-    s.add(req("big", 12, 0.0))
-    assert s.schedule().is_empty
+    s.add(req("a", 3, 0.0))
+    run_step(s)  # a: prefill, now decoding
+    s.add(req("b", 8, 1.0, base=50))  # fits a whole step, but not the 7 tokens a's decode leaves
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1)]
+    assert [r.request_id for r in s.waiting] == ["b"]
+
+
+def test_no_chunking_still_chunks_what_could_never_fit_one_step():
+    """A request with more tokens left than the whole step budget (a preempted request's recompute: prompt
+    plus output so far) is chunked anyway; waiting for a step it can never get would block the queue."""
+    s, kv = make(budget=8, chunked=False)
+    big = req("big", 12, 0.0)
+    s.add(big)
+    s.add(req("small", 3, 1.0, base=50))
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("big", 8)]
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("big", 4), ("small", 3)]
+    assert big.num_computed_tokens == 12 and len(big.output_token_ids) == 1
+    kv.check_integrity()
 
 
 def test_fcfs_admission_stops_at_first_misfit():

@@ -19,17 +19,21 @@ class InvalidParameterError(TierlmError, ValueError):
 
 
 class PromptTooLongError(InvalidParameterError):
-    """The prompt (plus max_tokens) does not fit the model's context."""
+    """The prompt (plus max_tokens, when given) does not fit the engine's context.
 
-    def __init__(self, num_tokens: int, max_model_len: int):
+    `why` says what set the limit when it is less than the model's own context (e.g. the KV pool)."""
+
+    def __init__(self, num_tokens: int, max_model_len: int, max_tokens: int | None = None, why: str = ""):
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens, "
-            f"but the prompt has {num_tokens} tokens",
-            "shorten the prompt or lower max_tokens",
-            param="prompt",
-        )
+        self.max_tokens = max_tokens
+        limit = f"This model's maximum context length is {max_model_len} tokens{f' ({why})' if why else ''}"
+        if max_tokens is None:
+            asked = f"but the prompt has {num_tokens} tokens"
+        else:
+            asked = (f"but {num_tokens + max_tokens} tokens were requested ({num_tokens} in the prompt, "
+                     f"{max_tokens} in max_tokens)")
+        super().__init__(f"{limit}, {asked}", "shorten the prompt or lower max_tokens", param="prompt")
 
 
 class ModelNotFoundError(TierlmError, FileNotFoundError):

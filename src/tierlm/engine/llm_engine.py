@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +30,8 @@ from tierlm.kvcache import KVCacheManager, KVSpec, KVStorage
 from tierlm.models import build_model
 from tierlm.models.loader import load_checkpoint
 from tierlm.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 2 << 30  # 2 GiB of KV on CPU unless told otherwise
 DEFAULT_CUDA_KV_FRACTION = 0.5  # of free device memory after weights
@@ -102,6 +105,16 @@ class LLMEngine:
         num_blocks = cc.num_blocks or self.kv_spec.num_blocks_for_budget(cc.memory_bytes or self._default_kv_bytes())
         if num_blocks < 1:
             raise InvalidParameterError("the KV memory budget holds no block", "raise the KV cache memory budget")
+        # One sequence can never hold more KV than the whole pool: cap the context there, and say so now
+        # rather than stopping requests early with no word of why.
+        self.context_limit = ""  # why max_model_len is below the model's context, if it is
+        pool_tokens = num_blocks * cc.block_size
+        if pool_tokens < self.max_model_len:
+            self.context_limit = f"the KV cache holds {pool_tokens} tokens"
+            log.warning("the KV cache holds %d tokens (%d blocks of %d), less than the context of %d: sequences "
+                        "are capped at %d tokens; raise --kv-cache-memory for longer ones", pool_tokens, num_blocks,
+                        cc.block_size, self.max_model_len, pool_tokens)
+            self.max_model_len = pool_tokens
         # Everything a block's KV depends on besides its tokens: which model (name, weight bytes, shape and
         # RoPE/norm settings), the compute dtype, the KV format, the tenant. KV in a shared lower tier never
         # crosses these.
@@ -154,19 +167,15 @@ class LLMEngine:
         if not ids:
             raise InvalidParameterError("the prompt is empty", "give at least one token", param="prompt")
         if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(len(ids), self.max_model_len)
+            raise PromptTooLongError(len(ids), self.max_model_len, why=self.context_limit)
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(len(ids), self.max_model_len, params.max_tokens, why=self.context_limit)
         sc = self.config.scheduler
         if not sc.enable_chunked_prefill and len(ids) > sc.max_num_batched_tokens:
             raise InvalidParameterError(
                 f"the prompt has {len(ids)} tokens but chunked prefill is off and a step computes at most "
                 f"{sc.max_num_batched_tokens}", "enable chunked prefill or raise max_num_batched_tokens", param="prompt")
-        capacity = self.kv.num_blocks * self.kv.block_size
-        room = min(self.max_model_len, capacity) - len(ids)
-        if room < 1:
-            raise InvalidParameterError(
-                f"the KV cache holds {capacity} tokens but the prompt has {len(ids)}",
-                "raise the KV cache memory budget (--kv-cache-memory) or shorten the prompt", param="prompt")
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        max_tokens = self.max_model_len - len(ids) if params.max_tokens is None else params.max_tokens
         group = _Group(request_id, text, ids)
         for i in range(params.n):
             p = replace(params, max_tokens=max_tokens, n=1,

@@ -6,12 +6,16 @@ A request's life:
 
     hits, n = get_computed_blocks(req)              # new or preempted request: probe the prefix cache
     table = allocate_slots(req, k, hits)            # first step: take the hits, add room for k tokens
-    table = allocate_slots(req, k')                 # later steps (prefill chunks, decodes)
+    <forward pass writes the KV>; req.num_computed_tokens += k
+    cache_blocks(req)                               # blocks now full of computed KV become reusable
+    table = allocate_slots(req, k')                 # later steps (prefill chunks, decodes), same pattern
     free(req)                                       # finished or preempted
 
-With prefix caching on, every block that becomes full of known tokens is hashed (chained, seeded,
-with the manager's extra keys) and registered in the pool, so later requests with the same prefix
-reuse it; freed cached blocks stay reusable until the pool evicts them (LRU, tail-first).
+With prefix caching on, every block full of *computed* tokens is hashed (chained, seeded, with the
+manager's extra keys) and registered in the pool by `cache_blocks`, which the scheduler calls only
+after the forward pass has written the KV: a block allocated for a step that failed is never offered
+to another request. Later requests with the same prefix reuse registered blocks; freed cached blocks
+stay reusable until the pool evicts them (LRU, tail-first).
 """
 from __future__ import annotations
 
@@ -133,8 +137,8 @@ class KVCacheManager:
         when request.num_computed_tokens == 0; the manager takes a reference on each.
         Returns the whole block table, or None when the free blocks do not suffice, in which case
         nothing changed (a ref-0 hit block counts as free until taken, so it is subtracted).
-        Then, with prefix caching, every table block full of tokens [0, min(total, num_tokens)) is
-        hashed and registered, reusing the hashes already computed for this request.
+        New blocks are not registered in the prefix cache here: their KV is not written yet
+        (`cache_blocks` registers them once it is).
         """
         rid = request.request_id
         bs = self.block_size
@@ -157,9 +161,18 @@ class KVCacheManager:
         table = self._tables.setdefault(rid, table)
         table.extend(hits)
         table.extend(new_blocks)
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(request, table, min(total, request.num_tokens) // bs)
+        if hits:
+            self._num_cached[rid] = len(hits)  # hit blocks are registered already
         return [b.block_id for b in table]
+
+    def cache_blocks(self, request: Request) -> None:
+        """Register every block of the request full of computed tokens ([0, request.num_computed_tokens),
+        whose KV the forward pass has written) under its chained hash, reusing the hashes already
+        computed for this request. A no-op with prefix caching off or for a request holding no blocks."""
+        table = self._tables.get(request.request_id)
+        if self.enable_prefix_caching and table:
+            self._cache_full_blocks(request, table, min(request.num_computed_tokens, len(table) * self.block_size)
+                                    // self.block_size)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks tail-first (its last blocks become the first evicted) and

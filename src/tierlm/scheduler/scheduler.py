@@ -12,6 +12,18 @@ retries; freed blocks keep their prefix hashes, so the recompute is mostly prefi
 waiting requests are admitted in order (FCFS, or by (priority, arrival)) while the budget, the
 max_num_seqs cap and the pool allow: each first reuses its longest cached prefix, then allocates for
 the rest. Admission stops at the first request that does not fit, so later arrivals never overtake.
+With chunked prefill off a request waits for a step with room for all of its tokens, unless they
+exceed the whole step budget: then it catches up in budget-sized chunks anyway, since it could never
+be admitted otherwise and, first in line, would block every request behind it. That happens to a
+preempted request, whose recompute is its prompt plus the output so far (the engine rejects new
+prompts over the budget when chunking is off).
+After the forward pass, `update_after_step` advances each request's computed tokens and registers the
+blocks now full of computed KV with the prefix cache (never before: a failed step caches nothing).
+
+Liveness: every admitted sequence fits the pool on its own (the engine caps the context at what the
+pool holds), every step that schedules anything computes at least one token, and a preempted request
+is admitted again as soon as it is first in line and its first chunk fits; a property test
+(tests/scheduler/test_liveness.py) runs random pools, budgets, chunking modes and request mixes to the end.
 """
 from __future__ import annotations
 
@@ -105,8 +117,8 @@ class Scheduler:
             req = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
             n = req.num_tokens - num_hit
-            if n > budget and not self.config.enable_chunked_prefill:
-                break
+            if n > budget and not self.config.enable_chunked_prefill and n <= self.config.max_num_batched_tokens:
+                break  # it fits a whole step: wait for one with room for all of it
             n = min(n, budget)
             table = self.kv.allocate_slots(req, n, hit_blocks)
             if table is None:
@@ -135,6 +147,9 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counters once the step's forward pass has written its KV."""
+        """Advance computed-token counters once the step's forward pass has written its KV, and offer the
+        blocks that are now full of computed KV to the prefix cache. Not called when the forward pass
+        raised, so a failed step leaves nothing reusable behind."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(s.request)

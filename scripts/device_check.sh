@@ -12,7 +12,7 @@
 # Needs, next to the working tree: .whl/ (pure-Python wheels of packages tierlm pins that the machine
 # lacks: platformdirs, gguf; unpacked into a private dir, no pip, no index) and .devcheck/smollm2_shape/
 # (config.json + tokenizer files of the default model's converted cache entry, without its weights):
-# the speed runs use seeded random weights in exactly that shape (tierlm.bench.random_model).
+# the speed runs use seeded random weights in exactly that shape (tests/helpers/random_model.py).
 # Prepare both once, here, from the repository root (both are git-ignored via .git/info/exclude):
 #   printf '/.whl/\n/.devcheck/\n' >> .git/info/exclude
 #   d=$(.venv/bin/python -c 'from tierlm.models.loader import load_checkpoint; print(load_checkpoint(None).path)')
@@ -83,7 +83,7 @@ for w in whls:
 print("unpacked", [w.split("/")[-1] for w in whls], "into", sys.argv[1])' "$SITE"
 
 step imports 60 "$PY" -c '
-import tierlm, tierlm.engine, tierlm.bench.perf, tierlm.bench.random_model, tierlm.models.loader
+import tierlm, tierlm.engine, tierlm.bench.perf, tierlm.models.loader
 print("tierlm", tierlm.__version__, "from", tierlm.__file__)
 import platformdirs, gguf  # lazy in tierlm (cache dir without $TIERLM_CACHE_DIR; GGUF files): not on this path
 print("platformdirs", platformdirs.__version__, "gguf from", gguf.__file__)'
@@ -93,7 +93,7 @@ step test-cuda 120 env TIERLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cac
   tests/engine/test_cuda.py --durations=8 --junitxml="$OUT/test_cuda.xml"
 
 # 2. Speed: random weights in SmolLM2-135M's exact shape, tierlm vs transformers on the same device.
-step random-model 60 "$PY" -m tierlm.bench.random_model "$MODEL_DIR" --like "$SHAPE_DIR" --seed 0
+step random-model 60 "$PY" tests/helpers/random_model.py "$MODEL_DIR" --like "$SHAPE_DIR" --seed 0
 if [ "$QUICK" = 1 ]; then
   PERF_ARGS=(--batch 1 4 --new-tokens 8 --reps 1 --prefill-len 64)
 else

@@ -1,5 +1,5 @@
-"""`tierlm bench` end to end: bad input fails fast with one line, a tiny run's JSON validates, Ctrl-C keeps
-what was measured."""
+"""`tierlm bench` end to end: bad input fails fast with one line, a tiny run writes the JSON, report and
+plots, a flagged gate exits 1, Ctrl-C keeps what was measured."""
 import argparse
 import json
 import os
@@ -9,11 +9,10 @@ import sys
 import pytest
 
 from tierlm.bench.command import add_parser
-from tierlm.bench.results import validate
 from tierlm.core.errors import TierlmError
 
 TINY = ["--quick", "--workload", "fixed:n=2,isl=24,osl=4", "--concurrency", "2", "--gate-prompts", "2",
-        "--gate-tokens", "6", "--warmup", "1", "--kv-cache-memory", "64MiB"]
+        "--gate-tokens", "6", "--gate-long-len", "96", "--warmup", "1", "--kv-cache-memory", "64MiB"]
 
 
 def parse(argv):
@@ -78,7 +77,7 @@ def test_importing_the_command_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_tiny_quick_run_writes_valid_json_report_and_plots(tmp_path, capsys, stub):
+def test_tiny_quick_run_writes_json_report_and_plots(tmp_path, capsys, stub):
     pytest.importorskip("transformers")
     out = tmp_path / "out"
     rc = run([*TINY, "--config", "prefix-cache", "--peer-prefill-len", "32", "--peer-new-tokens", "4",
@@ -86,30 +85,54 @@ def test_tiny_quick_run_writes_valid_json_report_and_plots(tmp_path, capsys, stu
               "--out", str(out), "--json", str(out / "r.json")])
     assert rc == 0
     doc = json.loads((out / "r.json").read_text())
-    assert validate(doc) == []
-    assert doc["incomplete"] is False
-    assert [r["config"] for r in doc["runs"]] == ["baseline", "prefix-cache", f"http:{stub.url}"]
-    base, pc, http = doc["runs"]
-    assert base["metrics"]["cache_hit_rate"]["device"] is None  # no prefix cache in the reference
-    assert pc["metrics"]["cache_hit_rate"]["host"] is None  # tier absent
-    assert base["metrics"]["output_tok_per_s"] > 0 and base["metrics"]["kv_bytes_per_token"] == 46080
-    assert base["metrics"]["usd_per_million_tokens"] > 0 and base["metrics"]["goodput_fraction"] == 1.0
-    assert base["correctness"]["prompts"] == 2 and base["correctness"]["exact_match"] == 2
-    assert http["driver"] == "http" and http["metrics"]["requests"] == 2 and http["metrics"]["output_tokens"] == 8
-    assert http["metrics"]["cache_hit_rate"]["device"] == pytest.approx(4 / 24)  # stub: 4 cached of 24 sent
-    assert http["correctness"]["prompts"] == 0 and stub.bodies[-1]["model"] == "stub-model"
+    assert doc["incomplete"] is False and doc["flagged"] == []
+    assert [r["config"] for r in doc["runs"]] == ["baseline", "prefix-cache", "http:tierlm-serve", f"http:{stub.url}"]
+    base, pc, serve, http = doc["runs"]
+    assert base["cache_hit_rate"]["device"] is None  # no prefix cache in the reference
+    assert pc["cache_hit_rate"]["host"] is None  # tier absent
+    m = base["metrics"]
+    assert m["output_tok_per_s"] > 0 and base["memory"]["kv_bytes_per_token"] == 46080
+    assert m["usd_per_million_tokens"] > 0 and m["goodput_fraction"] == 1.0
+    assert base["steps"]["decode_tokens"] > 0 and base["steps"]["decode_s"] > 0
+    mem = base["memory"]
+    assert mem["weights_bytes"] > 500e6 and mem["activations_peak_bytes"] > 0 and mem["peak_kv_bytes"] > 0
+    assert mem["max_sessions_at_budget"] > 0 and mem["peak_rss_bytes"] > mem["weights_bytes"]
+    assert base["check"] is not None and pc["check"]["requests"] == 2 and pc["check"]["exact_match"] == 2
+    assert len(base["per_rep"]) == 2  # --quick: two repetitions, so every ratio has a spread
+    assert serve["driver"] == http["driver"] == "http" and serve["metrics"]["output_tokens"] == 16  # 2 reps
+    assert http["metrics"]["requests"] == 4 and http["metrics"]["output_tokens"] == 16
+    assert http["cache_hit_rate"]["device"] == pytest.approx(4 / 24)  # stub: 4 cached of 24 sent, twice
+    assert http["check"] is None and stub.bodies[-1]["model"] == "stub-model"
     c, h = doc["comparisons"]
-    assert c["config"] == "prefix-cache" and set(c["speedup"]) >= {"prefill", "decode", "e2e"}
-    assert h["config"] == f"http:{stub.url}" and h["speedup"]["e2e"] > 0
+    assert c["config"] == "prefix-cache" and c["reference"] == "baseline" and c["ttft_x"]["value"] > 0
+    assert c["ttft_x"]["lo"] is not None and c["ttft_x"]["lo"] <= c["ttft_x"]["hi"]
+    assert h["config"] == f"http:{stub.url}" and h["reference"] == "http:tierlm-serve" and h["e2e_x"]["value"] > 0
+    gates = {g["config"]: g for g in doc["gates"]}
+    assert set(gates) == {"baseline", "prefix-cache"} and not any(g["flagged"] for g in gates.values())
+    assert gates["prefix-cache"]["vs_reference"]["exact_match"] == gates["prefix-cache"]["vs_reference"]["prompts"] > 4
+    assert gates["baseline"]["vs_transformers"]["exact_match"] == gates["baseline"]["vs_transformers"]["prompts"]
     assert doc["environment"]["seed"] == 0 and len(doc["environment"]["config_digest"]) == 16
-    peer = doc["peers"]["transformers"]
-    assert {r["phase"] for r in peer["ratios"]} == {"prefill", "decode", "e2e"}
-    assert all(r["ratio"] and r["ratio"] > 0 for r in peer["ratios"])
+    phases = doc["peers"]["phases"]
+    assert {r["phase"] for r in phases} == {"prefill", "decode", "e2e"} and all(r["ratio"] > 0 for r in phases)
     report = (out / "report.md").read_text()
-    assert "## Headline" in report and "## Correctness gate" in report
+    assert "## Headline" in report and "## Correctness gate" in report and "## Memory" in report
     assert list(out.glob("latency_cdf_*.png")) and list(out.glob("throughput_*.png"))
     printed = capsys.readouterr().out
     assert "workload fixed" in printed and "transformers" in printed
+
+
+def test_a_flagged_gate_exits_1_and_is_red(tmp_path, capsys, monkeypatch):
+    from helpers.engine_bugs import chunk_boundary_off_by_one
+
+    chunk_boundary_off_by_one(monkeypatch)
+    out = tmp_path / "out"
+    argv = [*TINY, "--config", "chunked-prefill", "--no-peer", "--no-plots", "--out", str(out),
+            "--json", str(out / "r.json")]
+    assert run(argv) == 1
+    doc = json.loads((out / "r.json").read_text())
+    assert doc["flagged"] == ["chunked-prefill"]
+    assert "FLAGGED" in capsys.readouterr().out and "color:red" in (out / "report.md").read_text()
+    assert run([*argv, "--allow-flagged"]) == 0
 
 
 def test_ctrl_c_writes_partial_results_marked_incomplete(tmp_path, monkeypatch):
@@ -126,12 +149,11 @@ def test_ctrl_c_writes_partial_results_marked_incomplete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "run_engine", interrupted)
     out = tmp_path / "out"
-    rc = run([*TINY, "--config", "prefix-cache", "--no-peer", "--no-plots", "--out", str(out),
+    rc = run([*TINY, "--config", "prefix-cache", "--no-peer", "--no-plots", "--reps", "1", "--out", str(out),
               "--json", str(out / "r.json")])
     assert rc == 130
     doc = json.loads((out / "r.json").read_text())
     assert doc["incomplete"] is True and doc["stopped_during"].startswith("prefix-cache")
-    assert validate(doc) == []
     assert doc["runs"][0]["config"] == "baseline" and not doc["runs"][0]["incomplete"]
     assert doc["runs"][-1]["incomplete"] is True
     assert "INCOMPLETE" in (out / "report.md").read_text()

@@ -1,5 +1,21 @@
-"""The correctness gate catches divergence and repeated-token loops."""
-from tierlm.bench.gate import compare, first_divergence, has_repeat_anomaly
+"""The correctness gate: the diff arithmetic, the prompt set's shape, and proof that it fails on real engine
+bugs (an off-by-one at a chunk boundary, a prefix hit one token too long) that the old gate (short chat
+prompts on a roomy pool) could not see."""
+from __future__ import annotations
+
+import pytest
+
+from tierlm.bench.configs import gate_engine_config, reference_config
+from tierlm.bench.gate import (
+    GATE_CHUNK,
+    build_gate_set,
+    compare,
+    first_divergence,
+    gate_pool_blocks,
+    has_repeat_anomaly,
+    run_gate,
+)
+from helpers.engine_bugs import chunk_boundary_off_by_one, prefix_hit_one_token_long
 
 REF = [[5, 6, 7, 8, 9, 2], [11, 12, 13, 2], [20, 21, 22, 23, 24, 25, 26]]
 
@@ -14,7 +30,7 @@ def test_injected_divergence_is_flagged_with_its_position():
     cand[1][2] = 999  # one token flipped in prompt 1 at position 2
     g = compare("fp8-kv", REF, cand)
     assert g.flagged and g.exact_match == 2 and g.first_divergence == 2 and g.diverged_prompts == [1]
-    assert "1/3 prompts diverge" in g.reason
+    assert "1/3 prompts diverge from baseline" in g.reason
 
 
 def test_tolerance_allows_configured_drift():
@@ -37,30 +53,72 @@ def test_repeat_anomaly_detection():
 
 
 def test_a_config_that_starts_looping_is_flagged_even_if_the_reference_differs_little():
-    ref = [list(range(20))]
-    cand = [list(range(5)) + [9] * 15]
-    g = compare("broken", ref, cand, tolerance=1)
+    g = compare("broken", [list(range(20))], [list(range(5)) + [9] * 15], tolerance=1)
     assert g.flagged and g.repeat_anomalies == 1 and g.reference_repeat_anomalies == 0
     assert "repeated-token loops" in g.reason
 
 
-def _doc(flagged):
-    g = compare("prefix-cache", REF, [list(r) for r in REF] if not flagged else [[0]] * 3).to_dict()
-    d = {"p50": 1.0, "p90": 1.0, "p99": 1.0}
-    run = {"config": "prefix-cache", "workload": "fixed", "workload_spec": "fixed:n=1", "arrival": "c1",
-           "concurrency": 1, "rate": None, "metrics": {"ttft_ms": d, "tpot_ms": d, "itl_ms": d, "e2e_ms": d},
-           "correctness": g}
-    return {"workloads": [{"name": "fixed", "spec": "fixed:n=1", "shape": "1 x 8 in / 4 out"}], "runs": [run],
-            "comparisons": [], "correctness": [g], "environment": {}, "peers": {}}
+# ---- the gate set ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(default_llm):
+    return default_llm.tokenizer
 
 
-def test_flagged_configs_are_red_in_the_terminal_and_the_report():
-    from tierlm.bench.headline import RED, render_text
-    from tierlm.bench.report import render_markdown
+def test_gate_set_exercises_chunks_shared_prefixes_and_a_tight_pool(tokenizer):
+    gate = build_gate_set(tokenizer, num_chat=3, long_len=320)
+    a, b, c, b2 = (gate.prompts[gate.names.index(n)] for n in ("long-A", "long-B", "long-C", "long-B2"))
+    assert len(a) == 320 > 4 * GATE_CHUNK  # chunked at several boundaries
+    assert b[:160] == a[:160] and b[160] != a[160] and b2[:160] == a[:160] and b2 != b  # shared prefixes
+    assert c[:16] != a[:16]
+    assert len(gate.waves) == 2 and gate.names.index("long-A") in gate.waves[1]  # repeated after wave 1
+    assert len({len(gate.prompts[i]) for i in gate.waves[0]}) > 2  # mixed lengths in one batch
+    pool = gate_pool_blocks(gate, 24, 16)
+    assert pool * 16 < gate.first_wave_tokens + 24 * len(gate.waves[0])  # wave 1 cannot all finish in it
+    assert pool * 16 >= gate.longest + 24  # but each sequence fits alone
+    assert build_gate_set(tokenizer, num_chat=2, long_len=0).names == ["chat-0", "chat-1"]
 
-    bad, good = _doc(True), _doc(False)
-    assert RED in render_text(bad, color=True) and "FLAGGED" in render_text(bad, color=False)
-    assert RED not in render_text(good, color=True)
-    md = render_markdown(bad, [], None)
-    assert 'color:red' in md and "FLAGGED" in md
-    assert "color:red" not in render_markdown(good, [], None)
+
+REF_CONFIG = reference_config(None, "auto", "cpu", None, 64 << 20, 64, 512, 64)
+
+
+def gate_tokens(name: str, gate, max_tokens: int = 12) -> list[list[int]]:
+    from tierlm.engine.llm_engine import LLMEngine
+
+    cfg = gate_engine_config(name, REF_CONFIG, gate_pool_blocks(gate, max_tokens, 16), gate.first_wave_tokens,
+                             GATE_CHUNK)
+    return run_gate(LLMEngine(cfg), gate, max_tokens)
+
+
+@pytest.fixture(scope="module")
+def gate_and_reference(tokenizer):
+    gate = build_gate_set(tokenizer, num_chat=1, long_len=192)
+    return gate, gate_tokens("baseline", gate)
+
+
+@pytest.mark.parametrize("bug,caught,spared", [
+    (chunk_boundary_off_by_one, ["chunked-prefill", "all"], ["prefix-cache"]),
+    (prefix_hit_one_token_long, ["prefix-cache", "all"], ["chunked-prefill"]),
+])
+def test_gate_flags_a_broken_engine(monkeypatch, gate_and_reference, bug, caught, spared):
+    gate, reference = gate_and_reference
+    bug(monkeypatch)
+    for name in caught:
+        g = compare(name, reference, gate_tokens(name, gate))
+        assert g.flagged and g.diverged_prompts, f"{name}: the gate missed {bug.__name__}"
+    for name in spared:  # the bug's code path is not on this config's way: no false alarm
+        assert not compare(name, reference, gate_tokens(name, gate)).flagged
+
+
+def test_the_old_gate_could_not_see_a_chunk_boundary_bug(monkeypatch, tokenizer, gate_and_reference):
+    """The old gate, short chat prompts on the measured engine (a roomy pool, a 512-token step), never
+    crosses a chunk boundary: why the gate set has long prompts and its own small engine."""
+    from tierlm.bench.configs import engine_config
+    from tierlm.engine.llm_engine import LLMEngine
+
+    chat_only = build_gate_set(tokenizer, num_chat=4, long_len=0)
+    old = lambda name: run_gate(LLMEngine(engine_config(name, REF_CONFIG, 512)), chat_only, 12)  # noqa: E731
+    reference = old("baseline")
+    chunk_boundary_off_by_one(monkeypatch)
+    assert not compare("chunked-prefill", reference, old("chunked-prefill")).flagged
+    gate, new_reference = gate_and_reference  # while the new gate set catches it
+    assert compare("chunked-prefill", new_reference, gate_tokens("chunked-prefill", gate)).flagged

@@ -25,12 +25,14 @@ def test_closed_loop_run_measures_streamed_tokens(stub):
     assert stub.max_inflight <= 2
     for r in run.records:
         assert r.ok and r.n_out == 6 and len(r.token_times) == 6 and r.num_cached == 4
+        assert r.text == " t0 t1 t2 t3 t4 t5"
         assert r.ttft >= 0.015 and r.tpot > 0 and r.e2e >= r.ttft
     body = stub.bodies[0]
     assert body["stream"] is True and body["temperature"] == 0.0 and body["max_tokens"] == 6
     assert body["model"] == "stub-model" and body["prompt"] == " ".join(map(str, range(10)))
     m = summarize(run.records, run.wall_s)
-    assert m["requests"] == 6 and m["output_tokens"] == 36 and m["ttft_ms"]["p50"] >= 15
+    assert m.requests == 6 and m.output_tokens == 36 and m.ttft_ms.p50 >= 15
+    assert m.hit_rate == pytest.approx(4 * 6 / 60)  # the same definition as the engine: cached / prompt tokens
 
 
 def test_open_loop_follows_arrival_offsets(stub):
@@ -45,7 +47,7 @@ def test_server_errors_are_recorded_per_request(stub):
     run = HttpDriver(stub.url, Tok()).run([BenchRequest([1], 500), BenchRequest([1], 2)], ArrivalPlan(concurrency=2))
     errors = [r.error for r in run.records if r.error]
     assert len(errors) == 1 and "HTTP 400" in errors[0] and "maximum context length" in errors[0]
-    assert summarize(run.records, run.wall_s)["failed_requests"] == 1
+    assert summarize(run.records, run.wall_s).failed_requests == 1
 
 
 def test_unreachable_url_is_one_clear_error():

@@ -2,8 +2,7 @@
 import pytest
 
 from tierlm.bench.comparison import compare_runs
-from tierlm.bench.metrics import SLO, RequestRecord, hit_rate_delta, percentile, spread, summarize, union_length, \
-    usd_per_million
+from tierlm.bench.metrics import SLO, Dist, RequestRecord, percentile, spread, summarize, union_length, usd_per_million
 
 
 def rec(sent, times, done=None, n_in=10):
@@ -38,25 +37,27 @@ def test_server_token_count_overrides_chunk_count_for_tpot():
 def test_summarize_throughputs_and_distributions():
     a = rec(0.0, [1.0, 2.0, 3.0], n_in=100)      # ttft 1, tpot 1, e2e 3
     b = rec(1.0, [1.5, 2.0, 2.5, 3.0], n_in=50)   # ttft .5, tpot .5, e2e 2
+    a.num_cached, b.num_cached = 40, 20
     m = summarize([a, b], wall_s=4.0)
-    assert m["requests"] == 2 and m["output_tokens"] == 7 and m["input_tokens"] == 150
-    assert m["requests_per_s"] == pytest.approx(0.5)
-    assert m["output_tok_per_s"] == pytest.approx(7 / 4)
-    assert m["total_tok_per_s"] == pytest.approx(157 / 4)
-    assert m["ttft_ms"]["p50"] == pytest.approx(750)
-    assert m["e2e_ms"]["p99"] == pytest.approx(2000 + 1000 * 0.99)
-    assert m["tpot_ms"]["p50"] == pytest.approx(750)
-    assert m["itl_ms"]["p50"] == pytest.approx(500)
+    assert m.requests == 2 and m.output_tokens == 7 and m.input_tokens == 150
+    assert m.requests_per_s == pytest.approx(0.5)
+    assert m.output_tok_per_s == pytest.approx(7 / 4)
+    assert m.total_tok_per_s == pytest.approx(157 / 4)
+    assert m.ttft_ms.p50 == pytest.approx(750)
+    assert m.e2e_ms.p99 == pytest.approx(2000 + 1000 * 0.99)
+    assert m.tpot_ms.p50 == pytest.approx(750)
+    assert m.itl_ms.p50 == pytest.approx(500)
     # prefill: union of [0,1] and [1,1.5] = 1.5 s for 150 tokens; decode: union [1,3] u [1.5,3] = 2 s, 5 tokens
-    assert m["prefill_tok_per_s"] == pytest.approx(100)
-    assert m["decode_tok_per_s"] == pytest.approx(2.5)
-    assert m["goodput_req_per_s"] is None  # no SLO given
+    assert m.prefill_tok_per_s_wall == pytest.approx(100)
+    assert m.decode_tok_per_s_wall == pytest.approx(2.5)
+    assert m.hit_rate == pytest.approx(60 / 150)  # cached prompt tokens / prompt tokens
+    assert m.goodput_req_per_s is None  # no SLO given
 
 
 def test_failed_requests_are_counted_not_measured():
     bad = RequestRecord(sent=0.0, num_input=5, error="HTTP 500")
     m = summarize([rec(0.0, [1.0, 2.0]), bad], wall_s=2.0)
-    assert m["requests"] == 1 and m["failed_requests"] == 1
+    assert m.requests == 1 and m.failed_requests == 1
 
 
 def test_goodput_counts_requests_meeting_every_slo():
@@ -64,20 +65,15 @@ def test_goodput_counts_requests_meeting_every_slo():
     slow_first = rec(0.0, [0.9, 1.0])    # ttft 900 ms
     slow_decode = rec(0.0, [0.1, 0.6])   # tpot 500 ms
     m = summarize([fast, slow_first, slow_decode], wall_s=2.0, slo=SLO(ttft_ms=500, tpot_ms=200))
-    assert m["goodput_fraction"] == pytest.approx(1 / 3)
-    assert m["goodput_req_per_s"] == pytest.approx(0.5)
-    assert summarize([fast], 1.0, SLO(e2e_ms=250))["goodput_fraction"] == 0.0
+    assert m.goodput_fraction == pytest.approx(1 / 3)
+    assert m.goodput_req_per_s == pytest.approx(0.5)
+    assert summarize([fast], 1.0, SLO(e2e_ms=250)).goodput_fraction == 0.0
 
 
 def test_union_length_merges_overlaps():
     assert union_length([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
     assert union_length([]) == 0.0
     assert union_length([(0, 1), (1, 2)]) == pytest.approx(2.0)
-
-
-def test_hit_rate_from_counter_deltas():
-    assert hit_rate_delta((100, 20), (300, 120)) == pytest.approx(0.5)
-    assert hit_rate_delta((100, 20), (100, 20)) is None  # nothing queried in the run
 
 
 def test_usd_per_million_tokens():
@@ -87,22 +83,46 @@ def test_usd_per_million_tokens():
 
 def test_spread_across_reps():
     s = spread([10.0, 12.0, 11.0])
-    assert (s["min"], s["median"], s["max"], s["reps"]) == (10.0, 11.0, 12.0, 3)
-    assert s["rel_spread"] == pytest.approx(2 / 11)
+    assert (s.min, s.median, s.max, s.reps) == (10.0, 11.0, 12.0, 3)
+    assert s.rel_spread == pytest.approx(2 / 11)
+    assert spread([5.0]).rel_spread is None
 
 
-def _run(config, ttft, tpot, e2e, kv):
-    d = lambda v: {"p50": v, "p90": v, "p99": v}  # noqa: E731
-    return {"config": config, "workload": "w", "workload_spec": "w:x=1", "shape": "s", "arrival": "a",
-            "concurrency": 4, "metrics": {"ttft_ms": d(ttft), "tpot_ms": d(tpot), "e2e_ms": d(e2e),
-                                          "kv_bytes_per_session": kv, "prefill_tok_per_s": 1000 / ttft,
-                                          "decode_tok_per_s": 1000 / tpot, "output_tok_per_s": 1000 / e2e}}
+def _run(config, ttft, tpot, e2e, kv, reps=((1.0, 1.0),)):
+    """A run whose pooled p50s are the given figures; each rep scales (ttft, tpot) by its factors."""
+    from tierlm.bench.metrics import RunMetrics
+    from tierlm.bench.results import MemoryFigures, RepFigures, RunResult
+
+    d = lambda v: Dist(v, v, v, v)  # noqa: E731
+    m = RunMetrics(ttft_ms=d(ttft), tpot_ms=d(tpot), itl_ms=d(tpot), e2e_ms=d(e2e), requests=4, failed_requests=0,
+                   input_tokens=40, output_tokens=40, cached_tokens=0, wall_s=1.0, requests_per_s=4.0,
+                   output_tok_per_s=1000 / e2e, total_tok_per_s=None, prefill_tok_per_s_wall=1000 / ttft,
+                   decode_tok_per_s_wall=1000 / tpot, hit_rate=None)
+    per_rep = [RepFigures(ttft * a, tpot * b, e2e, 1000 / e2e, 1000 / (tpot * b)) for a, b in reps]
+    return RunResult(config=config, driver="in-process", workload="w", workload_spec="w:x=1", shape="s",
+                     concurrency=4, rate=None, burstiness=1.0, arrival="a", timed=False, reps=len(reps), incomplete=False,
+                     metrics=m, per_rep=per_rep, spread={}, memory=MemoryFigures(kv_bytes_per_session=kv,
+                                                                                 peak_kv_bytes=kv * 4),
+                     cache_hit_rate={})
 
 
 def test_comparison_against_baseline():
-    runs = [_run("baseline", 200, 20, 1000, 400), _run("prefix-cache", 50, 20, 500, 300)]
+    runs = [_run("baseline", 200, 20, 1000, 400, reps=((1.0, 1.0), (1.0, 1.0))),
+            _run("prefix-cache", 50, 20, 500, 300, reps=((0.8, 1.0), (1.2, 1.1)))]
     (c,) = compare_runs(runs)
-    assert c["config"] == "prefix-cache" and c["baseline"] == "baseline"
-    assert c["memory_reduction"] == pytest.approx(0.25)
-    assert c["speedup"] == pytest.approx({"prefill": 4.0, "decode": 1.0, "e2e": 2.0})
-    assert c["throughput_ratio"]["prefill"] == pytest.approx(4.0)
+    assert c.config == "prefix-cache" and c.reference == "baseline"
+    assert c.kv_per_session_ratio == pytest.approx(0.75) and c.peak_kv_ratio == pytest.approx(0.75)
+    assert (c.ttft_x.value, c.tpot_x.value, c.e2e_x.value) == pytest.approx((4.0, 1.0, 2.0))
+    assert (c.ttft_x.lo, c.ttft_x.hi) == pytest.approx((200 / 60, 200 / 40))  # rep i against rep i
+    assert (c.tpot_x.lo, c.tpot_x.hi) == pytest.approx((1 / 1.1, 1.0))
+    assert c.decode_x.value == pytest.approx(1.0) and c.output_x.value == pytest.approx(2.0)
+
+
+def test_http_peers_are_compared_with_tierlm_serve_not_the_engine():
+    runs = [_run("baseline", 100, 10, 500, 1), _run("http:tierlm-serve", 110, 11, 550, 1),
+            _run("http:http://peer", 220, 22, 1100, 1)]
+    for r in runs[1:]:
+        r.driver = "http"
+    (c,) = compare_runs(runs)
+    assert c.config == "http:http://peer" and c.reference == "http:tierlm-serve"
+    assert c.e2e_x.value == pytest.approx(0.5)

@@ -1,4 +1,4 @@
-"""`python -m tierlm.bench.perf`'s fp32 reference check, on a tiny random model on CPU.
+"""`python -m tierlm.bench.perf`'s fp32 reference check and rows, on a tiny random model on CPU.
 
 With --dtype bf16 both sides are also diffed against a tierlm engine in fp32 (built after the timed runs);
 --no-reference and fp32 runs leave it out; and the reference engine reproduces an fp32 engine's tokens
@@ -11,15 +11,15 @@ import json
 import pytest
 
 from tierlm.bench import perf
-from tierlm.bench.random_model import write_random_model, write_tokenizer
+from helpers.random_model import write_random_model, write_tokenizer
 from tierlm.config import ModelConfig
 
 VOCAB = 320
 CONFIG = ModelConfig(architecture="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
                      rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,))
-ARGS = ["--device", "cpu", "--batch", "1", "2", "--prompt-len", "8", "--prefill-len", "16", "--new-tokens", "6",
-        "--reps", "1"]
+ARGS = ["--device", "cpu", "--batch", "1", "2", "--prompt-len", "8", "--prefill-len", "16", "600", "--new-tokens",
+        "6", "--reps", "1"]
 
 
 def write_byte_tokenizer(d) -> None:
@@ -73,27 +73,37 @@ def test_bf16_reports_both_sides_against_fp32_reference(tmp_path, tiny_model, ca
     assert "greedy diff tierlm-bf16 vs tierlm-fp32 reference, batch 2:" in text
     assert "greedy diff transformers-bf16 vs tierlm-fp32 reference, batch 2:" in text
     assert "greedy diff vs transformers, batch 2:" in text
+    # rows: each prefill length (600 capped at the 512-token context - 1), then decode + e2e per batch
+    assert [(r["phase"], r["prompt_len"], r["batch"]) for r in res["rows"]] == [
+        ("prefill", 16, 1), ("prefill", 511, 1), ("decode", 8, 1), ("e2e", 8, 1), ("decode", 8, 2), ("e2e", 8, 2)]
+    assert res["notes"] == ["prefill length 600 capped at 511: prompt + 1 new token must fit the 512-token context"]
+    for r in res["rows"]:
+        assert set(r["tok_per_s"]) == {"tierlm", "transformers"} and all(v > 0 for v in r["tok_per_s"].values())
+        assert r["ratio"] > 0 and r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+        assert (r["achieved_gb_s"] is not None) == (r["phase"] == "decode")
 
 
 def test_no_reference_flag_and_fp32_runs_leave_it_out(tmp_path, tiny_model, capsys):
     res = run_perf(tmp_path, tiny_model, "--dtype", "bf16", "--no-peer", "--no-reference")
     assert "reference" not in res
-    res = run_perf(tmp_path, tiny_model, "--dtype", "fp32", "--no-peer")
+    res = run_perf(tmp_path, tiny_model, "--dtype", "fp32", "--no-peer", "--attention-backend", "torch")
     assert "reference" not in res
     assert "reference" not in capsys.readouterr().out
+    assert res["environment"]["attention_backend"] == "torch"  # the flag reaches the engine
+    assert res["sides"] == ["tierlm"] and all(r["ratio"] is None for r in res["rows"])
 
 
 def test_fp32_reference_reproduces_an_fp32_engine(tiny_model):
     """The self-check: the reference engine, on the prompts an fp32 run used, gives that run's tokens
     exactly, and reference_report says so."""
     from tierlm import LLM
-    from tierlm.bench.phases import engine_generate, make_prompts
+    from tierlm.bench.phases import EngineSide, make_prompts
 
     llm = LLM(tiny_model, dtype="fp32", device="cpu", enable_prefix_caching=False, kv_cache_memory=16 << 20,
               max_num_seqs=3)
     prompt_sets = [make_prompts(llm.tokenizer, b, 8) for b in (1, 3)]
     assert len({tuple(p) for p in prompt_sets[1]}) == 3  # distinct prompts, so the check means something
-    ours = [engine_generate(llm.engine, p, 6)["tokens"] for p in prompt_sets]
+    ours = [EngineSide(llm.engine).generate(p, 6).tokens for p in prompt_sets]
     del llm
     ref = perf.reference_tokens(tiny_model, "cpu", prompt_sets, 6)
     cases = [{"batch": len(p), "tierlm": t, "transformers": None} for p, t in zip(prompt_sets, ours)]

@@ -1,6 +1,6 @@
 """The engine on a CUDA device (skipped where there is none).
 
-Tiny random Llama-family models (written by tierlm.bench.random_model, with a word-level tokenizer built
+Tiny random Llama-family models (written by tests/helpers/random_model.py, with a word-level tokenizer built
 here, so neither the default model nor any download is needed) run by tierlm on the device must give:
 greedy tokens identical to tierlm on CPU and to transformers on the same device, with logprobs within
 1e-3 (fp32); bf16 that tracks fp32; batch invariance; reproducible per-request seeded sampling; prefix
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.bench.random_model import write_random_model, write_tokenizer
+from helpers.random_model import write_random_model, write_tokenizer
 from tierlm.config import ModelConfig
 from tierlm.core.request import Request
 from tierlm.engine.sampler import Sampler

@@ -6,8 +6,9 @@
     tierlm bench --peer-url http://127.0.0.1:8080  # also drive llama.cpp's server (or vLLM, or ours)
     tierlm bench --list                           # workloads, their knobs, and configurations
 
-Writes OUT/report.md and PNG plots (default OUT = ./bench-out), and --json PATH. Ctrl-C writes what
-was measured, marked incomplete, and exits 130. Importing this module does not import torch.
+Writes OUT/report.md and PNG plots (default OUT = ./bench-out), and --json PATH. Exits 1 when the
+correctness gate flags a configuration (--allow-flagged: report it and exit 0). Ctrl-C writes what was
+measured, marked incomplete, and exits 130. Importing this module does not import torch.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from tierlm.args import parse_bytes
 
 _QUICK = {
     "workloads": ["multi-turn:users=4,rounds=3,sys=192,user=24,osl=24"],
-    "concurrency": [1, 4], "reps": 1, "warmup": 2, "gate_prompts": 4, "gate_tokens": 24,
-    "phases": dict(prefill_len=256, prompt_len=32, new_tokens=32, batches=(1, 16), reps=1),
+    "concurrency": [1, 4], "reps": 2, "warmup": 2, "gate_prompts": 4, "gate_tokens": 24, "gate_long_len": 320,
+    "phases": dict(prefill_lens=(256,), prompt_len=32, new_tokens=32, batches=(1, 16), reps=2),
 }
 _FULL = {
     "workloads": ["short-chat", "fixed", "long-doc-qa", "multi-turn", "batch-gen:n=16,osl=128"],
-    "concurrency": [1, 4, 16], "reps": 3, "warmup": 2, "gate_prompts": 6, "gate_tokens": 32,
-    "phases": dict(prefill_len=512, prompt_len=32, new_tokens=64, batches=(1, 16), reps=2),
+    "concurrency": [1, 4, 16], "reps": 3, "warmup": 2, "gate_prompts": 6, "gate_tokens": 32, "gate_long_len": 640,
+    "phases": dict(prefill_lens=(512, 2048), prompt_len=32, new_tokens=64, batches=(1, 16), reps=2),
 }
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="load test: memory and speed of each configuration vs the baseline",
@@ -49,12 +50,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--slo-e2e-ms", type=float, default=None)
     g.add_argument("--usd-per-hour", type=float, default=None, help="machine price, for $ per 1M output tokens")
     g.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("8GiB"), help="budget for max sessions that fit")
-    g.add_argument("--gate-prompts", type=int, default=None, help="fixed prompts in the correctness gate")
+    g.add_argument("--gate-prompts", type=int, default=None, help="chat prompts in the correctness gate")
     g.add_argument("--gate-tokens", type=int, default=None, help="greedy tokens per gate prompt")
-    g.add_argument("--strict", action="store_true", help="exit 1 when the gate flags a configuration")
+    g.add_argument("--gate-long-len", type=int, default=None,
+                   help="tokens of the gate's long prompts (cut from a shipped public-domain text; 0: none)")
+    g.add_argument("--allow-flagged", action="store_true",
+                   help="exit 0 even when the gate flags a configuration (it is still reported)")
     g = p.add_argument_group("peers")
     g.add_argument("--no-peer", action="store_true", help="skip the transformers generate() peer")
-    g.add_argument("--peer-prefill-len", type=int, default=None)
+    g.add_argument("--peer-prefill-len", type=int, nargs="+", default=None)
     g.add_argument("--peer-prompt-len", type=int, default=None)
     g.add_argument("--peer-new-tokens", type=int, default=None)
     g.add_argument("--peer-batch", nargs="+", type=int, default=None)
@@ -101,7 +105,7 @@ def build_plan(a):
     d = _QUICK if a.quick else _FULL
     pick = lambda v, k: _or(v, d[k])  # noqa: E731
     ph = d["phases"]
-    phases = PhaseShapes(prefill_len=_or(a.peer_prefill_len, ph["prefill_len"]),
+    phases = PhaseShapes(prefill_lens=tuple(_or(a.peer_prefill_len, ph["prefill_lens"])),
                          prompt_len=_or(a.peer_prompt_len, ph["prompt_len"]),
                          new_tokens=_or(a.peer_new_tokens, ph["new_tokens"]),
                          batches=tuple(_or(a.peer_batch, ph["batches"])), reps=ph["reps"])
@@ -114,7 +118,8 @@ def build_plan(a):
         reps=pick(a.reps, "reps"), warmup=pick(a.warmup, "warmup"), seed=a.seed,
         slo=SLO(a.slo_ttft_ms, a.slo_tpot_ms, a.slo_e2e_ms), usd_per_hour=a.usd_per_hour,
         memory_budget=a.memory_budget, gate_prompts=pick(a.gate_prompts, "gate_prompts"),
-        gate_tokens=pick(a.gate_tokens, "gate_tokens"), peer=not a.no_peer, phases=phases,
+        gate_tokens=pick(a.gate_tokens, "gate_tokens"), gate_long_len=pick(a.gate_long_len, "gate_long_len"),
+        peer=not a.no_peer, phases=phases,
         peer_urls=list(a.peer_url), peer_model=a.peer_model,
         peer_api_key=a.peer_api_key, out_dir=Path(a.out),
         json_path=Path(a.json) if a.json else None, plots=not a.no_plots, quick=a.quick,
@@ -154,7 +159,7 @@ def run_command(a) -> int:
     finally:
         if bar is not None:
             bar.close()
-    return _finish(plan, result, interrupted, a.strict)
+    return _finish(plan, result, interrupted, not a.allow_flagged)
 
 
 def _progress(total: int):
@@ -170,21 +175,22 @@ def _finish(plan, result, interrupted: bool, strict: bool = False) -> int:
     from tierlm.bench.plots import write_plots
     from tierlm.bench.report import write_report
 
-    doc = result.to_dict()
     plots, note = ([], "plots disabled (--no-plots)")
     if plan.plots:
-        plots, note = write_plots(doc, plan.out_dir)
+        plots, note = write_plots(result, plan.out_dir)
         if note:
             result.notes.append(note)
-            doc = result.to_dict()
-    report = write_report(doc, plan.out_dir, plots, note)
+    report = write_report(result, plan.out_dir, plots, note)
     if plan.json_path is not None:
         result.write_json(plan.json_path)
     color = sys.stdout.isatty()
-    print(render_text(doc, color=color))
+    print(render_text(result, color=color))
     print(f"\nreport: {report}" + (f"  json: {plan.json_path}" if plan.json_path else ""))
     if interrupted:
         print("tierlm bench: interrupted; partial results written, marked incomplete", file=sys.stderr)
         return 130
-    flagged = [g["config"] for g in result.correctness if g["flagged"]]
+    flagged = result.flagged_configs()
+    if flagged:
+        print(f"tierlm bench: the correctness gate flagged {', '.join(flagged)}"
+              + ("" if strict else " (--allow-flagged: exit 0)"), file=sys.stderr)
     return 1 if flagged and strict else 0

@@ -1,56 +1,84 @@
-"""Comparisons: each configuration against the baseline on the same workload and arrival plan.
+"""Comparisons: each run against its reference run on the same workload and arrival plan.
 
-    memory_reduction = 1 - kv_bytes_per_session(config) / kv_bytes_per_session(baseline)
-                       (KV referenced by running requests per running session, at the run's peak;
-                       blocks shared through the prefix cache count once)
-    speedup.prefill  = TTFT p50(baseline) / TTFT p50(config)     per-request prefill speed
-    speedup.decode   = TPOT p50(baseline) / TPOT p50(config)     per-token decode speed
-    speedup.e2e      = E2E p50(baseline)  / E2E p50(config)      whole-request speed
+The reference of an in-process configuration is the baseline (the reference config); the reference of an
+HTTP peer is `tierlm serve` driven by the same HTTP driver (never the in-process engine: the server's
+own overhead would flatter the peer).
 
-Ratios of medians, not of throughputs: at a fixed closed-loop concurrency throughput scales with
-1/latency anyway, and a median shrugs off the stalls another process on a shared machine causes,
-where a throughput over the wall time does not. The throughput ratios (prefill/decode/output tok/s)
-are kept next to them as `throughput_ratio`. A ratio with a missing side is None (shown as n/a).
+    ttft_x   = TTFT p50(reference) / TTFT p50(config)           per-request time to first token
+    tpot_x   = TPOT p50(reference) / TPOT p50(config)           per-request time per output token
+                                                                  (includes waiting behind prefills)
+    e2e_x    = E2E p50(reference)  / E2E p50(config)            whole-request latency
+    decode_x = decode tok/s(config) / decode tok/s(reference)   decode compute speed: tokens / seconds of
+                                                                  decode-only engine steps (in-process), or
+                                                                  the wall-clock decode rate (HTTP)
+    output_x = output tok/s(config) / output tok/s(reference)   end-to-end throughput over the wall time
+    kv_per_session_ratio = KV bytes per session(config) / (reference), at each run's peak
+
+Each ratio carries the range of its per-repetition ratios (rep i against rep i), so a reader sees how
+much of a speed-up is noise. Latency ratios are ratios of medians, which shrug off the stalls another
+process on a shared machine causes.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
 
-def _ratio(a, b) -> float | None:
+from tierlm.bench.configs import BASELINE
+from tierlm.bench.results import Comparison, Ratio, RepFigures, RunResult
+
+SERVE = "http:tierlm-serve"  # the name of `tierlm serve`'s runs, the reference of HTTP peers
+
+
+def _div(a, b) -> float | None:
     return a / b if a is not None and b else None
 
 
-def compare_runs(runs: list[dict], baseline: str = "baseline") -> list[dict]:
-    base = {(r["workload_spec"], r["arrival"]): r for r in runs if r["config"] == baseline}
+class Fig(NamedTuple):
+    """A figure read from a run (pooled over its repetitions) and from one repetition."""
+
+    pooled: Callable[[RunResult], float | None]
+    rep: Callable[[RepFigures], float | None]
+
+
+def _ratio(run: RunResult, ref: RunResult, fig: Fig, inverse: bool) -> Ratio:
+    """run / ref of the figure (ref / run for latencies, `inverse`), pooled and per paired repetition."""
+    def one(x, y):
+        return _div(y, x) if inverse else _div(x, y)
+
+    per = [v for a, b in zip(run.per_rep, ref.per_rep) if (v := one(fig.rep(a), fig.rep(b))) is not None]
+    return Ratio(one(fig.pooled(run), fig.pooled(ref)), min(per, default=None), max(per, default=None))
+
+
+TTFT = Fig(lambda r: r.metrics.ttft_ms.p50, lambda p: p.ttft_p50_ms)
+TPOT = Fig(lambda r: r.metrics.tpot_ms.p50, lambda p: p.tpot_p50_ms)
+E2E = Fig(lambda r: r.metrics.e2e_ms.p50, lambda p: p.e2e_p50_ms)
+DECODE = Fig(lambda r: r.steps.decode_tok_per_s if r.steps else r.metrics.decode_tok_per_s_wall,
+              lambda p: p.decode_tok_per_s)
+OUTPUT = Fig(lambda r: r.metrics.output_tok_per_s, lambda p: p.output_tok_per_s)
+
+
+def reference_of(run: RunResult) -> str | None:
+    if run.driver == "http":
+        return None if run.config == SERVE else SERVE
+    return None if run.config == BASELINE else BASELINE
+
+
+def compare_runs(runs: list[RunResult]) -> list[Comparison]:
+    by_key = {(r.config, r.workload_spec, r.arrival): r for r in runs}
     out = []
     for r in runs:
-        b = base.get((r["workload_spec"], r["arrival"]))
-        if b is None or r["config"] == baseline:
+        ref_name = reference_of(r)
+        ref = by_key.get((ref_name, r.workload_spec, r.arrival)) if ref_name else None
+        if ref is None:
             continue
-        m, bm = r["metrics"], b["metrics"]
-        mem = _ratio(m.get("kv_bytes_per_session"), bm.get("kv_bytes_per_session"))
-        out.append({
-            "config": r["config"], "baseline": baseline, "workload": r["workload"],
-            "workload_spec": r["workload_spec"], "shape": r["shape"], "concurrency": r["concurrency"],
-            "arrival": r["arrival"],
-            "memory_reduction": None if mem is None else 1.0 - mem,
-            "speedup": {"prefill": _ratio(bm["ttft_ms"].get("p50"), m["ttft_ms"].get("p50")),
-                        "decode": _ratio(bm["tpot_ms"].get("p50"), m["tpot_ms"].get("p50")),
-                        "e2e": _ratio(bm["e2e_ms"].get("p50"), m["e2e_ms"].get("p50"))},
-            "throughput_ratio": {"prefill": _ratio(m.get("prefill_tok_per_s"), bm.get("prefill_tok_per_s")),
-                                 "decode": _ratio(m.get("decode_tok_per_s"), bm.get("decode_tok_per_s")),
-                                 "e2e": _ratio(m.get("output_tok_per_s"), bm.get("output_tok_per_s"))},
-            "incomplete": bool(r.get("incomplete") or b.get("incomplete")),
-        })
+        m, rm = r.memory, ref.memory
+        out.append(Comparison(
+            config=r.config, reference=ref_name, workload=r.workload, workload_spec=r.workload_spec, shape=r.shape,
+            concurrency=r.concurrency, arrival=r.arrival,
+            ttft_x=_ratio(r, ref, TTFT, inverse=True), tpot_x=_ratio(r, ref, TPOT, inverse=True),
+            e2e_x=_ratio(r, ref, E2E, inverse=True), decode_x=_ratio(r, ref, DECODE, inverse=False),
+            output_x=_ratio(r, ref, OUTPUT, inverse=False),
+            kv_per_session_ratio=_div(m.kv_bytes_per_session, rm.kv_bytes_per_session),
+            peak_kv_ratio=_div(m.peak_kv_bytes, rm.peak_kv_bytes),
+            incomplete=r.incomplete or ref.incomplete))
     return out
-
-
-def peer_ratios(ours: list[dict], theirs: list[dict]) -> list[dict]:
-    """Phase rows side by side: tierlm tok/s, peer tok/s, and tierlm / peer."""
-    by = {(r["phase"], r["batch"]): r for r in theirs}
-    rows = []
-    for r in ours:
-        p = by.get((r["phase"], r["batch"]))
-        rows.append({"phase": r["phase"], "batch": r["batch"], "shape": r["shape"], "tierlm_tok_per_s": r["tok_per_s"],
-                     "peer_tok_per_s": p["tok_per_s"] if p else None,
-                     "ratio": _ratio(r["tok_per_s"], p["tok_per_s"] if p else None)})
-    return rows

@@ -22,10 +22,14 @@ Transform = Callable[[EngineConfig], EngineConfig]
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """A named configuration. `tolerance`: gate prompts (and run requests) allowed to diverge from the
+    reference before the config is flagged: 0 for exact features; lossy ones (FP8 KV, sparse decode,
+    quantized weights) set the thresholds their issue defines."""
+
     name: str
     summary: str
     apply: Transform
-    tolerance: int = 0  # gate prompts allowed to diverge from the reference before the config is flagged
+    tolerance: int = 0
 
 
 def _prefix_cache(c: EngineConfig) -> EngineConfig:
@@ -84,3 +88,14 @@ def engine_config(name: str, reference: EngineConfig, max_num_batched_tokens: in
     if cfg.scheduler.enable_chunked_prefill:
         cfg = replace(cfg, scheduler=replace(cfg.scheduler, max_num_batched_tokens=max_num_batched_tokens))
     return cfg
+
+
+def gate_engine_config(name: str, reference: EngineConfig, num_blocks: int, step_tokens: int,
+                       chunk: int) -> EngineConfig:
+    """The engine the correctness gate runs config `name` on: the reference with a pool of `num_blocks`
+    (small: the gate set preempts and evicts) and a step budget of `step_tokens` (room to admit the first
+    wave at once), then the config's transform; a chunking config gets `chunk` tokens per step, so long
+    prompts cross many chunk borders."""
+    ref = replace(reference, cache=replace(reference.cache, num_blocks=num_blocks, memory_bytes=None),
+                  scheduler=replace(reference.scheduler, max_num_batched_tokens=max(step_tokens, chunk)))
+    return engine_config(name, ref, chunk)

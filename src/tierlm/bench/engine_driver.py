@@ -4,10 +4,12 @@ One loop, single-threaded, as a server's engine loop runs:
 
     admit   closed loop: top up to `concurrency` requests in flight;
             open loop: every request whose arrival offset has passed (up to the cap)
-    step    engine.step(); each output's new tokens are stamped with the step's end time
+    step    engine.step(), timed; each output's new tokens are stamped with the step's end time, and the
+            step's time is booked by its kind (decode-only, prefill-only, mixed: engine.last_step)
     sample  KV blocks referenced, sessions running, context tokens read (for bytes/session, GB/s)
 
-Requests are greedy with EOS ignored, so every configuration produces the same number of tokens.
+Requests are greedy with EOS ignored, so every configuration produces the same number of tokens, and
+each finished request's token ids are kept for the diff against the reference configuration.
 The run fills `EngineRun` as it goes: if it is interrupted (Ctrl-C) what was measured stays there,
 and the requests still in flight are aborted.
 """
@@ -19,10 +21,68 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tierlm.bench.arrivals import ArrivalPlan, arrival_times
-from tierlm.bench.metrics import RequestRecord
+from tierlm.bench.metrics import RequestRecord, rate
 from tierlm.bench.workloads import BenchRequest
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.engine.llm_engine import LLMEngine
+
+
+@dataclass
+class StepStats:
+    """Engine steps of a run by kind, with their wall time and tokens.
+
+    decode_tok_per_s: decode tokens / seconds of decode-only steps, the speed of decode compute with no
+    prefill in the batch (TPOT, per request, also includes waiting behind prefills); prefill_tok_per_s:
+    the same for prefill-only steps. Mixed steps (prefill chunks next to decodes, with chunked prefill)
+    are counted apart, so their share says how much of the run these two figures cover."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    prefill_steps: int = 0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    mixed_steps: int = 0
+    mixed_s: float = 0.0
+    mixed_tokens: int = 0
+    max_step_tokens: int = 0
+
+    def add(self, kind: str, seconds: float, decode_tokens: int, prefill_tokens: int) -> None:
+        self.steps += 1
+        self.max_step_tokens = max(self.max_step_tokens, decode_tokens + prefill_tokens)
+        if kind == "decode":
+            self.decode_steps += 1
+            self.decode_s += seconds
+            self.decode_tokens += decode_tokens
+        elif kind == "prefill":
+            self.prefill_steps += 1
+            self.prefill_s += seconds
+            self.prefill_tokens += prefill_tokens
+        else:
+            self.mixed_steps += 1
+            self.mixed_s += seconds
+            self.mixed_tokens += decode_tokens + prefill_tokens
+
+    def merge(self, other: StepStats) -> None:
+        for name in ("steps", "decode_steps", "decode_s", "decode_tokens", "prefill_steps", "prefill_s",
+                     "prefill_tokens", "mixed_steps", "mixed_s", "mixed_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_step_tokens = max(self.max_step_tokens, other.max_step_tokens)
+
+    @property
+    def decode_tok_per_s(self) -> float | None:
+        return rate(self.decode_tokens, self.decode_s)
+
+    @property
+    def prefill_tok_per_s(self) -> float | None:
+        return rate(self.prefill_tokens, self.prefill_s)
+
+    @property
+    def mixed_fraction(self) -> float | None:
+        """Share of step time spent in mixed steps."""
+        total = self.decode_s + self.prefill_s + self.mixed_s
+        return self.mixed_s / total if total > 0 else None
 
 
 @dataclass
@@ -30,13 +90,11 @@ class EngineRun:
     records: list[RequestRecord] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    step_stats: StepStats = field(default_factory=StepStats)
     peak_kv_blocks: int = 0
     peak_sessions: int = 0
     kv_bytes_per_session: float | None = None  # referenced KV bytes / running sessions at the peak sample
     kv_read_bytes: int = 0  # context KV read by the steps (sum over steps of running context x bytes/token)
-    steps: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
     evictions: int = 0
     preemptions: int = 0
     complete: bool = False
@@ -58,7 +116,7 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
     pending = deque(range(len(requests)))
     inflight: dict[str, RequestRecord] = {}
     kv = engine.kv
-    stats0, preempt0, steps0 = kv.stats, engine.scheduler.num_preemptions, engine.counters["steps"]
+    evict0, preempt0 = kv.stats.evictions, engine.scheduler.num_preemptions
     run.start = time.monotonic()
     try:
         while pending or inflight:
@@ -71,14 +129,18 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
                 req = requests[i]
                 sent = run.start + offsets[i] if offsets is not None else now
                 rid = engine.add_request(list(req.prompt_ids), greedy(req.max_tokens), request_id=f"bench-{i}")
-                rec = RequestRecord(sent=sent, num_input=len(req.prompt_ids))
+                rec = RequestRecord(sent=sent, num_input=len(req.prompt_ids), index=i)
                 run.records.append(rec)
                 inflight[rid] = rec
             if not inflight:
                 time.sleep(max(0.0, run.start + offsets[pending[0]] - time.monotonic()))
                 continue
+            t0 = time.monotonic()
             outputs = engine.step()
             t = time.monotonic()
+            summary = engine.last_step
+            if summary is not None:
+                run.step_stats.add(summary.kind, t - t0, summary.decode_tokens, summary.prefill_tokens)
             for out in outputs:
                 rec = inflight.get(out.request_id)
                 if rec is None:
@@ -87,6 +149,7 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
                 rec.token_times.extend([t] * new)
                 if out.finished:
                     rec.done, rec.num_cached = t, out.num_cached_tokens
+                    rec.token_ids = list(out.outputs[0].token_ids)
                     del inflight[out.request_id]
                     if on_request_done:
                         on_request_done()
@@ -96,12 +159,8 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
         run.end = time.monotonic()
         for rid in list(inflight):
             engine.abort_request(rid)
-        stats = kv.stats
-        run.prefix_queries = stats.prefix_cache_queries - stats0.prefix_cache_queries
-        run.prefix_hits = stats.prefix_cache_hits - stats0.prefix_cache_hits
-        run.evictions = stats.evictions - stats0.evictions
+        run.evictions = kv.stats.evictions - evict0
         run.preemptions = engine.scheduler.num_preemptions - preempt0
-        run.steps = engine.counters["steps"] - steps0
     return run
 
 

@@ -1,17 +1,33 @@
-"""The correctness gate: greedy tokens of each configuration diffed against the reference.
+"""The correctness gate: greedy tokens of each configuration diffed against references, on a prompt set
+built to exercise what each configuration changes.
 
-Every benchmark run decodes a fixed prompt set greedily (chat-formatted, EOS honoured) with the
-reference config and with each other config, then compares token lists: exact matches, and the
-first position where any prompt diverges. A faster wrong answer is a bug, so a configuration whose
-divergent prompts exceed its tolerance (0 for exact features) is flagged. The repeated-token check
-flags degenerate loops that a diff against a reference which loops too would miss: a pattern of
-period 1..3 tokens that repeats for `min_run` tokens past its first occurrence. A config is also
-flagged if it loops on more prompts than the reference does.
+The gate set (`build_gate_set`), run in two waves on an engine of its own (`gate_engine_config`):
+
+    wave 1  all at once: chat prompts (short, chat-formatted) and long prompts cut from a shipped
+            public-domain text (data/midsummer_act1.txt): A = text[0:L], B = text[0:L/2] + a later
+            passage (shares A's first blocks), C = a passage of its own; mixed lengths in one batch
+    wave 2  after wave 1 has finished: A again, B' = text[0:L/2] + another passage, the first chat prompt
+
+    gate engine: a KV pool that holds wave 1's prompts with one block to spare (so as soon as the requests
+    decode past their last block, the youngest are preempted, and wave 2 finds part of its prefixes
+    evicted), a step budget of GATE_CHUNK tokens for configurations that chunk (so the long prompts are
+    split at many chunk boundaries) and of all of wave 1's prompt tokens for those that do not (so they
+    are admitted together).
+
+So a chunk boundary off by one, a prefix hit on the wrong block, a preemption that loses state or an
+eviction that leaves a stale hash all change greedy tokens here. Each configuration's tokens are
+compared with the reference configuration's (baseline) and, when the transformers peer ran, with
+transformers' greedy tokens on the same prompts (a reference outside tierlm). A configuration whose
+divergent prompts exceed its tolerance (0 for exact features; the hook lossy formats such as FP8 KV will
+set) is flagged. The repeated-token check flags degenerate loops that a diff against a reference which
+loops too would miss: a pattern of period 1..3 tokens that repeats for `min_run` tokens past its first
+occurrence; a config is flagged if it loops on more prompts than the reference does.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 GATE_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -21,6 +37,8 @@ GATE_PROMPTS = (
     "Translate 'good morning, my friend' into Spanish.",
     "Give one tip for writing readable Python code.",
 )
+GATE_CHUNK = 64  # step token budget of chunking configurations in the gate
+TEXT_PATH = Path(__file__).with_name("data") / "midsummer_act1.txt"
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -56,9 +74,6 @@ class GateResult:
     flagged: bool
     reason: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def compare(config: str, reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]],
             tolerance: int = 0, reference_name: str = "baseline", min_run: int = 8) -> GateResult:
@@ -70,9 +85,9 @@ def compare(config: str, reference: Sequence[Sequence[int]], candidate: Sequence
     ref_anomalies = sum(has_repeat_anomaly(r, min_run) for r in reference)
     reasons = []
     if len(diverged) > tolerance:
-        reasons.append(f"{len(diverged)}/{len(reference)} prompts diverge (tolerance {tolerance})")
+        reasons.append(f"{len(diverged)}/{len(reference)} prompts diverge from {reference_name} (tolerance {tolerance})")
     if anomalies > ref_anomalies:
-        reasons.append(f"repeated-token loops on {anomalies} prompts (reference: {ref_anomalies})")
+        reasons.append(f"repeated-token loops on {anomalies} prompts ({reference_name}: {ref_anomalies})")
     return GateResult(
         config=config, reference=reference_name, prompts=len(reference), exact_match=len(reference) - len(diverged),
         first_divergence=min((f for f in firsts if f is not None), default=None), diverged_prompts=diverged,
@@ -80,8 +95,35 @@ def compare(config: str, reference: Sequence[Sequence[int]], candidate: Sequence
         flagged=bool(reasons), reason="; ".join(reasons) or "ok")
 
 
-def gate_prompt_ids(tokenizer, n: int) -> list[list[int]]:
-    """The first n fixed gate prompts, chat-formatted where the model has a template, as token ids."""
+# ---- the prompt set ------------------------------------------------------------------------------------
+@dataclass
+class GateSet:
+    """Prompts (token ids) with a name each, in waves; `unique` lists each distinct prompt once."""
+
+    waves: list[list[int]]  # indices into `prompts`, per wave
+    prompts: list[list[int]]
+    names: list[str]
+
+    @property
+    def longest(self) -> int:
+        return max(len(p) for p in self.prompts)
+
+    @property
+    def first_wave_tokens(self) -> int:
+        return sum(len(self.prompts[i]) for i in self.waves[0])
+
+    @property
+    def order(self) -> list[int]:
+        """Prompt indices in run order (wave 1, then wave 2): the order of a run's token lists."""
+        return [i for wave in self.waves for i in wave]
+
+
+def gate_text_ids(tokenizer) -> list[int]:
+    return tokenizer.encode(TEXT_PATH.read_text(encoding="utf-8"), add_special_tokens=False)
+
+
+def chat_prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    """The first n fixed chat prompts, chat-formatted where the model has a template, as token ids."""
     out = []
     for text in GATE_PROMPTS[:n]:
         if getattr(tokenizer, "has_chat_template", False):
@@ -92,20 +134,83 @@ def gate_prompt_ids(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def engine_greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy tokens from an LLMEngine for every prompt, all submitted at once (EOS honoured)."""
+def build_gate_set(tokenizer, num_chat: int, long_len: int) -> GateSet:
+    """The gate's prompts: `num_chat` chat prompts and, if long_len > 0, the long ones (see module docstring)."""
+    prompts = chat_prompt_ids(tokenizer, num_chat)
+    names = [f"chat-{i}" for i in range(len(prompts))]
+    wave1 = list(range(len(prompts)))
+    wave2 = [0] if prompts else []
+    if long_len > 0:
+        text = gate_text_ids(tokenizer)
+        need = 3 * long_len
+        while len(text) < need:
+            text = text + text
+        half = long_len // 2
+        base = len(prompts)
+        prompts += [text[:long_len],                                          # A
+                    text[:half] + text[long_len: long_len + half],            # B: shares A's first half
+                    text[2 * long_len: 2 * long_len + long_len * 3 // 4],     # C: a passage of its own
+                    text[:half] + text[long_len + half: 2 * long_len]]        # B': shares it again, later
+        names += ["long-A", "long-B", "long-C", "long-B2"]
+        wave1 = [base, base + 1, base + 2] + wave1  # long ones first: still prefilling as the chats decode
+        wave2 = [base] + wave2 + [base + 3]
+    return GateSet(waves=[w for w in (wave1, wave2) if w], prompts=prompts, names=names)
+
+
+def gate_pool_blocks(gate: GateSet, max_tokens: int, block_size: int) -> int:
+    """KV blocks of the gate engine: wave 1's prompts plus one block, so that its requests, admitted
+    together, must preempt as they decode (and wave 2 finds part of its prefixes evicted); never less
+    than the longest sequence alone needs."""
+    def blocks(n: int) -> int:
+        return -(-n // block_size)
+
+    wave1 = sum(blocks(len(gate.prompts[i])) for i in gate.waves[0]) + 1
+    return max(wave1, blocks(gate.longest + max_tokens))
+
+
+def run_gate(engine, gate: GateSet, max_tokens: int) -> list[list[int]]:
+    """Greedy tokens (EOS honoured) for every prompt of the set, wave by wave, in `gate.order`."""
     from tierlm.core.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    ids = [engine.add_request(list(p), params, request_id=f"gate-{i}") for i, p in enumerate(prompts)]
-    done: dict[str, list[int]] = {}
-    try:
-        while len(done) < len(ids):
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = list(out.outputs[0].token_ids)
-    finally:
-        for rid in ids:
-            if rid not in done:
-                engine.abort_request(rid)
-    return [done[i] for i in ids]
+    out: list[list[int]] = []
+    for w, wave in enumerate(gate.waves):
+        ids = [engine.add_request(list(gate.prompts[i]), params, request_id=f"gate-{w}-{k}")
+               for k, i in enumerate(wave)]
+        done: dict[str, list[int]] = {}
+        try:
+            while len(done) < len(ids):
+                for o in engine.step():
+                    if o.finished:
+                        done[o.request_id] = list(o.outputs[0].token_ids)
+        finally:
+            for rid in ids:
+                if rid not in done:
+                    engine.abort_request(rid)
+        out += [done[rid] for rid in ids]
+    return out
+
+
+def in_order(gate: GateSet, per_prompt: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Tokens of the unique prompts (one list per prompt index) laid out in `gate.order`."""
+    return [list(per_prompt[i]) for i in gate.order]
+
+
+@dataclass
+class ConfigGate:
+    """A configuration's gate: against the reference configuration and, when it ran, against transformers."""
+
+    config: str
+    tokens: list[list[int]]
+    vs_reference: GateResult | None = None
+    vs_transformers: GateResult | None = None
+    engine: dict = field(default_factory=dict)  # the gate engine's pool and step budget, for the report
+
+    @property
+    def flagged(self) -> bool:
+        return any(g is not None and g.flagged for g in (self.vs_reference, self.vs_transformers))
+
+    @property
+    def reason(self) -> str:
+        reasons = [g.reason for g in (self.vs_reference, self.vs_transformers) if g is not None and g.flagged]
+        return "; ".join(reasons) or "ok"

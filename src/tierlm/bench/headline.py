@@ -1,13 +1,25 @@
-"""The headline table: per workload (shape stated), each config's memory and speed against the baseline,
-plus the transformers peer's phase ratios and the correctness gate. Rendered as terminal text (red
-for flagged configs when the terminal takes colour) and as Markdown rows for the report.
+"""The headline tables, as rows of cells shared by the terminal rendering (here, red for flagged configs when
+the terminal takes colour) and the Markdown report:
+
+    speed   per workload: each run's latencies and throughputs, and its ratios against its reference run
+            (the baseline; `tierlm serve` for HTTP peers), with the per-repetition range of each ratio
+    memory  per workload: KV (bytes/token, per session, peak in use, pool), max sessions at the budget,
+            activations, weights and the process's peak RSS
+    gate    per configuration: greedy tokens against the baseline and against transformers
+    peer    tierlm vs transformers phase speeds (prefill, decode, e2e) with stated shapes
 """
 from __future__ import annotations
 
-RED, GREEN, BOLD, RESET = "\033[31m", "\033[32m", "\033[1m", "\033[0m"
+from tierlm.bench.results import BenchResult, Comparison, Ratio, RunResult
 
-HEAD = ("config", "arrivals", "KV/session", "mem saved", "prefill x", "decode x", "e2e x",
-        "TTFT p50", "TPOT p50", "out tok/s", "gate")
+RED, BOLD, RESET = "\033[31m", "\033[1m", "\033[0m"
+
+SPEED_HEAD = ("config", "load", "TTFT p50", "TPOT p50", "decode tok/s", "out tok/s", "TTFT x", "TPOT x", "decode x",
+              "e2e x", "hit rate", "tokens vs ref")
+MEMORY_HEAD = ("config", "load", "KV B/token", "KV/session", "peak KV", "KV pool", "max sessions", "activations",
+               "weights", "peak RSS")
+GATE_HEAD = ("config", "vs baseline", "vs transformers", "gate engine", "status")
+PEER_HEAD = ("phase", "shape", "tierlm tok/s", "transformers tok/s", "tierlm / transformers (per-rep range)")
 
 
 def fmt_bytes(n) -> str:
@@ -23,6 +35,15 @@ def fmt_x(v) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
+def fmt_ratio(r: Ratio | None) -> str:
+    """'1.58x (1.41-1.70)': the pooled ratio and the range of the per-repetition ratios."""
+    if r is None or r.value is None:
+        return "n/a"
+    if r.lo is None or r.hi is None or r.lo == r.hi:
+        return fmt_x(r.value)
+    return f"{r.value:.2f}x ({r.lo:.2f}-{r.hi:.2f})"
+
+
 def fmt_pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
@@ -31,53 +52,84 @@ def fmt_num(v, digits: int = 1, unit: str = "") -> str:
     return "n/a" if v is None else f"{v:,.{digits}f}{unit}"
 
 
-def gate_cell(gate: dict | None) -> tuple[str, bool]:
-    """('6/6 ok' or '4/6 DIVERGED@3', flagged)."""
-    if not gate or not gate.get("prompts"):
-        return "not gated", False
-    if gate.get("flagged"):
-        at = gate.get("first_divergence")
-        return f"{gate['exact_match']}/{gate['prompts']} FLAGGED" + (f"@{at}" if at is not None else ""), True
-    return f"{gate['exact_match']}/{gate['prompts']} ok", False
+def _check_cell(run: RunResult) -> tuple[str, bool]:
+    c = run.check
+    if run.driver == "http":
+        return "not gated (text API)", False
+    if c is None:
+        return "reference", False
+    cell = f"{c.exact_match}/{c.requests} exact"
+    if c.flagged:
+        return cell + f" FLAGGED@{c.first_divergence}", True
+    return cell, False
 
 
-def workload_sections(result) -> list[tuple[dict, list[tuple[list[str], bool]]]]:
-    """[(workload info, [(cells, flagged), ...])] with the baseline first in each section."""
-    comps = {(c["config"], c["workload_spec"], c["arrival"]): c for c in result.get("comparisons", [])}
+def speed_sections(result: BenchResult) -> list[tuple[object, list[tuple[list[str], bool]]]]:
+    """[(workload, [(cells, flagged), ...])]; a run's gate flags it too."""
+    comps: dict[tuple, Comparison] = {(c.config, c.workload_spec, c.arrival): c for c in result.comparisons}
+    flagged_configs = set(result.flagged_configs())
     sections = []
-    for w in result.get("workloads", []):
+    for w in result.workloads:
         rows = []
-        for r in result.get("runs", []):
-            if r["workload_spec"] != w["spec"]:
-                continue
-            m = r["metrics"]
-            c = comps.get((r["config"], r["workload_spec"], r["arrival"]))
-            is_base = r["config"] == "baseline"
-            sp = c["speedup"] if c else {}
-            gate, flagged = gate_cell(r.get("correctness"))
-            load = f"{r['rate']:g}/s" if r.get("rate") is not None else f"c={r['concurrency']}"
-            if r.get("timed"):
-                load = f"trace, c<={r['concurrency']}" if r.get("concurrency") else "trace"
-            cells = [r["config"] + (" (incomplete)" if r.get("incomplete") else ""), load,
-                     fmt_bytes(m.get("kv_bytes_per_session")),
-                     "-" if is_base else fmt_pct(c["memory_reduction"] if c else None),
-                     "1.00x" if is_base else fmt_x(sp.get("prefill")),
-                     "1.00x" if is_base else fmt_x(sp.get("decode")),
-                     "1.00x" if is_base else fmt_x(sp.get("e2e")),
-                     fmt_num(m["ttft_ms"].get("p50"), 0, " ms"), fmt_num(m["tpot_ms"].get("p50"), 1, " ms"),
-                     fmt_num(m.get("output_tok_per_s"), 1), gate]
-            rows.append((cells, flagged))
+        for r in (r for r in result.runs if r.workload_spec == w.spec):
+            c = comps.get((r.config, r.workload_spec, r.arrival))
+            m = r.metrics
+            decode = r.steps.decode_tok_per_s if r.steps else m.decode_tok_per_s_wall
+            check, flagged = _check_cell(r)
+            hit = r.cache_hit_rate.get("device")
+            ref_mark = "1.00x" if c is None else None
+            rows.append(([r.config + (" (incomplete)" if r.incomplete else ""), r.load_label,
+                          fmt_num(m.ttft_ms.p50, 0, " ms"), fmt_num(m.tpot_ms.p50, 1, " ms"), fmt_num(decode),
+                          fmt_num(m.output_tok_per_s), ref_mark or fmt_ratio(c.ttft_x), ref_mark or fmt_ratio(c.tpot_x),
+                          ref_mark or fmt_ratio(c.decode_x), ref_mark or fmt_ratio(c.e2e_x), fmt_pct(hit), check],
+                         flagged or r.config in flagged_configs))
         sections.append((w, rows))
     return sections
 
 
-def peer_rows(result) -> list[list[str]]:
-    t = result.get("peers", {}).get("transformers", {})
-    return [[r["phase"], r["shape"], fmt_num(r["tierlm_tok_per_s"]), fmt_num(r["peer_tok_per_s"]), fmt_x(r["ratio"])]
-            for r in t.get("ratios", [])]
+def memory_sections(result: BenchResult) -> list[tuple[object, list[list[str]]]]:
+    sections = []
+    for w in result.workloads:
+        rows = []
+        for r in (r for r in result.runs if r.workload_spec == w.spec and r.driver == "in-process"):
+            mem = r.memory
+            rows.append([r.config, r.load_label, fmt_num(mem.kv_bytes_per_token, 0), fmt_bytes(mem.kv_bytes_per_session),
+                         fmt_bytes(mem.peak_kv_bytes), fmt_bytes(mem.kv_pool_bytes),
+                         fmt_num(mem.max_sessions_at_budget, 0), fmt_bytes(mem.activations_peak_bytes),
+                         fmt_bytes(mem.weights_bytes), fmt_bytes(mem.peak_rss_bytes)])
+        if rows:
+            sections.append((w, rows))
+    return sections
 
 
-PEER_HEAD = ("phase", "shape", "tierlm tok/s", "transformers tok/s", "tierlm / transformers")
+def _gate_cell(g) -> str:
+    if g is None:
+        return "n/a"
+    cell = f"{g.exact_match}/{g.prompts} exact"
+    return cell + (f", first divergence {g.first_divergence}" if g.first_divergence is not None else "")
+
+
+def gate_rows(result: BenchResult) -> list[tuple[list[str], bool]]:
+    rows = []
+    for g in result.gates:
+        e = g.engine
+        engine = (f"{e.get('num_blocks')} blocks, {e.get('max_num_batched_tokens')} tok/step, "
+                  f"{e.get('preemptions')} preemptions, {e.get('evictions')} evictions, "
+                  f"{e.get('prefix_hit_tokens')} hit tokens") if e else "n/a"
+        vs_ref = "reference" if g.vs_reference is None and g.config == "baseline" else _gate_cell(g.vs_reference)
+        rows.append(([g.config, vs_ref, _gate_cell(g.vs_transformers), engine,
+                      f"FLAGGED: {g.reason}" if g.flagged else "ok"], g.flagged))
+    return rows
+
+
+def peer_rows(result: BenchResult) -> list[list[str]]:
+    out = []
+    for row in result.peers.phases:
+        tps = row.tok_per_s
+        rng = f" ({row.ratio_range[0]:.2f}-{row.ratio_range[1]:.2f})" if row.ratio_range else ""
+        out.append([row.phase, row.shape, fmt_num(tps.get("tierlm")), fmt_num(tps.get("transformers")),
+                    fmt_x(row.ratio) + (rng if row.ratio is not None else "")])
+    return out
 
 
 def _table(head, rows, flags=None, color=False) -> list[str]:
@@ -91,44 +143,35 @@ def _table(head, rows, flags=None, color=False) -> list[str]:
     return lines
 
 
-def render_text(result: dict, color: bool = False) -> str:
-    env = result.get("environment", {})
-    mach = env.get("machine", {})
-    plan = env.get("plan", {})
+def render_text(result: BenchResult, color: bool = False) -> str:
+    env = result.environment
+    mach = env.machine
     out = []
-    if result.get("incomplete"):
-        msg = f"INCOMPLETE: stopped during {result.get('stopped_during')}; partial results below"
+    if result.incomplete:
+        msg = f"INCOMPLETE: stopped during {result.stopped_during}; partial results below"
         out.append(f"{RED}{BOLD}{msg}{RESET}" if color else msg)
-    out.append(f"tierlm bench: {env.get('model', '?')} on {mach.get('device', '?')} "
-               f"({mach.get('cpu_count', '?')} CPUs, {mach.get('torch_threads', '?')} threads, "
-               f"copy bandwidth {fmt_num(mach.get('bandwidth_gb_s'))} GB/s), seed {env.get('seed')}, "
-               f"{plan.get('reps', '?')} rep(s){', quick' if plan.get('quick') else ''}")
-    for w, rows in workload_sections(result):
-        out.append("")
-        out.append(f"workload {w['name']}: {w['shape']}")
-        out.extend(_table(HEAD, [r for r, _ in rows], [f for _, f in rows], color))
+    out.append(f"tierlm bench: {env.model or '?'} on {mach.get('device', '?')} ({mach.get('cpu_count', '?')} CPUs, "
+               f"{mach.get('torch_threads', '?')} threads, copy bandwidth {fmt_num(mach.get('bandwidth_gb_s'))} GB/s), "
+               f"seed {env.seed}, {env.plan.get('reps', '?')} rep(s){', quick' if env.plan.get('quick') else ''}")
+    for w, rows in speed_sections(result):
+        out += ["", f"workload {w.name}: {w.shape} (shared prefix {w.shared_prefix_tokens} tokens)"]
+        out += _table(SPEED_HEAD, [r for r, _ in rows], [f for _, f in rows], color)
+    for w, rows in memory_sections(result):
+        out += ["", f"memory, {w.name}:"]
+        out += _table(MEMORY_HEAD, rows)
     pr = peer_rows(result)
     if pr:
-        t = result["peers"]["transformers"]
-        out.append("")
-        out.append(f"peer: transformers {t.get('version', '')} generate() vs tierlm baseline, same model and dtype")
-        out.extend(_table(PEER_HEAD, pr))
-        g = t.get("gate")
-        if g:
-            out.append(f"transformers greedy tokens vs baseline: {g['exact_match']}/{g['prompts']} exact "
-                       f"(first divergence {g['first_divergence']}; informational)")
-    out.append("")
-    out.append("correctness gate (greedy tokens vs baseline on the fixed prompt set):")
-    for g in result.get("correctness", []):
-        line = (f"  {g['config']:<16} {g['exact_match']}/{g['prompts']} exact, first divergence "
-                f"{g['first_divergence']}, repeat anomalies {g['repeat_anomalies']}: {g['reason']}")
-        if g["flagged"]:
-            line = f"{line}  FLAGGED"
-            line = f"{RED}{BOLD}{line}{RESET}" if color else line
-        out.append(line)
-    for note in result.get("notes", []):
+        out += ["", f"peer: transformers {result.peers.transformers_version or ''} generate() vs the tierlm baseline "
+                    "engine, same model and dtype, alternating rep by rep"]
+        out += _table(PEER_HEAD, pr)
+    if result.gates:
+        out += ["", "correctness gate (greedy tokens on the gate set: chat prompts, long prompts chunked, "
+                    "shared prefixes, preemption, eviction):"]
+        rows = gate_rows(result)
+        out += _table(GATE_HEAD, [r for r, _ in rows], [f for _, f in rows], color)
+    for note in result.notes:
         out.append(f"note: {note}")
-    out.append("")
-    out.append("mem saved: 1 - KV bytes per running session vs baseline (shared prefix blocks count once); "
-               "speed-ups: baseline / config of TTFT p50 (prefill), TPOT p50 (decode), E2E p50 (e2e)")
+    out += ["", "x columns: config vs its reference run (baseline; tierlm serve for HTTP peers), pooled over reps, "
+                "per-rep range in brackets. TTFT/TPOT/e2e x = reference p50 / config p50; decode x = decode tok/s "
+                "of decode-only steps (wall-clock decode rate for HTTP), config / reference."]
     return "\n".join(out)

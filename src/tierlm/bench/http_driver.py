@@ -99,7 +99,7 @@ class HttpDriver:
                     await asyncio.sleep(max(0.0, run.start + offsets[i] - time.monotonic()))
                 async with gate:
                     sent = run.start + offsets[i] if offsets is not None else time.monotonic()
-                    rec = RequestRecord(sent=sent, num_input=len(requests[i].prompt_ids))
+                    rec = RequestRecord(sent=sent, num_input=len(requests[i].prompt_ids), index=i)
                     run.records.append(rec)
                     await self._send(client, prompts[i], requests[i].max_tokens, rec)
                 if on_done:
@@ -145,6 +145,7 @@ class HttpDriver:
         for choice in obj.get("choices") or []:
             if choice.get("text"):
                 rec.token_times.append(now)
+                rec.text += choice["text"]
         usage = obj.get("usage")
         if usage:
             if usage.get("completion_tokens") is not None:

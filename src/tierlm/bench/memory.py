@@ -7,6 +7,8 @@ off as the other.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
 from pathlib import Path
@@ -72,3 +74,80 @@ class PeakMemory:
 
             device = int(torch.cuda.max_memory_allocated())
         return {"peak_rss_bytes": rss, "peak_rss_scope": self.scope, "peak_device_bytes": device}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 for a moment: the profiler's C++ side prints start/stop lines there that no
+    setting turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ---- what the model holds and reads ------------------------------------------------------------------------
+def weight_bytes(model) -> tuple[int, int]:
+    """(resident, read per step) bytes of a model's weights in their stored format.
+
+    resident: every parameter and buffer (packed copies included: they are memory too);
+    read per step: what one forward pass streams, i.e. all of it except embedding tables, which are
+    only gathered row by row (a tied embedding that also serves as the output matrix is read in full
+    by the logits matmul, and is counted when no separate output copy exists)."""
+    import torch
+
+    seen: set[int] = set()
+    resident = read = 0
+    head = getattr(model, "lm_head", None)
+    for module in model.modules():
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        for t in tensors:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            n = t.numel() * t.element_size()
+            resident += n
+            if not isinstance(module, torch.nn.Embedding) or head is None:
+                read += n
+    return resident, read
+
+
+def activation_peak_bytes(engine, prompt_ids: list[int]) -> int | None:
+    """Peak bytes torch allocated during one engine step that prefills `prompt_ids` (one request, one
+    new token): the activations (and logits) of a step of that many tokens, beyond the weights and the KV
+    pool, which are allocated before. On CUDA from the caching allocator's peak; on the CPU from the
+    profiler's memory events (allocations made outside torch, e.g. oneDNN scratch, are not seen).
+    None when the step cannot run (the prompt does not fit)."""
+    import torch
+
+    from tierlm.core.sampling_params import SamplingParams
+
+    if engine.has_unfinished_requests():
+        return None
+    rid = engine.add_request(list(prompt_ids), SamplingParams(temperature=0.0, max_tokens=1),
+                             request_id="activation-probe")
+    try:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+            base = torch.cuda.memory_allocated(engine.device)
+            torch.cuda.reset_peak_memory_stats(engine.device)
+            engine.step()
+            torch.cuda.synchronize(engine.device)
+            return int(torch.cuda.max_memory_allocated(engine.device) - base)
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            engine.step()
+        peak = cur = 0
+        for ev in prof.profiler.kineto_results.events():  # allocation (+) and free (-) events, in time order
+            if ev.name() == "[memory]":
+                cur += ev.nbytes()
+                peak = max(peak, cur)
+        return peak
+    finally:
+        engine.abort_request(rid)

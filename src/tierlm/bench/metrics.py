@@ -4,14 +4,19 @@ Definitions (REFERENCE.md section 6; all times in seconds on one monotonic clock
 
     TTFT  = first_token - sent            (sent: the scheduled arrival in open loop)
     E2E   = done - sent
-    TPOT  = (E2E - TTFT) / (n_out - 1)     requests with one output token have none
+    TPOT  = (E2E - TTFT) / (n_out - 1)     per request; includes any wait behind other requests' prefills
     ITL   = gaps between consecutive token arrivals of one request, pooled over requests
     requests/s, output tok/s, total tok/s: completed requests and their tokens over the wall time
-    prefill tok/s = input tokens / time some request was waiting for its first token
-    decode tok/s  = (output tokens - one per request) / time some request was decoding
-                    (both "time" figures are the length of the union of the per-request intervals,
-                    so overlap under load is counted once)
+    prefill tok/s (wall) = input tokens / time some request was waiting for its first token
+    decode tok/s (wall)  = (output tokens - one per request) / time some request was decoding
+                           (both "time" figures are the length of the union of the per-request intervals,
+                           so overlap under load is counted once; they include queueing)
+    hit rate = cached prompt tokens / prompt tokens, over the completed requests (the same definition for
+               the in-process engine and for servers reporting usage.prompt_tokens_details.cached_tokens)
     goodput = completed requests meeting every SLO given, per second (and as a fraction)
+
+Engine-side step figures (decode tok/s of decode-only steps, ...) are measured by the in-process driver,
+not derived here: see engine_driver.StepStats.
 
 Percentiles interpolate linearly between closest ranks (numpy's default); an empty set gives None.
 """
@@ -33,6 +38,9 @@ class RequestRecord:
     num_output: int | None = None  # the server's count where it reports one (else len(token_times))
     num_cached: int = 0
     error: str | None = None
+    index: int = -1  # the request's position in its workload (to diff tokens against the reference)
+    token_ids: list[int] | None = None  # greedy output tokens, where the driver sees them (in-process)
+    text: str = ""  # streamed output text, where the driver sees text (HTTP)
 
     @property
     def ok(self) -> bool:
@@ -78,6 +86,52 @@ class SLO:
         return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2e_ms))
 
 
+@dataclass
+class Dist:
+    """A latency distribution in milliseconds."""
+
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    mean: float | None = None
+
+
+@dataclass
+class RunMetrics:
+    """What one run (or several repetitions pooled) measured from request timelines."""
+
+    ttft_ms: Dist
+    tpot_ms: Dist
+    itl_ms: Dist
+    e2e_ms: Dist
+    requests: int
+    failed_requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    wall_s: float
+    requests_per_s: float | None
+    output_tok_per_s: float | None
+    total_tok_per_s: float | None
+    prefill_tok_per_s_wall: float | None
+    decode_tok_per_s_wall: float | None
+    hit_rate: float | None  # cached prompt tokens / prompt tokens
+    goodput_req_per_s: float | None = None
+    goodput_fraction: float | None = None
+    usd_per_million_tokens: float | None = None
+
+
+@dataclass
+class Spread:
+    """One figure across repetitions: min / median / max and (max - min) / median (None below 2 reps)."""
+
+    min: float | None = None
+    median: float | None = None
+    max: float | None = None
+    rel_spread: float | None = None
+    reps: int = 0
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0..100), linear interpolation between closest ranks."""
     if not values:
@@ -88,12 +142,10 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def distribution_ms(values_s: Iterable[float]) -> dict[str, float | None]:
-    """{p50, p90, p99} in milliseconds (plus mean) of values given in seconds."""
+def distribution_ms(values_s: Iterable[float]) -> Dist:
+    """p50 / p90 / p99 / mean in milliseconds of values given in seconds."""
     xs = [v * 1e3 for v in values_s]
-    out: dict[str, float | None] = {f"p{q}": percentile(xs, q) for q in PERCENTILES}
-    out["mean"] = sum(xs) / len(xs) if xs else None
-    return out
+    return Dist(*(percentile(xs, q) for q in PERCENTILES), mean=sum(xs) / len(xs) if xs else None)
 
 
 def union_length(intervals: Iterable[tuple[float, float]]) -> float:
@@ -113,14 +165,8 @@ def union_length(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def _rate(num: float, seconds: float) -> float | None:
+def rate(num: float, seconds: float) -> float | None:
     return num / seconds if seconds > 0 else None
-
-
-def hit_rate_delta(before: tuple[int, int], after: tuple[int, int]) -> float | None:
-    """Hit rate over a run from (queries, hits) token counters read before and after; None if no query."""
-    queries, hits = after[0] - before[0], after[1] - before[1]
-    return hits / queries if queries > 0 else None
 
 
 def usd_per_million(usd_per_hour: float | None, tok_per_s: float | None) -> float | None:
@@ -131,43 +177,37 @@ def usd_per_million(usd_per_hour: float | None, tok_per_s: float | None) -> floa
 
 
 def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO = SLO(),
-              usd_per_hour: float | None = None) -> dict:
+              usd_per_hour: float | None = None) -> RunMetrics:
     """Latency distributions and throughputs of one run (or of several reps' records pooled,
     with wall_s their summed wall time)."""
     ok = [r for r in records if r.ok]
     n_in = sum(r.num_input for r in ok)
     n_out = sum(r.n_out for r in ok)
-    out_rate = _rate(n_out, wall_s)
+    out_rate = rate(n_out, wall_s)
     good = [r for r in ok if slo.met(r)]
     prefill_time = union_length((r.sent, r.token_times[0]) for r in ok)
     decode_time = union_length((r.token_times[0], r.done) for r in ok if r.n_out > 1)
-    return {
-        "ttft_ms": distribution_ms(r.ttft for r in ok),
-        "tpot_ms": distribution_ms(t for r in ok if (t := r.tpot) is not None),
-        "itl_ms": distribution_ms(g for r in ok for g in r.itls),
-        "e2e_ms": distribution_ms(r.e2e for r in ok),
-        "requests": len(ok),
-        "failed_requests": len(records) - len(ok),
-        "input_tokens": n_in,
-        "output_tokens": n_out,
-        "cached_tokens": sum(r.num_cached for r in ok),
-        "wall_s": wall_s,
-        "requests_per_s": _rate(len(ok), wall_s),
-        "output_tok_per_s": out_rate,
-        "total_tok_per_s": _rate(n_in + n_out, wall_s),
-        "prefill_tok_per_s": _rate(n_in, prefill_time),
-        "decode_tok_per_s": _rate(sum(r.n_out - 1 for r in ok if r.n_out > 1), decode_time),
-        "goodput_req_per_s": _rate(len(good), wall_s) if slo.given else None,
-        "goodput_fraction": len(good) / len(ok) if slo.given and ok else None,
-        "usd_per_million_tokens": usd_per_million(usd_per_hour, out_rate),
-    }
+    return RunMetrics(
+        ttft_ms=distribution_ms(r.ttft for r in ok),
+        tpot_ms=distribution_ms(t for r in ok if (t := r.tpot) is not None),
+        itl_ms=distribution_ms(g for r in ok for g in r.itls),
+        e2e_ms=distribution_ms(r.e2e for r in ok),
+        requests=len(ok), failed_requests=len(records) - len(ok), input_tokens=n_in, output_tokens=n_out,
+        cached_tokens=sum(r.num_cached for r in ok), wall_s=wall_s,
+        requests_per_s=rate(len(ok), wall_s), output_tok_per_s=out_rate, total_tok_per_s=rate(n_in + n_out, wall_s),
+        prefill_tok_per_s_wall=rate(n_in, prefill_time),
+        decode_tok_per_s_wall=rate(sum(r.n_out - 1 for r in ok if r.n_out > 1), decode_time),
+        hit_rate=sum(r.num_cached for r in ok) / n_in if n_in else None,
+        goodput_req_per_s=rate(len(good), wall_s) if slo.given else None,
+        goodput_fraction=len(good) / len(ok) if slo.given and ok else None,
+        usd_per_million_tokens=usd_per_million(usd_per_hour, out_rate),
+    )
 
 
-def spread(values: Sequence[float | None]) -> dict[str, float | None]:
-    """min / median / max / relative spread of one figure across repetitions (spread None below 2 reps)."""
+def spread(values: Sequence[float | None]) -> Spread:
+    """min / median / max / relative spread of one figure across repetitions (rel_spread None below 2 reps)."""
     xs = sorted(v for v in values if v is not None)
     if not xs:
-        return {"min": None, "median": None, "max": None, "rel_spread": None, "reps": 0}
+        return Spread()
     med = percentile(xs, 50)
-    return {"min": xs[0], "median": med, "max": xs[-1],
-            "rel_spread": (xs[-1] - xs[0]) / med if med and len(xs) > 1 else None, "reps": len(xs)}
+    return Spread(xs[0], med, xs[-1], (xs[-1] - xs[0]) / med if med and len(xs) > 1 else None, len(xs))

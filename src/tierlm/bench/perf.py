@@ -1,10 +1,23 @@
-"""Engine speed on one model, side by side with transformers' generate() in the same run.
+"""Engine speed on one model, side by side with transformers' generate() in the same run: a command over
+`phases.measure_paired` (definitions and the rep pairing are stated there).
 
-Prints prefill tok/s (one 512-token prompt), decode tok/s at batch 1 and batch 16 (128 new tokens,
-greedy, EOS ignored), achieved GB/s against this machine's measured copy bandwidth (the GPU's own
-device-to-device copy bandwidth with --device cuda), and the greedy token diff between tierlm and the
-peer (a faster wrong answer is a bug). Both sides run on --device; on CUDA, transformers runs eagerly
-(its generate() auto-compile is off unless --peer-compile), and every timing synchronizes the device.
+    python -m tierlm.bench.perf [--model default] [--device cpu|cuda] [--dtype fp32|bf16]
+                                [--prefill-len 512 1024 2048 4096 8192] [--batch 1 16] [--prompt-len 32]
+                                [--new-tokens 128] [--reps 3] [--attention-backend auto|cpu|torch]
+                                [--no-peer] [--peer-compile] [--no-reference] [--progress] [--json out.json]
+
+Rows: prefill tok/s for each --prefill-len (one prompt, one new token; the recompute baseline every later
+technique is measured against), then decode and e2e tok/s for each --batch (greedy, EOS ignored). Decode
+rows also give achieved GB/s = (weight bytes + batch x mean context x KV bytes/token) per step x steps/s,
+against this machine's measured copy bandwidth (the GPU's own device-to-device copy with --device cuda).
+Then the greedy token diff tierlm vs transformers per batch (a faster wrong answer is a bug).
+
+The engine runs as users run it: no prefix cache (every rep recomputes), chunked prefill at the engine
+default of 512 tokens a step (long prompts take several steps), a KV pool sized for the longest prefill and
+the largest decode batch. A prefill length at or above the model's context is capped at context - 1
+(prompt + one new token must fit) and the run says so. --attention-backend torch reproduces the older
+gather + mask prefill path, for before/after figures. Both sides run on --device; on CUDA, transformers
+runs eagerly (its generate() auto-compile is off unless --peer-compile) and every timing synchronizes.
 
 With --dtype other than fp32, the tierlm-vs-transformers diff alone misleads: both sides round, and a
 divergence may be either side's. So after the timed runs (the bf16 engine and peer freed first) a tierlm
@@ -12,40 +25,35 @@ engine in fp32 on the same device, the reference config, generates the same deco
 each batch also reports tierlm vs that reference and transformers vs that reference (--no-reference skips
 it). In fp32 runs tierlm is the reference itself and only the tierlm-vs-transformers diff is reported.
 
-    python -m tierlm.bench.perf [--model default] [--device cpu|cuda] [--dtype fp32|bf16] [--batch 1 16]
-                                [--new-tokens 128] [--json out.json] [--no-reference]
-
 --model takes the default model, a .gguf file or a Hugging Face directory (e.g. random weights in the
-default model's shape: python -m tierlm.bench.random_model OUT --like CONFIG_DIR).
+default model's shape: python tests/helpers/random_model.py OUT --like CONFIG_DIR).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
-import statistics
 import sys
 
 import torch
 
-from tierlm.bench.machine import measure_bandwidth
 from tierlm.bench.gate import first_divergence
-from tierlm.bench.phases import engine_generate, make_prompts
-from tierlm.bench.transformers_peer import load_peer, run_transformers
+from tierlm.bench.machine import measure_bandwidth
+from tierlm.bench.phases import EngineSide, PhaseRow, PhaseShapes, TransformersSide, make_prompts, measure_paired
+from tierlm.bench.transformers_peer import load_peer
+from tierlm.core.errors import TierlmError
 
-
-def run_tierlm(llm, prompts: list[list[int]], new_tokens: int) -> dict:
-    return engine_generate(llm.engine, prompts, new_tokens)
+REFERENCE_DTYPE = "fp32"
+BLOCK_SIZE = 16
+DEFAULT_PREFILL_LENS = (512, 1024, 2048, 4096, 8192)
 
 
 def diff(a: list[list[int]], b: list[list[int]]) -> dict:
     first = [first_divergence(x, y) for x, y in zip(a, b)]
     return {"prompts": len(a), "exact_match": sum(f is None for f in first),
             "first_divergence": min((f for f in first if f is not None), default=None)}
-
-
-REFERENCE_DTYPE = "fp32"
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -55,24 +63,39 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def make_llm(model: str | None, dtype: str, device: str, max_num_seqs: int, max_num_batched_tokens: int = 512):
-    """The engine both the timed runs and the reference use: no prefix cache, a 1 GiB KV pool."""
+def kv_blocks_for(seq_lens: list[int], batches: list[int], decode_len: int) -> int:
+    """KV blocks that hold the longest single sequence in `seq_lens` and, separately, the largest decode
+    batch of `decode_len`-token sequences (shapes run one at a time and free their blocks)."""
+    cdiv = lambda n: -(-n // BLOCK_SIZE)  # noqa: E731
+    return max([cdiv(n) for n in seq_lens] + [b * cdiv(decode_len) for b in batches] + [1])
+
+
+def make_llm(model: str | None, dtype: str, device: str, max_num_seqs: int, max_seq_len: int, num_kv_blocks: int,
+             attention_backend: str = "auto"):
+    """The engine both the timed runs and the reference use: no prefix cache, chunked prefill at the engine
+    default (512 tokens a step), context max_seq_len tokens (capped at the model's), and a pool of at least
+    num_kv_blocks blocks that also holds one whole context (so the engine caps nothing further)."""
     from tierlm import LLM
 
-    return LLM(model, dtype=dtype, device=device, enable_prefix_caching=False, kv_cache_memory=1 << 30,
-               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+    blocks = max(num_kv_blocks, -(-max_seq_len // BLOCK_SIZE))
+    return LLM(model, dtype=dtype, device=device, enable_prefix_caching=False, max_model_len=max_seq_len,
+               block_size=BLOCK_SIZE, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
+               attention_backend=attention_backend)
 
 
 def reference_tokens(model: str | None, device: str, prompt_sets: list[list[list[int]]], new_tokens: int,
-                     max_num_batched_tokens: int = 512) -> list[list[list[int]]]:
+                     attention_backend: str = "auto") -> list[list[list[int]]]:
     """Greedy tokens (EOS ignored) of a tierlm engine in fp32 on `device` (the reference config), one list of
     per-prompt token lists for each prompt set. The engine is built here and freed before returning."""
-    ref = make_llm(model, REFERENCE_DTYPE, device, max((len(p) for p in prompt_sets), default=1),
-                   max_num_batched_tokens)
+    longest = max((len(p) + new_tokens for s in prompt_sets for p in s), default=new_tokens + 1)
+    blocks = kv_blocks_for([], [len(s) for s in prompt_sets], longest)
+    ref = make_llm(model, REFERENCE_DTYPE, device, max((len(s) for s in prompt_sets), default=1), longest, blocks,
+                   attention_backend)
     try:
-        return [engine_generate(ref.engine, prompts, new_tokens)["tokens"] for prompts in prompt_sets]
+        side = EngineSide(ref.engine)
+        return [side.generate(prompts, new_tokens).tokens for prompts in prompt_sets]
     finally:
-        ref = None
+        ref = side = None
         free_device_memory(torch.device(device))
 
 
@@ -88,22 +111,77 @@ def reference_report(cases: list[dict], ref_tokens: list[list[list[int]]]) -> li
     return out
 
 
+def cap_prefill_lens(lens: list[int], context: int) -> tuple[list[int], list[str]]:
+    """Prefill lengths that fit `context` with one new token (longer ones become context - 1; duplicates
+    dropped, order kept), and a note for each one capped."""
+    out, notes = [], []
+    for n in lens:
+        m = min(n, context - 1)
+        if m != n:
+            notes.append(f"prefill length {n} capped at {m}: prompt + 1 new token must fit the {context}-token context")
+        if m not in out:
+            out.append(m)
+    return out, notes
+
+
+def achieved_gb_s(row: PhaseRow, tok_s: float | None, weight_bytes: int, kv_bytes_per_token: int) -> float | None:
+    """Decode rows: bytes one step reads (every weight once + the batch's KV at the mean context) x steps/s."""
+    if row.phase != "decode" or not tok_s:
+        return None
+    ctx = row.prompt_len + row.new_tokens / 2
+    return (weight_bytes + row.batch * ctx * kv_bytes_per_token) * (tok_s / row.batch) / 1e9
+
+
 def _diff_line(what: str, batch: int, g: dict) -> str:
     flag = "OK" if g["exact_match"] == g["prompts"] else "DIVERGED"
     return (f"greedy diff {what}, batch {batch}: {g['exact_match']}/{g['prompts']} exact "
             f"(first divergence at token {g['first_divergence']}) {flag}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Table:
+    """The printed table: one line per PhaseRow, one tok/s (and GB/s) column per side."""
+
+    def __init__(self, names: list[str], gb_s, bandwidth: float):
+        self.names, self.gb_s, self.bw = names, gb_s, bandwidth
+        self.ratio_head = f"{names[0]} / {names[1]}" if len(names) > 1 else ""
+
+    def header(self) -> str:
+        cols = "".join(f"  {n + ' tok/s':>18}" for n in self.names)
+        ratio = f"  {self.ratio_head:>22}  {'per-rep range':<13}" if self.ratio_head else ""
+        gbs = "".join(f"  {n + ' GB/s (% bw)':>26}" for n in self.names)
+        return f"{'phase':<8} {'shape':<46}{cols}{ratio}{gbs}"
+
+    def line(self, row: PhaseRow) -> str:
+        cols = "".join(f"  {_num(row.tok_per_s.get(n)):>18}" for n in self.names)
+        ratio = ""
+        if self.ratio_head:
+            rng = f"{row.ratio_range[0]:.2f}x-{row.ratio_range[1]:.2f}x" if row.ratio_range else ""
+            ratio = f"  {(f'{row.ratio:.2f}x' if row.ratio is not None else ''):>22}  {rng:<13}"
+        gbs = ""
+        for n in self.names:
+            g = self.gb_s(row, row.tok_per_s.get(n))
+            gbs += f"  {(f'{g:.1f} ({100 * g / self.bw:.0f}%)' if g is not None and self.bw else ''):>26}"
+        return f"{row.phase:<8} {row.shape:<46}{cols}{ratio}{gbs}".rstrip()
+
+
+def _num(v: float | None) -> str:
+    return f"{v:,.1f}" if v is not None else "-"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tierlm.bench.perf", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both engines run")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt length for the decode runs")
-    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--prefill-len", type=int, nargs="+", default=list(DEFAULT_PREFILL_LENS),
+                    help="prompt lengths of the prefill rows (one prompt, one new token each)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="paired repetitions; the median is reported")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
+                    help="the engine's attention backend (torch: the gather + mask reference path)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--peer-compile", action="store_true",
                     help="let transformers' generate() torch.compile its forward on CUDA (slow first calls)")
@@ -111,116 +189,91 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --dtype other than fp32: skip the greedy diff of both sides against a tierlm "
                          "engine in fp32 (built after the timed runs)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--progress", action="store_true", help="print each case's row as soon as it is measured")
-    a = ap.parse_args(argv)
+    ap.add_argument("--progress", action="store_true", help="print each row as soon as it is measured")
+    return ap
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if min(a.prefill_len) < 1 or min(a.batch) < 1 or a.prompt_len < 1 or a.reps < 1:
+        ap.error("--prefill-len, --batch, --prompt-len and --reps take values >= 1")
+    if a.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (decode speed needs a token after the first)")
     if a.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available here")
+        ap.error("--device cuda: CUDA is not available here; use --device cpu")
+    try:
+        return _run(a, ap)
+    except TierlmError as e:
+        print(f"tierlm.bench.perf: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max(512, a.prefill_len))
-    device = llm.engine.device
+    decode_len = a.prompt_len + a.new_tokens
+    max_seq_len = max(max(a.prefill_len) + 1, decode_len)
+    blocks = kv_blocks_for([max_seq_len], a.batch, decode_len)
+    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, a.attention_backend)
+    engine, tokenizer = llm.engine, llm.tokenizer
+    context = engine.max_model_len
+    if decode_len > context:
+        ap.error(f"--prompt-len {a.prompt_len} + --new-tokens {a.new_tokens} exceeds the model's {context}-token "
+                 "context; lower one of them")
+    prefill_lens, notes = cap_prefill_lens(a.prefill_len, context)
+    device = engine.device
     peer = None if a.no_peer else load_peer(a.model, dtype, a.device)
-    has_peer = peer is not None
-    cfg = llm.engine.model_config
-    elem = torch.finfo(dtype).bits // 8
-    weight_bytes = cfg.num_params * elem
-    kv_tok = llm.engine.kv_spec.bytes_per_token
+    sides = [EngineSide(engine)]
+    if peer is not None:
+        sides.append(TransformersSide(peer, cache_implementation="static", compile=a.peer_compile))
+    names = [s.name for s in sides]
+    cfg = engine.model_config
+    weight_bytes = cfg.num_params * (torch.finfo(dtype).bits // 8)
+    kv_tok = engine.kv_spec.bytes_per_token
+    backend = engine.attention_backend.name
+    chunk = engine.config.scheduler.max_num_batched_tokens
     bw = measure_bandwidth(1 << 30 if device.type == "cuda" else 256 << 20, device=device)
-    where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
-             else f"{torch.get_num_threads()} threads")
-    rows = []
-
-    def record(name, engine, batch, plen, res_list, phase):
-        med = lambda k: statistics.median(r[k] for r in res_list)  # noqa: E731
-        row = {"case": name, "engine": engine, "batch": batch, "prompt_len": plen, "new_tokens": a.new_tokens}
-        if phase == "prefill":
-            row["prefill_tok_s"] = batch * plen / med("prefill_s")
-        else:
-            steps = a.new_tokens - 1
-            row["decode_tok_s"] = batch * steps / med("decode_s")
-            ctx = plen + a.new_tokens / 2
-            step_bytes = weight_bytes + batch * ctx * kv_tok
-            row["achieved_gb_s"] = step_bytes * steps / med("decode_s") / 1e9
-            row["e2e_tok_s"] = batch * a.new_tokens / med("total_s")
-        rows.append(row)
-        if a.progress:  # a partial record survives a run cut short
-            print("  " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
-        return row
-
-    def paired(prompts, new_tokens):
-        """Warm both sides up, then alternate tierlm and the peer rep by rep, so a burst of load from
-        elsewhere on a shared machine hits both sides rather than one."""
-        run_tierlm(llm, prompts, min(new_tokens, 8))
-        if peer is not None:
-            run_transformers(peer, prompts, min(new_tokens, 8), compile=a.peer_compile)
-        ours, theirs = [], []
-        for _ in range(a.reps):
-            ours.append(run_tierlm(llm, prompts, new_tokens))
-            if peer is not None:
-                theirs.append(run_transformers(peer, prompts, new_tokens, compile=a.peer_compile))
-        return ours, theirs
-
-    spreads = {}
-
-    def spread(case, key, ours, theirs):
-        if theirs:
-            ratios = sorted(t[key] / o[key] for o, t in zip(ours, theirs))  # time ratio = speed ratio
-            spreads[case] = (ratios[0], ratios[-1])
-
-    # Prefill: one long prompt, one new token.
-    pp = make_prompts(llm.tokenizer, 1, a.prefill_len)
-    new = a.new_tokens
-    a.new_tokens = 1
-    ours, theirs = paired(pp, 1)
-    record("prefill", "tierlm", 1, a.prefill_len, ours, "prefill")
-    if theirs:
-        record("prefill", "transformers", 1, a.prefill_len, theirs, "prefill")
-    spread("prefill", "prefill_s", ours, theirs)
-    a.new_tokens = new
-
-    gate = []
-    cases = []  # per batch: the prompts and both sides' first-rep tokens, for the reference check
-    for b in a.batch:
-        prompts = make_prompts(llm.tokenizer, b, a.prompt_len)
-        ours, theirs = paired(prompts, a.new_tokens)
-        record(f"decode b{b}", "tierlm", b, a.prompt_len, ours, "decode")
-        cases.append({"batch": b, "prompts": prompts, "tierlm": ours[0]["tokens"],
-                      "transformers": theirs[0]["tokens"] if theirs else None})
-        if theirs:
-            record(f"decode b{b}", "transformers", b, a.prompt_len, theirs, "decode")
-            spread(f"decode b{b}", "decode_s", ours, theirs)
-            gate.append({"batch": b, **diff(ours[0]["tokens"], theirs[0]["tokens"])})
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    gb_s = lambda row, tok_s: achieved_gb_s(row, tok_s, weight_bytes, kv_tok)  # noqa: E731
+    table = _Table(names, gb_s, bw)
+    for n in notes:
+        print(f"note: {n}")
+    if a.progress:
+        print(table.header(), flush=True)
+    shapes = PhaseShapes(prefill_lens=tuple(prefill_lens), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                         batches=tuple(a.batch), reps=a.reps)
+    rows = measure_paired(sides, tokenizer, shapes,
+                          progress=(lambda r: print(table.line(r), flush=True)) if a.progress else None)
+    decode_rows = [r for r in rows if r.phase == "decode"]
+    gate = [{"batch": r.batch, **diff(r.tokens["tierlm"], r.tokens["transformers"])}
+            for r in decode_rows if "transformers" in r.tokens]
 
     reference, reference_error = None, None
-    if a.dtype != REFERENCE_DTYPE and not a.no_reference and cases:
-        # After every timed run: free the timed engine and peer (the closures above name them too), then
-        # generate the same prompts with tierlm in fp32 on the same device.
-        # A failure here (e.g. no room for fp32 weights) must not lose the measurements: it is reported.
-        llm = peer = None
+    if a.dtype != REFERENCE_DTYPE and not a.no_reference and decode_rows:
+        # After every timed run: free the timed engine and peer, then generate the same prompts with tierlm in
+        # fp32 on the same device. A failure here (e.g. no room for fp32 weights) must not lose the
+        # measurements: it is reported.
+        llm = engine = peer = sides = None
         free_device_memory(device)
         try:
-            ref = reference_tokens(a.model, a.device, [c["prompts"] for c in cases], a.new_tokens,
-                                   max_num_batched_tokens=max(512, a.prefill_len))
+            ref = reference_tokens(a.model, a.device, [make_prompts(tokenizer, r.batch, a.prompt_len)
+                                                       for r in decode_rows], a.new_tokens, a.attention_backend)
+            cases = [{"batch": r.batch, "tierlm": r.tokens["tierlm"], "transformers": r.tokens.get("transformers")}
+                     for r in decode_rows]
             reference = reference_report(cases, ref)
         except Exception as e:  # noqa: BLE001
             reference_error = f"{type(e).__name__}: {e}"
             free_device_memory(device)
 
-    print(f"\nmodel {cfg.model_id}, {a.dtype}, {device.type} ({where}); "
-          f"weights {weight_bytes / 1e6:.0f} MB; KV {kv_tok} B/token; measured copy bandwidth {bw:.1f} GB/s")
-    print(f"{'case':<12} {'engine':<13} {'tok/s':>9} {'vs peer':>8} {'GB/s':>7} {'% of bw':>8}  per-rep ratio range")
-    by = {(r["case"], r["engine"]): r for r in rows}
+    print(f"\nmodel {cfg.model_id}, {a.dtype}, {device.type} ({where}); weights {weight_bytes / 1e6:.0f} MB; "
+          f"KV {kv_tok} B/token; measured copy bandwidth {bw:.1f} GB/s; attention backend {backend}; "
+          f"prefill chunked at {chunk} tokens a step; {a.reps} paired rep(s), medians")
+    print(table.header())
     for r in rows:
-        key = "prefill_tok_s" if "prefill_tok_s" in r else "decode_tok_s"
-        peer_row = by.get((r["case"], "transformers"))
-        ratio = f"{r[key] / peer_row[key]:.2f}x" if peer_row and r["engine"] == "tierlm" else ""
-        gbs = f"{r['achieved_gb_s']:.1f}" if "achieved_gb_s" in r else ""
-        pct = f"{100 * r['achieved_gb_s'] / bw:.0f}%" if "achieved_gb_s" in r else ""
-        rng = spreads.get(r["case"]) if r["engine"] == "tierlm" else None
-        rng = f"  {rng[0]:.2f}x - {rng[1]:.2f}x" if rng else ""
-        print(f"{r['case']:<12} {r['engine']:<13} {r[key]:>9.1f} {ratio:>8} {gbs:>7} {pct:>8}{rng}")
+        print(table.line(r))
+    for n in notes:
+        print(f"note: {n}")
     for g in gate:
         print(_diff_line("vs transformers", g["batch"], g))
     if reference_error:
@@ -233,21 +286,27 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         env = {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "bandwidth_gb_s": bw, "device": device.type,
-               "dtype": a.dtype, "model": cfg.model_id, "peer_compile": a.peer_compile}
+               "dtype": a.dtype, "model": cfg.model_id, "peer_compile": a.peer_compile,
+               "attention_backend": backend, "max_num_batched_tokens": chunk, "context": context, "reps": a.reps}
         if device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(device)
             env["cuda"] = torch.version.cuda
-        if has_peer:
+        if "transformers" in names:
             import transformers
 
             env["transformers"] = transformers.__version__
+        out_rows = []
+        for r in rows:
+            d = dataclasses.asdict(r)
+            del d["tokens"]
+            d["achieved_gb_s"] = {n: gb_s(r, r.tok_per_s.get(n)) for n in names} if r.phase == "decode" else None
+            out_rows.append(d)
+        out = {"environment": env, "sides": names, "rows": out_rows, "correctness": gate, "notes": notes}
+        if reference is not None:
+            out["reference"] = reference
+        if reference_error:
+            out["reference_error"] = reference_error
         with open(a.json, "w") as f:
-            out = {"environment": env, "rows": rows, "correctness": gate,
-                   "ratio_range": {k: list(v) for k, v in spreads.items()}}
-            if reference is not None:
-                out["reference"] = reference
-            if reference_error:
-                out["reference_error"] = reference_error
             json.dump(out, f, indent=2)
     return 0
 

@@ -32,8 +32,9 @@ class BenchPlan:
     slo: SLO = field(default_factory=SLO)
     usd_per_hour: float | None = None
     memory_budget: int = 8 << 30
-    gate_prompts: int = 6
+    gate_prompts: int = 6  # chat prompts in the gate set
     gate_tokens: int = 32
+    gate_long_len: int = 640  # tokens of the gate's long prompts (0: chat prompts only)
     peer: bool = True
     phases: PhaseShapes = field(default_factory=PhaseShapes)
     peer_urls: list[str] = field(default_factory=list)
@@ -97,16 +98,19 @@ def preflight(plan: BenchPlan) -> Preflight:
     plan.arrival_plans()  # validates concurrency / rate / burstiness
     if plan.reps < 1:
         raise InvalidParameterError(f"reps {plan.reps} < 1", "use --reps 1 or more")
-    if plan.warmup < 0 or plan.gate_prompts < 0 or plan.gate_tokens < 1:
-        raise InvalidParameterError("warm-up, gate prompts or gate tokens out of range",
-                                    "use --warmup >= 0, --gate-prompts >= 0, --gate-tokens >= 1")
+    if plan.warmup < 0 or plan.gate_prompts < 0 or plan.gate_tokens < 1 or plan.gate_long_len < 0:
+        raise InvalidParameterError("warm-up, gate prompts, gate tokens or gate prompt length out of range",
+                                    "use --warmup >= 0, --gate-prompts >= 0, --gate-tokens >= 1, --gate-long-len >= 0")
+    if not plan.gate_prompts and not plan.gate_long_len:
+        raise InvalidParameterError("the correctness gate has no prompts",
+                                    "keep --gate-prompts or --gate-long-len above 0")
     if plan.usd_per_hour is not None and plan.usd_per_hour < 0:
         raise InvalidParameterError(f"--usd-per-hour {plan.usd_per_hour} < 0", "give the machine's price per hour")
     if plan.memory_budget < 1 or plan.kv_memory < 1:
         raise InvalidParameterError("memory budgets must be positive", "e.g. --memory-budget 8GiB")
     ph = plan.phases
-    if plan.peer and (ph.prefill_len < 1 or ph.prompt_len < 1 or ph.new_tokens < 2 or not ph.batches
-                      or min(ph.batches) < 1 or ph.reps < 1):
+    if plan.peer and (not ph.prefill_lens or min(ph.prefill_lens) < 1 or ph.prompt_len < 1 or ph.new_tokens < 2
+                      or not ph.batches or min(ph.batches) < 1 or ph.reps < 1):
         raise InvalidParameterError("peer phase shapes out of range",
                                     "use prefill/prompt lengths >= 1, new tokens >= 2, batches >= 1")
     # output paths, before anything slow
@@ -146,7 +150,10 @@ def preflight(plan: BenchPlan) -> Preflight:
             raise InvalidParameterError(
                 f"workload {w.spec} needs {w.max_seq_len} tokens of KV but --kv-cache-memory holds {kv_tokens}",
                 "raise --kv-cache-memory or shrink the workload")
-    if plan.peer and max(ph.prefill_len, ph.prompt_len + ph.new_tokens) > context:
+    if plan.gate_long_len + plan.gate_tokens > min(context, kv_tokens):
+        raise InvalidParameterError(f"gate prompts of {plan.gate_long_len} tokens plus {plan.gate_tokens} new do not "
+                                    f"fit the context of {min(context, kv_tokens)}", "lower --gate-long-len")
+    if plan.peer and max(max(ph.prefill_lens), ph.prompt_len + ph.new_tokens) >= context:
         raise InvalidParameterError(f"peer phase shapes exceed the context of {context} tokens",
                                     "lower --peer-prefill-len / --peer-new-tokens")
     del ckpt

@@ -6,27 +6,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tierlm.bench.headline import HEAD, PEER_HEAD, fmt_bytes, fmt_num, fmt_pct, peer_rows, workload_sections
+from tierlm.bench.headline import (
+    GATE_HEAD,
+    MEMORY_HEAD,
+    PEER_HEAD,
+    SPEED_HEAD,
+    fmt_bytes,
+    fmt_num,
+    fmt_pct,
+    gate_rows,
+    memory_sections,
+    peer_rows,
+    speed_sections,
+)
+from tierlm.bench.results import BenchResult
 
 DEFINITIONS = """\
 - **TTFT** first token - send (scheduled arrival in open loop); **E2E** done - send;
-  **TPOT** (E2E - TTFT) / (output tokens - 1); **ITL** gaps between consecutive tokens of a request.
-- **prefill tok/s**: input tokens / time during which some request waited for its first token;
-  **decode tok/s**: output tokens after the first / time during which some request was decoding (union of
-  intervals, so overlap counts once); **e2e**: output tok/s over the wall time.
-- **KV/session**: KV bytes referenced by running requests / running sessions, at the run's peak (blocks
-  shared through the prefix cache count once); **mem saved** = 1 - KV/session(config) / KV/session(baseline);
-  **max sessions** = memory budget / KV/session.
-- **speed-ups** are ratios of per-request medians against the baseline on the same workload and load:
-  prefill x = TTFT p50, decode x = TPOT p50, e2e x = E2E p50 (baseline / config). Throughput ratios are in
-  the JSON (`comparisons[].throughput_ratio`).
-- **hit rate** per tier from counter deltas over the run (device = prefix-cache hit tokens / queried tokens;
-  n/a where the tier or the cache is absent). **GB/s**: (steps x weight bytes + context KV read) / wall time,
-  against the machine's measured copy bandwidth. **$/1M** output tokens from --usd-per-hour.
-- Percentiles pool the requests of every repetition; throughputs pool tokens over the summed wall time;
-  the spread column is (max - min) / median of output tok/s across repetitions (n/a with one).
-- **peak RSS** is the whole process's resident peak during the run (model, KV pool, Python), reset per run.
-- Requests are greedy with EOS ignored, so every configuration generates the same token counts; the prefix
+  **TPOT** (E2E - TTFT) / (output tokens - 1), per request: it includes time spent waiting behind other
+  requests' prefills; **ITL** gaps between consecutive tokens of a request.
+- **decode tok/s** (in-process runs): decode tokens / seconds of engine steps that held only decodes, the
+  speed of decode compute; **prefill tok/s (steps)** the same for prefill-only steps; steps holding both
+  (chunked prefill next to decodes) are counted apart, and the share of step time they took is listed per run.
+  For HTTP runs, decode tok/s is the wall-clock rate: output tokens after the first / time during which some
+  request was decoding (union of intervals).
+- **x columns** compare a run with its reference run on the same workload and load: the baseline for
+  in-process configurations, `tierlm serve` (same HTTP driver) for HTTP peers. TTFT x, TPOT x, e2e x =
+  reference p50 / config p50; decode x = config decode tok/s / reference. In brackets: the range of the
+  per-repetition ratios (rep i against rep i).
+- **KV B/token** from the KV format (kvcache/spec.py); **KV/session**: KV bytes referenced by running requests
+  / running sessions at the run's peak (blocks shared through the prefix cache count once); **peak KV**:
+  KV bytes referenced at that peak; **KV pool**: allocated; **max sessions**: KVSpec.max_sessions(budget,
+  longest session of the workload, shared prefix if the config caches prefixes), the same definition
+  `tierlm info` uses; **activations**: peak bytes torch allocated during one profiled engine step of the
+  run's largest step size (beyond weights and KV); **weights**: every parameter and buffer resident;
+  **peak RSS**: the whole process's resident peak during the run, reset per run.
+- **hit rate**: cached prompt tokens / prompt tokens over completed requests, counted once per request (the
+  same for tierlm and for servers reporting usage.prompt_tokens_details.cached_tokens).
+- **GB/s**: (steps x weight bytes a step reads + context KV read) / wall time, against the machine's measured
+  copy bandwidth. **$/1M** output tokens from --usd-per-hour.
+- **tokens vs ref**: greedy output tokens of every request of the run against the baseline's for the same
+  requests; the **gate** runs its own prompt set (chat prompts, long prompts chunked across many steps, shared
+  prefixes, a pool small enough to preempt and evict) and compares with the baseline and with transformers.
+- Percentiles pool the requests of every repetition; throughputs pool tokens over the summed wall time.
+  Requests are greedy with EOS ignored, so every configuration generates the same token counts; the prefix
   cache is reset before every repetition.
 """
 
@@ -41,81 +64,74 @@ def _red(text: str) -> str:
     return f'<span style="color:red">**{text}**</span>'
 
 
-def _detail_rows(result: dict) -> list[list[str]]:
+DETAIL_HEAD = ("config", "workload", "arrivals", "TTFT ms p50/90/99", "TPOT ms", "ITL ms", "E2E ms", "req/s",
+               "out tok/s", "total tok/s", "prefill tok/s (steps)", "mixed-step time", "goodput", "evictions",
+               "preemptions", "GB/s", "$/1M out", "out tok/s spread")
+
+
+def _detail_rows(result: BenchResult) -> list[list[str]]:
     rows = []
-    for r in result.get("runs", []):
-        m = r["metrics"]
-        hit = m.get("cache_hit_rate") or {}
-        hits = ", ".join(f"{t} {fmt_pct(v)}" for t, v in hit.items() if v is not None) or "n/a"
-        d = lambda k: "/".join(fmt_num(m[k].get(q), 0 if k != "tpot_ms" else 1) for q in ("p50", "p90", "p99"))  # noqa: E731
-        rows.append([
-            r["config"], r["workload"], r["arrival"], d("ttft_ms"), d("tpot_ms"), d("itl_ms"), d("e2e_ms"),
-            fmt_num(m.get("requests_per_s"), 2), fmt_num(m.get("output_tok_per_s")), fmt_num(m.get("total_tok_per_s")),
-            fmt_num(m.get("prefill_tok_per_s")), fmt_num(m.get("decode_tok_per_s")),
-            fmt_pct(m.get("goodput_fraction")), fmt_bytes(m.get("peak_kv_bytes")), fmt_bytes(m.get("peak_rss_bytes")),
-            fmt_num(m.get("max_sessions_at_budget"), 0), hits, fmt_num(m.get("achieved_gb_s"), 2),
-            fmt_num(m.get("usd_per_million_tokens"), 3), fmt_pct((r.get("spread") or {}).get("output_tok_per_s", {})
-                                                                 .get("rel_spread")),
-        ])
+    for r in result.runs:
+        m = r.metrics
+
+        def d(dist, digits=0):
+            return "/".join(fmt_num(getattr(dist, q), digits) for q in ("p50", "p90", "p99"))
+
+        rows.append([r.config, r.workload, r.arrival, d(m.ttft_ms), d(m.tpot_ms, 1), d(m.itl_ms, 1), d(m.e2e_ms),
+                     fmt_num(m.requests_per_s, 2), fmt_num(m.output_tok_per_s), fmt_num(m.total_tok_per_s),
+                     fmt_num(r.steps.prefill_tok_per_s if r.steps else None),
+                     fmt_pct(r.steps.mixed_fraction if r.steps else None), fmt_pct(m.goodput_fraction),
+                     fmt_num(r.evictions, 0), fmt_num(r.preemptions, 0), fmt_num(r.achieved_gb_s, 2),
+                     fmt_num(m.usd_per_million_tokens, 3), fmt_pct(r.spread["output_tok_per_s"].rel_spread)])
     return rows
 
 
-DETAIL_HEAD = ("config", "workload", "arrivals", "TTFT ms p50/90/99", "TPOT ms", "ITL ms", "E2E ms", "req/s",
-               "out tok/s", "total tok/s", "prefill tok/s", "decode tok/s", "goodput", "peak KV", "peak RSS",
-               "max sessions", "hit rate", "GB/s", "$/1M out", "spread")
-
-
-def render_markdown(result: dict, plots: list[Path], plot_note: str | None) -> str:
-    env = result.get("environment", {})
-    mach = env.get("machine", {})
+def render_markdown(result: BenchResult, plots: list[Path], plot_note: str | None) -> str:
+    env = result.environment
+    mach = env.machine
     out = ["# tierlm bench report", ""]
-    if result.get("incomplete"):
-        out += [_red(f"INCOMPLETE: stopped during {result.get('stopped_during')}; the numbers below are partial."), ""]
-    out += [f"Command: `{result.get('command', '')}`", "",
-            f"Model {env.get('model')} (context {env.get('context')}), device {mach.get('device')}, "
+    if result.incomplete:
+        out += [_red(f"INCOMPLETE: stopped during {result.stopped_during}; the numbers below are partial."), ""]
+    out += [f"Command: `{result.command}`", "",
+            f"Model {env.model} (context {env.context}), device {mach.get('device')}, "
             f"{mach.get('cpu_count')} CPUs / {mach.get('torch_threads')} threads, "
-            f"measured copy bandwidth {fmt_num(mach.get('bandwidth_gb_s'))} GB/s, seed {env.get('seed')}, "
-            f"config digest `{env.get('config_digest')}`.", ""]
-    out += ["## Headline: each configuration against the baseline", ""]
-    for w, rows in workload_sections(result):
-        out += [f"**{w['name']}**: {w['shape']} (`{w['spec']}`)", ""]
-        out += _md_table(HEAD, [[_red(c) if flagged else c for c in cells] if flagged else cells
-                                for cells, flagged in rows])
+            f"measured copy bandwidth {fmt_num(mach.get('bandwidth_gb_s'))} GB/s, seed {env.seed}, "
+            f"config digest `{env.config_digest}`.", ""]
+    out += ["## Headline: each configuration against its reference", ""]
+    for w, rows in speed_sections(result):
+        out += [f"**{w.name}**: {w.shape}, shared prefix {w.shared_prefix_tokens} tokens (`{w.spec}`)", ""]
+        out += _md_table(SPEED_HEAD, [[_red(c) for c in cells] if flagged else cells for cells, flagged in rows])
         out.append("")
+    out += ["## Memory: KV, activations and weights", ""]
+    for w, rows in memory_sections(result):
+        out += [f"**{w.name}**", ""] + _md_table(MEMORY_HEAD, rows) + [""]
     pr = peer_rows(result)
     if pr:
-        t = result["peers"]["transformers"]
-        out += [f"## Peer: transformers {t.get('version', '')} generate() on the same model and dtype", ""]
-        out += _md_table(PEER_HEAD, pr)
-        g = t.get("gate")
-        if g:
-            out += ["", f"transformers greedy tokens vs baseline: {g['exact_match']}/{g['prompts']} exact "
-                        f"(first divergence {g['first_divergence']}; informational, not gated)."]
-        out.append("")
+        out += [f"## Peer: transformers {result.peers.transformers_version or ''} generate() on the same model and dtype",
+                "", "The tierlm baseline engine and transformers alternate repetition by repetition.", ""]
+        out += _md_table(PEER_HEAD, pr) + [""]
     out += ["## Correctness gate", "",
-            "Greedy tokens of each configuration against the baseline on the fixed prompt set.", ""]
-    gate_rows = []
-    for g in result.get("correctness", []):
-        status = _red(f"FLAGGED: {g['reason']}") if g["flagged"] else "ok"
-        gate_rows.append([g["config"], f"{g['exact_match']}/{g['prompts']}", g["first_divergence"],
-                          g["repeat_anomalies"], g["tolerance"], status])
-    out += _md_table(("config", "exact match", "first divergence", "repeat anomalies", "tolerance", "status"),
-                     gate_rows)
+            "Greedy tokens of each configuration on the gate set (chat prompts; long prompts cut from a shipped "
+            "public-domain text, chunked across many steps; shared prefixes hit across waves; a pool small enough "
+            "to preempt and evict), against the baseline and against transformers.", ""]
+    out += _md_table(GATE_HEAD, [[_red(c) for c in cells] if flagged else cells for cells, flagged in gate_rows(result)])
     out += ["", "## Every run", ""]
     out += _md_table(DETAIL_HEAD, _detail_rows(result))
     out += ["", "## Configurations", ""]
-    out += _md_table(("config", "what it is", "KV bytes/token", "KV pool", "step token budget", "load s"),
-                     [[c["name"], c["summary"], f"{c['kv_bytes_per_token']:,}", fmt_bytes(c["kv_pool_bytes"]),
-                       c["max_num_batched_tokens"], fmt_num(c["load_s"], 1)] for c in result.get("configs", [])])
+    out += _md_table(("config", "what it is", "attention", "KV bytes/token", "KV pool", "weights", "step token budget",
+                      "load s"),
+                     [[c.name, c.summary, c.attention_backend, f"{c.kv_bytes_per_token:,}", fmt_bytes(c.kv_pool_bytes),
+                       fmt_bytes(c.weights_bytes), c.max_num_batched_tokens, fmt_num(c.load_s, 1)]
+                      for c in result.configs])
     out += ["", "## Plots", ""]
     out += [f"![{p.stem}]({p.name})" for p in plots] or [plot_note or "no plots"]
-    if result.get("notes"):
-        out += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    if result.notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     out += ["", "## Definitions", "", DEFINITIONS]
     return "\n".join(out)
 
 
-def write_report(result: dict, out_dir: Path, plots: list[Path], plot_note: str | None) -> Path:
+def write_report(result: BenchResult, out_dir: Path, plots: list[Path], plot_note: str | None) -> Path:
     path = out_dir / "report.md"
     path.write_text(render_markdown(result, plots, plot_note))
     return path

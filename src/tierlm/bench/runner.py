@@ -1,33 +1,58 @@
 """BenchRunner: one benchmark from a preflighted plan to a filled BenchResult.
 
-    for each config (baseline first):       build an engine, run the gate prompts, warm up,
-                                            then every workload x arrival plan x repetition
-                                            (prefix cache reset before each repetition)
-    transformers peer (same process):       phase speeds + greedy diff against the reference
-    HTTP peers (by URL):                    every workload x arrival plan through the HTTP driver
-    always, even after Ctrl-C:              comparisons against the baseline
+    for each config (baseline first):   gate: a small engine of the config runs the gate set (gate.py)
+                                        then the measured engine: warm up, every workload x arrival plan
+                                        x repetition (prefix cache reset before each repetition); each
+                                        run's greedy tokens diffed against the baseline's same requests;
+                                        one profiled step of the run's largest size for the activations
+    transformers peer (same process):   a fresh baseline engine and transformers' generate() alternate rep
+                                        by rep on the phase shapes (phases.measure_paired); transformers'
+                                        greedy tokens on the gate set become a second reference
+    HTTP peers (by URL):                `tierlm serve` (a subprocess on loopback, the same engine flags) and
+                                        each peer through the same HTTP driver, every workload x arrival
+    always, even after Ctrl-C:          comparisons (runs vs their reference runs), gates vs transformers
 
 Each finished step lands in the result at once, so an interrupted run keeps what it measured;
 `result.incomplete` stays True and `stopped_during` names the step that was cut.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
 import statistics
 import sys
 import time
 
 from tierlm.bench.arrivals import ArrivalPlan
-from tierlm.bench.comparison import compare_runs, peer_ratios
-from tierlm.bench.configs import BASELINE, engine_config, get_config, reference_config
-from tierlm.bench.engine_driver import EngineRun, reset_prefix_cache, run_engine, warm_up
-from tierlm.bench.gate import compare, engine_greedy, gate_prompt_ids
+from tierlm.bench.comparison import SERVE, compare_runs
+from tierlm.bench.configs import BASELINE, engine_config, gate_engine_config, get_config, reference_config
+from tierlm.bench.engine_driver import EngineRun, StepStats, reset_prefix_cache, run_engine, warm_up
+from tierlm.bench.gate import (
+    GATE_CHUNK,
+    ConfigGate,
+    build_gate_set,
+    compare,
+    first_divergence,
+    gate_pool_blocks,
+    in_order,
+    run_gate,
+)
 from tierlm.bench.machine import config_digest, describe_machine, measure_bandwidth, versions
-from tierlm.bench.memory import PeakMemory
+from tierlm.bench.memory import PeakMemory, activation_peak_bytes, weight_bytes
 from tierlm.bench.metrics import spread, summarize
 from tierlm.bench.plan import BenchPlan, Preflight
-from tierlm.bench.results import TIERS, BenchResult
+from tierlm.bench.results import (
+    TIERS,
+    BenchResult,
+    ConfigInfo,
+    MemoryFigures,
+    RepFigures,
+    RunCheck,
+    RunResult,
+    WorkloadInfo,
+)
 from tierlm.bench.workloads import Workload, build_workload
 
 SAMPLE_CAP = 5000  # raw latencies kept per run for the CDF plot
@@ -37,8 +62,9 @@ class BenchRunner:
     def __init__(self, plan: BenchPlan, pre: Preflight, result: BenchResult, progress=None):
         self.plan, self.pre, self.result = plan, pre, result
         self.bar = progress
-        self.reference_tokens: list[list[int]] | None = None
-        self.gate_prompts = gate_prompt_ids(pre.tokenizer, plan.gate_prompts)
+        self.gate_set = build_gate_set(pre.tokenizer, plan.gate_prompts, plan.gate_long_len)
+        self.transformers_gate: list[list[int]] | None = None  # transformers' tokens, in gate order
+        self.reference_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}  # (workload, arrival) -> tokens
         self.bandwidth: float | None = None
 
     # ---- top level -----------------------------------------------------------------------------
@@ -47,39 +73,41 @@ class BenchRunner:
         try:
             self._stage("environment")
             self.bandwidth = measure_bandwidth(128 << 20, 5) if plan.device != "cuda" else None
-            res.environment = {"machine": describe_machine(plan.device, self.bandwidth), "versions": versions(),
-                               "config_digest": config_digest(plan.describe()), "seed": plan.seed,
-                               "model": self.pre.model_config.model_id, "context": self.pre.context,
-                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "plan": plan.describe(),
-                               "load_average_start": _loadavg()}
-            res.workloads = [{"name": w.name, "spec": w.spec, "shape": w.shape, "requests": len(w.requests)}
-                             for w in self.pre.workloads]
+            env = res.environment
+            env.machine = describe_machine(plan.device, self.bandwidth)
+            env.versions = versions()
+            env.config_digest = config_digest(plan.describe())
+            env.seed, env.model, env.context = plan.seed, self.pre.model_config.model_id, self.pre.context
+            env.started_at, env.plan = time.strftime("%Y-%m-%dT%H:%M:%S%z"), plan.describe()
+            env.load_average_start = _loadavg()
+            res.workloads = [WorkloadInfo(w.name, w.spec, w.shape, len(w.requests), w.max_seq_len,
+                                          w.shared_prefix_tokens) for w in self.pre.workloads]
             for name in plan.configs:
                 self._run_config(name)
             if plan.peer:
                 self._run_transformers()
-            for url in plan.peer_urls:
-                self._run_http(url)
+            if plan.peer_urls:
+                self._run_http()
             self._stage("done")
             res.incomplete = False
             res.stopped_during = None
         finally:
             self._note_load()
-            res.comparisons = compare_runs(res.runs, BASELINE)
-            res.environment["wall_s"] = time.monotonic() - self._t0 if hasattr(self, "_t0") else None
+            self._gate_against_transformers()
+            res.comparisons = compare_runs(res.runs)
+            res.environment.wall_s = time.monotonic() - self._t0 if hasattr(self, "_t0") else None
         return res
 
     def _note_load(self) -> None:
         """Record the 1-minute load average; say so when other processes shared the CPUs (noisy numbers)."""
         env = self.result.environment
-        env["load_average_end"] = _loadavg()
-        loads = [x for x in (env.get("load_average_start"), env["load_average_end"]) if x is not None]
-        load = max(loads, default=None)
+        env.load_average_end = _loadavg()
+        load = max((x for x in (env.load_average_start, env.load_average_end) if x is not None), default=None)
         cpus = os.cpu_count() or 1
         if load is not None and self.plan.device == "cpu" and load > cpus + 0.5:
             self.result.notes.append(
                 f"the machine was busy (1-min load average up to {load:.1f} on {cpus} CPUs): other processes "
-                "shared the cores, so latencies have outliers; medians (used for the speed-ups) are more reliable")
+                "shared the cores, so latencies have outliers; medians (used for the ratios) are more reliable")
 
     def _stage(self, name: str) -> None:
         now = time.monotonic()
@@ -87,7 +115,7 @@ class BenchRunner:
             self._t0 = self._t_stage = now
         prev = self.result.stopped_during
         if prev is not None:
-            times = self.result.environment.setdefault("stage_s", {})
+            times = self.result.environment.stage_s
             times[prev] = round(times.get(prev, 0.0) + now - self._t_stage, 3)
         self._t_stage = now
         self.result.stopped_during = name
@@ -99,59 +127,71 @@ class BenchRunner:
             self.bar.update(n)
 
     # ---- engine configs ------------------------------------------------------------------------
-    def _engine(self, name: str):
-        from tierlm.engine.llm_engine import LLMEngine
-
+    def _reference(self):
         plan = self.plan
-        longest = max([w.max_prompt_len for w in self.pre.workloads] + [len(p) for p in self.gate_prompts]
-                      + ([plan.phases.prefill_len] if plan.peer else []) + [1])
-        ref = reference_config(plan.model, plan.dtype, plan.device, plan.max_model_len, plan.kv_memory,
-                               plan.max_num_seqs, plan.max_num_batched_tokens, longest)
-        cfg = engine_config(name, ref, plan.max_num_batched_tokens)
-        return LLMEngine(cfg), cfg
+        longest = max([w.max_prompt_len for w in self.pre.workloads] + [1])
+        return reference_config(plan.model, plan.dtype, plan.device, plan.max_model_len, plan.kv_memory,
+                                plan.max_num_seqs, plan.max_num_batched_tokens, longest)
 
     def _run_config(self, name: str) -> None:
-        plan, res = self.plan, self.result
-        self._stage(f"{name}: load")
-        engine, cfg = self._engine(name)
-        res.configs.append({"name": name, "summary": get_config(name).summary, "load_s": engine.load_seconds,
-                            "kv_format": engine.kv_spec.kv_format, "dtype": str(engine.dtype).replace("torch.", ""),
-                            "prefix_caching": cfg.cache.enable_prefix_caching,
-                            "chunked_prefill": cfg.scheduler.enable_chunked_prefill,
-                            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
-                            "kv_bytes_per_token": engine.kv_spec.bytes_per_token,
-                            "kv_pool_bytes": engine.runner.kv_cache_bytes})
-        self._stage(f"{name}: gate")
-        self._gate(name, engine_greedy(engine, self.gate_prompts, plan.gate_tokens) if self.gate_prompts else [])
-        reset_prefix_cache(engine)
-        if name == BASELINE and plan.peer:
-            self._stage("baseline: phases")
-            from tierlm.bench.phases import engine_generate, measure_phases
+        from tierlm.engine.llm_engine import LLMEngine
 
-            rows = measure_phases(lambda p, n: engine_generate(engine, p, n), self.pre.tokenizer, plan.phases)
-            res.peers.setdefault("transformers", {})["tierlm_phases"] = rows
-            self._tick(0)
+        plan, res = self.plan, self.result
+        ref = self._reference()
+        if self.gate_set.prompts:
+            self._stage(f"{name}: gate")
+            gcfg = gate_engine_config(name, ref, gate_pool_blocks(self.gate_set, plan.gate_tokens, ref.cache.block_size),
+                                      self.gate_set.first_wave_tokens, GATE_CHUNK)
+            with _quiet("tierlm.engine.llm_engine"):  # its pool is small on purpose: no capped-context warning
+                gate_engine = LLMEngine(gcfg)
+            tokens = run_gate(gate_engine, self.gate_set, plan.gate_tokens)
+            engine_info = {"num_blocks": gate_engine.num_kv_blocks, "block_size": gcfg.cache.block_size,
+                           "max_num_batched_tokens": gcfg.scheduler.max_num_batched_tokens,
+                           "preemptions": gate_engine.scheduler.num_preemptions,
+                           "evictions": gate_engine.kv.stats.evictions,
+                           "prefix_hit_tokens": gate_engine.kv.stats.prefix_cache_hits}
+            gate_engine = None
+            gc.collect()
+            self._gate(name, tokens, engine_info)
+        self._stage(f"{name}: load")
+        cfg = engine_config(name, ref, plan.max_num_batched_tokens)
+        engine = LLMEngine(cfg)
+        resident, read = weight_bytes(engine.model)
+        res.configs.append(ConfigInfo(
+            name=name, summary=get_config(name).summary, kv_format=engine.kv_spec.kv_format,
+            dtype=str(engine.dtype).replace("torch.", ""), attention_backend=engine.attention_backend.name,
+            prefix_caching=cfg.cache.enable_prefix_caching, chunked_prefill=cfg.scheduler.enable_chunked_prefill,
+            max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
+            kv_bytes_per_token=engine.kv_spec.bytes_per_token, kv_pool_bytes=engine.runner.kv_cache_bytes,
+            weights_bytes=resident, weights_read_per_step=read, load_s=engine.load_seconds,
+            tolerance=get_config(name).tolerance))
         if plan.warmup:
             self._stage(f"{name}: warm-up")
             warm = build_workload(f"fixed:n={plan.warmup},isl=48,osl=8", self.pre.tokenizer, plan.seed + 10_000)
             warm_up(engine, warm.requests)
+        activations: dict[int, int | None] = {}
         for w in self.pre.workloads:
             for arrival in plan.arrival_plans():
-                self._run_engine_workload(name, engine, w, arrival)
-        engine = None  # drop it before the next config loads (a closure above still names it)
+                self._run_engine_workload(name, engine, w, arrival, activations)
+        engine = None
         gc.collect()
 
-    def _gate(self, name: str, tokens: list[list[int]]) -> None:
-        if name == BASELINE:
-            self.reference_tokens = tokens
-        if self.reference_tokens is None:
-            return
-        g = compare(name, self.reference_tokens, tokens, get_config(name).tolerance)
-        d = g.to_dict()
-        d["tokens"] = tokens
-        self.result.correctness.append(d)
+    def _gate(self, name: str, tokens: list[list[int]], engine_info: dict) -> None:
+        gate = ConfigGate(name, tokens, engine=engine_info)
+        base = self.result.gate_for(BASELINE)
+        if base is not None and name != BASELINE:
+            gate.vs_reference = compare(name, base.tokens, tokens, get_config(name).tolerance, BASELINE)
+        self.result.gates.append(gate)
 
-    def _run_engine_workload(self, name: str, engine, w: Workload, arrival: ArrivalPlan) -> None:
+    def _gate_against_transformers(self) -> None:
+        if self.transformers_gate is None:
+            return
+        for gate in self.result.gates:
+            gate.vs_transformers = compare(gate.config, self.transformers_gate, gate.tokens,
+                                           get_config(gate.config).tolerance, "transformers")
+
+    def _run_engine_workload(self, name: str, engine, w: Workload, arrival: ArrivalPlan,
+                             activations: dict[int, int | None]) -> None:
         plan = self.plan
         self._stage(f"{name}: {w.name} {_short(arrival)}")
         reps: list[EngineRun] = []
@@ -169,123 +209,204 @@ class BenchRunner:
             if reps:
                 if len(mem_peaks) < len(reps):
                     mem_peaks.append(probe.read())
-                self.result.runs.append(self._engine_run_dict(name, engine, w, arrival, reps, mem_peaks))
+                result = self._engine_run_result(name, engine, w, arrival, reps, mem_peaks, activations)
+                self.result.runs.append(result)
 
-    def _engine_run_dict(self, name, engine, w, arrival, reps: list[EngineRun], mem_peaks: list[dict]) -> dict:
+    def _engine_run_result(self, name, engine, w: Workload, arrival: ArrivalPlan, reps: list[EngineRun],
+                           mem_peaks: list[dict], activations: dict[int, int | None]) -> RunResult:
         plan = self.plan
         records = [r for run in reps for r in run.records]
         wall = sum(run.wall_s for run in reps)
-        m = summarize(records, wall, plan.slo, plan.usd_per_hour)
+        metrics = summarize(records, wall, plan.slo, plan.usd_per_hour)
+        steps = StepStats()
+        for run in reps:
+            steps.merge(run.step_stats)
         spec = engine.kv_spec
+        complete = all(run.complete for run in reps)
+        n = steps.max_step_tokens
+        if complete and n and n not in activations:  # one profiled step of the run's largest size
+            seed = [t for r in w.requests for t in r.prompt_ids][: max(1, n)]
+            activations[n] = activation_peak_bytes(engine, (seed * (n // max(1, len(seed)) + 1))[:n])
         per_session = [r.kv_bytes_per_session for r in reps if r.kv_bytes_per_session]
-        per_session_val = statistics.median(per_session) if per_session else None
-        queries = sum(r.prefix_queries for r in reps)
-        hits = sum(r.prefix_hits for r in reps)
-        weight_bytes = self.pre.model_config.num_params * engine.dtype.itemsize
-        moved = sum(r.steps for r in reps) * weight_bytes + sum(r.kv_read_bytes for r in reps)
+        shared = w.shared_prefix_tokens if engine.kv.enable_prefix_caching else 0
+        memory = MemoryFigures(
+            kv_bytes_per_token=spec.bytes_per_token,
+            kv_bytes_per_session=statistics.median(per_session) if per_session else None,
+            peak_kv_bytes=max(r.peak_kv_blocks for r in reps) * spec.page_size_bytes,
+            kv_pool_bytes=engine.runner.kv_cache_bytes,
+            max_sessions_at_budget=spec.max_sessions(plan.memory_budget, max(1, w.max_seq_len), min(shared, w.max_seq_len)),
+            memory_budget_bytes=plan.memory_budget,
+            weights_bytes=weight_bytes(engine.model)[0], activations_peak_bytes=activations.get(n),
+            peak_rss_bytes=max((p["peak_rss_bytes"] for p in mem_peaks if p["peak_rss_bytes"]), default=None),
+            peak_rss_scope=mem_peaks[-1]["peak_rss_scope"] if mem_peaks else None,
+            peak_device_bytes=max((p["peak_device_bytes"] for p in mem_peaks if p["peak_device_bytes"]), default=None))
+        read_per_step = weight_bytes(engine.model)[1]
+        moved = steps.steps * read_per_step + sum(r.kv_read_bytes for r in reps)
         gbs = moved / wall / 1e9 if wall > 0 else None
-        m.update({
-            "kv_bytes_per_token": spec.bytes_per_token,
-            "kv_bytes_per_session": per_session_val,
-            "peak_kv_bytes": max(r.peak_kv_blocks for r in reps) * spec.page_size_bytes,
-            "peak_sessions": max(r.peak_sessions for r in reps),
-            "peak_rss_bytes": max((p["peak_rss_bytes"] for p in mem_peaks if p["peak_rss_bytes"]), default=None),
-            "peak_rss_scope": mem_peaks[-1]["peak_rss_scope"] if mem_peaks else None,
-            "peak_device_bytes": max((p["peak_device_bytes"] for p in mem_peaks if p["peak_device_bytes"]),
-                                     default=None),
-            "memory_budget_bytes": plan.memory_budget,
-            "max_sessions_at_budget": int(plan.memory_budget // per_session_val) if per_session_val else None,
-            "cache_hit_rate": {t: None for t in TIERS} | (
-                {"device": hits / queries if queries else 0.0} if engine.kv.enable_prefix_caching else {}),
-            "prefix_cache_queries": queries, "prefix_cache_hits": hits,
-            "evictions": sum(r.evictions for r in reps), "preemptions": sum(r.preemptions for r in reps),
-            "steps": sum(r.steps for r in reps),
-            "achieved_gb_s": gbs,
-            "bandwidth_fraction": gbs / self.bandwidth if gbs and self.bandwidth else None,
-        })
-        return self._run_dict(name, "in-process", w, arrival, reps, records, m)
+        hit = metrics.hit_rate if engine.kv.enable_prefix_caching else None
+        return RunResult(
+            config=name, driver="in-process", workload=w.name, workload_spec=w.spec, shape=w.shape,
+            concurrency=arrival.concurrency, rate=arrival.rate, burstiness=arrival.burstiness,
+            arrival=_arrival_label(w, arrival), timed=w.timed, reps=len(reps), incomplete=not complete,
+            metrics=metrics, per_rep=[_rep_figures(run.records, run.wall_s, run.step_stats) for run in reps],
+            spread=_spreads(reps), memory=memory, cache_hit_rate={t: None for t in TIERS} | {"device": hit},
+            steps=steps, evictions=sum(r.evictions for r in reps), preemptions=sum(r.preemptions for r in reps),
+            achieved_gb_s=gbs, bandwidth_fraction=gbs / self.bandwidth if gbs and self.bandwidth else None,
+            check=self._check(name, w, arrival, records),
+            samples={"ttft_ms": [r.ttft * 1e3 for r in records if r.ok][:SAMPLE_CAP],
+                     "e2e_ms": [r.e2e * 1e3 for r in records if r.ok][:SAMPLE_CAP]})
 
-    def _run_dict(self, name, driver, w, arrival, reps, records, m) -> dict:
-        per_rep = [summarize(run.records, run.wall_s) for run in reps]
-        gate = self.result.gate_for(name)
-        ok = [r for r in records if r.ok]
-        return {
-            "config": name, "driver": driver, "workload": w.name, "workload_spec": w.spec, "shape": w.shape,
-            "concurrency": arrival.concurrency, "rate": arrival.rate, "burstiness": arrival.burstiness,
-            "arrival": ("trace timestamps" + (f", max {arrival.concurrency} in flight" if arrival.concurrency else "")
-                        if w.timed else arrival.label), "timed": w.timed, "reps": len(reps), "incomplete": not all(r.complete for r in reps),
-            "metrics": m,
-            "spread": {"output_tok_per_s": spread([p["output_tok_per_s"] for p in per_rep]),
-                       "ttft_p50_ms": spread([p["ttft_ms"]["p50"] for p in per_rep]),
-                       "tpot_p50_ms": spread([p["tpot_ms"]["p50"] for p in per_rep])},
-            "correctness": ({k: gate[k] for k in ("prompts", "exact_match", "repeat_anomalies", "first_divergence",
-                                                  "flagged", "reason")} if gate else
-                            {"prompts": 0, "exact_match": None, "repeat_anomalies": None, "flagged": False,
-                             "reason": "not gated (text-only API: no token ids to diff)"}),
-            "samples": {"ttft_ms": [r.ttft * 1e3 for r in ok][:SAMPLE_CAP],
-                        "e2e_ms": [r.e2e * 1e3 for r in ok][:SAMPLE_CAP]},
-        }
+    def _check(self, name: str, w: Workload, arrival: ArrivalPlan, records) -> RunCheck | None:
+        """This run's greedy tokens against the baseline's for the same requests (same workload and load)."""
+        key = (w.spec, _arrival_label(w, arrival))
+        got = [(r.index, r.token_ids) for r in records if r.ok and r.token_ids is not None]
+        if name == BASELINE:
+            ref = self.reference_tokens.setdefault(key, {})
+            for i, toks in got:
+                ref.setdefault(i, toks)
+        ref = self.reference_tokens.get(key)
+        if not ref:
+            return None
+        tolerance = get_config(name).tolerance
+        firsts = {i: first_divergence(ref[i], toks) for i, toks in got if i in ref}
+        diverged = sorted({i for i, f in firsts.items() if f is not None})
+        flagged = len(diverged) > tolerance
+        return RunCheck(reference=BASELINE, requests=len(firsts), exact_match=sum(f is None for f in firsts.values()),
+                        first_divergence=min((f for f in firsts.values() if f is not None), default=None),
+                        diverged_requests=diverged, tolerance=tolerance, flagged=flagged,
+                        reason=f"{len(diverged)} request(s) diverge from {BASELINE}" if flagged else "ok")
 
     # ---- peers ---------------------------------------------------------------------------------
     def _run_transformers(self) -> None:
         import torch
 
-        from tierlm.bench.phases import measure_phases
-        from tierlm.bench.transformers_peer import load_peer, peer_greedy, run_transformers
+        from tierlm.bench.phases import EngineSide, TransformersSide, measure_paired
+        from tierlm.bench.transformers_peer import load_peer, peer_greedy
+        from tierlm.engine.llm_engine import LLMEngine
 
         plan, res = self.plan, self.result
         self._stage("transformers: load")
         dtype = torch.float32 if plan.dtype in ("auto", "fp32") and plan.device != "cuda" else torch.bfloat16
         try:
-            model = load_peer(plan.model, dtype)
+            model = load_peer(plan.model, dtype, plan.device)
         except Exception as e:  # counted and reported, never silent: the peer is optional
             res.notes.append(f"transformers peer skipped: {type(e).__name__}: {e}")
             print(f"tierlm bench: transformers peer skipped ({e})", file=sys.stderr)
             return
-        peer = res.peers.setdefault("transformers", {})
-        peer["version"] = versions().get("transformers")
-        self._stage("transformers: phases")
-        rows = measure_phases(lambda p, n: run_transformers(model, p, n, None), self.pre.tokenizer, plan.phases)
-        peer["phases"] = rows
-        peer["ratios"] = peer_ratios(peer.get("tierlm_phases", []), rows)
-        if self.gate_prompts and self.reference_tokens is not None:
+        res.peers.transformers_version = versions().get("transformers")
+        if self.gate_set.prompts:
             self._stage("transformers: gate")
-            toks = peer_greedy(model, self.gate_prompts, plan.gate_tokens, tuple(self.pre.tokenizer.eos_token_ids))
-            g = compare("transformers", self.reference_tokens, toks).to_dict()
-            g["informational"] = True
-            peer["gate"] = g
-        model = None  # free the peer (a closure above still names it)
+            per_prompt = peer_greedy(model, self.gate_set.prompts, plan.gate_tokens,
+                                     tuple(self.pre.tokenizer.eos_token_ids))
+            self.transformers_gate = in_order(self.gate_set, per_prompt)
+        self._stage("transformers: phases")
+        longest = max(max(plan.phases.prefill_lens), plan.phases.prompt_len + plan.phases.new_tokens)
+        engine = LLMEngine(_phase_engine_config(self._reference(), longest))
+        sides = [EngineSide(engine, name="tierlm"), TransformersSide(model, name="transformers", cache_implementation=None)]
+        res.peers.phases = measure_paired(sides, self.pre.tokenizer, plan.phases,
+                                          progress=lambda row: self._tick(0))
+        engine = model = sides = None
         gc.collect()
 
-    def _run_http(self, url: str) -> None:
+    def _run_http(self) -> None:
         from tierlm.bench.http_driver import HttpDriver, HttpRun
+        from tierlm.bench.server_process import ServerProcess
 
         plan = self.plan
-        models = self.pre.server_models.get(url) or []
-        driver = HttpDriver(url, self.pre.tokenizer, plan.peer_model or (models[0] if models else None),
-                            api_key=plan.peer_api_key)
-        name = f"http:{url}"
+        self._stage("tierlm serve: start")
+        flags = _serve_flags(plan)
+        with ServerProcess(flags) as server:
+            driver = HttpDriver(server.url, self.pre.tokenizer, None)
+            self._http_runs(SERVE, driver, HttpRun)
+        for url in plan.peer_urls:
+            models = self.pre.server_models.get(url) or []
+            driver = HttpDriver(url, self.pre.tokenizer, plan.peer_model or (models[0] if models else None),
+                                api_key=plan.peer_api_key)
+            self._http_runs(f"http:{url}", driver, HttpRun)
+
+    def _http_runs(self, name: str, driver, run_cls) -> None:
+        plan = self.plan
         for w in self.pre.workloads:
             for arrival in plan.arrival_plans():
                 self._stage(f"{name}: {w.name} {_short(arrival)}")
-                reps: list[HttpRun] = []
+                reps = []
                 try:
                     for _ in range(plan.reps):
-                        run = HttpRun()
+                        run = run_cls()
                         reps.append(run)
                         driver.run(w.requests, arrival, run, on_request_done=self._tick)
                 finally:
                     if reps:
-                        records = [r for run in reps for r in run.records]
-                        m = summarize(records, sum(r.wall_s for r in reps), plan.slo, plan.usd_per_hour)
-                        ok = [r for r in records if r.ok]
-                        n_in = sum(r.num_input for r in ok)
-                        cached = sum(r.num_cached for r in ok)
-                        m.update({"kv_bytes_per_token": None, "kv_bytes_per_session": None, "peak_kv_bytes": None,
-                                  "peak_rss_bytes": None, "max_sessions_at_budget": None,
-                                  "cache_hit_rate": {t: None for t in TIERS} | (
-                                      {"device": cached / n_in} if cached and n_in else {})})
-                        self.result.runs.append(self._run_dict(name, "http", w, arrival, reps, records, m))
+                        self.result.runs.append(self._http_run_result(name, w, arrival, reps))
+
+    def _http_run_result(self, name: str, w: Workload, arrival: ArrivalPlan, reps) -> RunResult:
+        plan = self.plan
+        records = [r for run in reps for r in run.records]
+        metrics = summarize(records, sum(r.wall_s for r in reps), plan.slo, plan.usd_per_hour)
+        reported = any(r.num_cached for r in records if r.ok)
+        return RunResult(
+            config=name, driver="http", workload=w.name, workload_spec=w.spec, shape=w.shape,
+            concurrency=arrival.concurrency, rate=arrival.rate, burstiness=arrival.burstiness,
+            arrival=_arrival_label(w, arrival), timed=w.timed, reps=len(reps),
+            incomplete=not all(r.complete for r in reps), metrics=metrics,
+            per_rep=[_rep_figures(run.records, run.wall_s, None) for run in reps], spread=_spreads(reps),
+            memory=MemoryFigures(memory_budget_bytes=plan.memory_budget),
+            cache_hit_rate={t: None for t in TIERS} | {"device": metrics.hit_rate if reported else None},
+            samples={"ttft_ms": [r.ttft * 1e3 for r in records if r.ok][:SAMPLE_CAP],
+                     "e2e_ms": [r.e2e * 1e3 for r in records if r.ok][:SAMPLE_CAP]})
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Hold a logger's warnings back for a moment (errors still pass)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _phase_engine_config(reference, longest: int):
+    """The baseline engine the phases run on: the reference config, with room for the longest phase prompt
+    (prefill runs in one step, as the peer's does)."""
+    from dataclasses import replace
+
+    return replace(reference, scheduler=replace(reference.scheduler,
+                                                 max_num_batched_tokens=max(reference.scheduler.max_num_batched_tokens,
+                                                                            longest)))
+
+
+def _serve_flags(plan: BenchPlan) -> list[str]:
+    """`tierlm serve` flags for the same model and engine sizes as the in-process runs (serve's defaults
+    otherwise: prefix caching and chunked prefill on, as users run it)."""
+    flags = ["--dtype", plan.dtype, "--device", plan.device, "--kv-cache-memory", str(plan.kv_memory),
+             "--max-num-seqs", str(plan.max_num_seqs), "--max-num-batched-tokens", str(plan.max_num_batched_tokens)]
+    if plan.model:
+        flags += ["--model", str(plan.model)]
+    if plan.max_model_len:
+        flags += ["--max-model-len", str(plan.max_model_len)]
+    return flags
+
+
+def _rep_figures(records, wall_s: float, steps: StepStats | None) -> RepFigures:
+    m = summarize(records, wall_s)
+    return RepFigures(m.ttft_ms.p50, m.tpot_ms.p50, m.e2e_ms.p50, m.output_tok_per_s,
+                      steps.decode_tok_per_s if steps is not None else m.decode_tok_per_s_wall)
+
+
+def _spreads(reps) -> dict:
+    per = [summarize(run.records, run.wall_s) for run in reps]
+    return {"output_tok_per_s": spread([p.output_tok_per_s for p in per]),
+            "ttft_p50_ms": spread([p.ttft_ms.p50 for p in per]),
+            "tpot_p50_ms": spread([p.tpot_ms.p50 for p in per])}
+
+
+def _arrival_label(w: Workload, a: ArrivalPlan) -> str:
+    if w.timed:
+        return "trace timestamps" + (f", max {a.concurrency} in flight" if a.concurrency else "")
+    return a.label
 
 
 def _loadavg() -> float | None:
@@ -302,4 +423,5 @@ def _short(a: ArrivalPlan) -> str:
 def planned_requests(plan: BenchPlan, pre: Preflight) -> int:
     """Measured requests the whole run will send (the progress bar's total)."""
     per_config = sum(len(w.requests) for w in pre.workloads) * len(plan.arrival_plans()) * plan.reps
-    return per_config * (len(plan.configs) + len(plan.peer_urls))
+    servers = (1 + len(plan.peer_urls)) if plan.peer_urls else 0
+    return per_config * (len(plan.configs) + servers)

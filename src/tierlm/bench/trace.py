@@ -17,6 +17,7 @@ share a hash id share that block's tokens (that is how the trace encodes prefix 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tierlm.core.errors import InvalidParameterError
@@ -53,10 +54,16 @@ def read_trace(path: str | Path, limit: int = 0) -> list[dict]:
     return rows
 
 
-def build_trace_requests(src, path: str = "", block: int = TRACE_BLOCK_TOKENS, limit: int = 0,
-                         time_scale: float = 1.0, replay: int = 1):
-    from tierlm.bench.workloads import BenchRequest
+@dataclass(frozen=True)
+class TraceItem:
+    prompt_ids: list[int]
+    output_len: int
+    arrival_s: float | None  # from the trace start; None when the arrival plan decides
 
+
+def build_trace(src, path: str = "", block: int = TRACE_BLOCK_TOKENS, limit: int = 0, time_scale: float = 1.0,
+                replay: int = 1) -> tuple[str, list[TraceItem]]:
+    """(shape line, items) of a trace; `src.take(n)` supplies n fresh token ids (workloads.TokenSource)."""
     if block < 1:
         raise InvalidParameterError("trace: block must be >= 1", "e.g. block=64 to scale a trace down 8x")
     rows = read_trace(path, limit)
@@ -75,7 +82,7 @@ def build_trace_requests(src, path: str = "", block: int = TRACE_BLOCK_TOKENS, l
             ids.extend(blocks[h])
         ids = ids[:n_in] + src.take(n_in - len(ids))
         arrival = (row["timestamp"] - t0) / 1000.0 * time_scale if replay else None
-        reqs.append(BenchRequest(ids, max(1, int(row["output_length"])), arrival_s=arrival, tag=f"t{i}"))
+        reqs.append(TraceItem(ids, max(1, int(row["output_length"])), arrival))
     mean_in = sum(len(r.prompt_ids) for r in reqs) / len(reqs)
     span = (max(r["timestamp"] for r in rows) - t0) / 1000.0 * time_scale
     how = f"replayed over {span:.1f} s" if replay else "arrivals from the plan"

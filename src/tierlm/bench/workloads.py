@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tierlm.bench.trace import build_trace
 from tierlm.core.errors import InvalidParameterError
 
 
@@ -70,6 +71,20 @@ class Workload:
     @property
     def timed(self) -> bool:
         return bool(self.requests) and all(r.arrival_s is not None for r in self.requests)
+
+    @property
+    def shared_prefix_tokens(self) -> int:
+        """Leading tokens every request's prompt shares (a system prompt, a common prefix): measured from
+        the token ids, not declared by the generator."""
+        prompts = [r.prompt_ids for r in self.requests]
+        if not prompts:
+            return 0
+        n = min(len(p) for p in prompts)
+        first = prompts[0]
+        for i in range(n):
+            if any(p[i] != first[i] for p in prompts[1:]):
+                return i
+        return n
 
 
 _WORDS = (
@@ -164,10 +179,10 @@ class WorkloadKind:
         return {p.name: p.default for p in params}
 
 
-def _trace_builder(src: TokenSource, **knobs):
-    from tierlm.bench.trace import build_trace_requests
-
-    return build_trace_requests(src, **knobs)
+def _trace_builder(src: TokenSource, **knobs) -> tuple[str, list[BenchRequest]]:
+    shape, items = build_trace(src, **knobs)
+    return shape, [BenchRequest(t.prompt_ids, t.output_len, arrival_s=t.arrival_s, tag=f"t{i}")
+                   for i, t in enumerate(items)]
 
 
 WORKLOADS: dict[str, WorkloadKind] = {k.name: k for k in (

@@ -58,6 +58,21 @@ def _config_digest(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class StepSummary:
+    """What the last `step()` computed: decode tokens (one per decoding sequence) and prefill tokens
+    (prompt chunks and recomputes). A step with both is a mixed step."""
+
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+
+    @property
+    def kind(self) -> str:
+        if self.decode_tokens and self.prefill_tokens:
+            return "mixed"
+        return "decode" if self.decode_tokens else "prefill"
+
+
 @dataclass
 class _Sequence:
     """Engine-side state of one generated sequence."""
@@ -131,6 +146,7 @@ class LLMEngine:
         self._ids = itertools.count()
         # computed_tokens: tokens run through the model (prefix-cache hits are not computed).
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0}
+        self.last_step: StepSummary | None = None  # None until a step computes something
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -206,7 +222,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.last_step = None
             return []
+        decodes = sum(1 for s in sched.scheduled if s.is_decode)
+        self.last_step = StepSummary(decodes, sched.num_batched_tokens - decodes)
         logits, reqs = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
         self.counters["steps"] += 1

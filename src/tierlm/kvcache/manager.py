@@ -102,8 +102,9 @@ class KVCacheManager:
         request holding no blocks. The request's block hashes are kept for `allocate_slots`;
         `free` drops them, so free a probed request even if it never got blocks.
         Returns ([], 0) when prefix caching is off. The query and hit counters move when the request is
-        admitted (its first successful `allocate_slots`), so a request probed on several steps before it
-        fits counts once.
+        first admitted (its first successful `allocate_slots`), so a request probed on several steps
+        before it fits, or admitted again after a preemption, counts once: hit rate = cached prompt
+        tokens / prompt tokens, per request, as the bench and the server report it.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -152,8 +153,9 @@ class KVCacheManager:
         if num_needed > self.pool.num_free_blocks - num_free_hits:
             return None
 
-        if self.enable_prefix_caching and rid not in self._tables and request.num_computed_tokens == 0:
-            self._queries += request.num_tokens  # admitted: count this prefix lookup once
+        if (self.enable_prefix_caching and rid not in self._tables and request.num_computed_tokens == 0
+                and not request.num_preemptions):
+            self._queries += request.num_tokens  # first admission: count this request's lookup once
             self._hits += len(hits) * bs
         self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)

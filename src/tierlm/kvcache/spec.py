@@ -84,8 +84,23 @@ class KVSpec:
         """Blocks one sequence of `seq_len` tokens occupies (its last block may be partly empty)."""
         return -(-seq_len // self.block_size)
 
-    def max_sessions(self, memory_bytes: int, seq_len: int) -> int:
-        """Sequences of `seq_len` tokens that fit in `memory_bytes` at once, each in whole blocks."""
+    def max_sessions(self, memory_bytes: int, seq_len: int, shared_prefix: int = 0) -> int:
+        """Sequences of `seq_len` tokens that fit in `memory_bytes` at once, each in whole blocks.
+
+        The one definition of "max sessions" (`tierlm info` and `tierlm bench` both use it). With
+        `shared_prefix` tokens common to every session and a prefix cache, the full blocks of that prefix
+        are stored once and shared; the rest of each session (from the first block the prefix does not
+        fill) is its own:
+
+            sessions = (blocks in budget - shared blocks) // (blocks per session - shared blocks)
+        """
         if seq_len < 1:
             raise InvalidParameterError(f"seq_len {seq_len} < 1", "give a sequence length of at least one token")
-        return self.num_blocks_for_budget(memory_bytes) // self.blocks_per_sequence(seq_len)
+        if not 0 <= shared_prefix <= seq_len:
+            raise InvalidParameterError(f"shared_prefix {shared_prefix} is not in [0, seq_len {seq_len}]",
+                                        "give the tokens every session shares, at most the session length")
+        budget_blocks = self.num_blocks_for_budget(memory_bytes)
+        shared = min(shared_prefix // self.block_size, self.blocks_per_sequence(seq_len) - 1)
+        if budget_blocks < self.blocks_per_sequence(seq_len):
+            return 0
+        return (budget_blocks - shared) // (self.blocks_per_sequence(seq_len) - shared)

@@ -4,7 +4,7 @@ For speed measurements where the real weights cannot travel (a GPU box without t
 both tierlm (`LLM(model=OUT_DIR)`) and transformers (`AutoModelForCausalLM.from_pretrained(OUT_DIR)`)
 load the same weights, so their greedy outputs stay comparable.
 
-    python -m tierlm.bench.random_model OUT_DIR --like CONFIG_DIR [--seed 0] [--std 0.05]
+    python tests/helpers/random_model.py OUT_DIR --like CONFIG_DIR [--seed 0] [--std 0.05]
 
 CONFIG_DIR holds a config.json (e.g. the default model's converted cache entry, whose weights are not
 needed) and usually tokenizer.json / tokenizer_config.json / generation_config.json, which are copied.

@@ -1,0 +1,31 @@
+"""Deliberate engine bugs, patched in for a test, that the correctness gate must catch."""
+from __future__ import annotations
+
+from tierlm.kvcache.manager import KVCacheManager
+from tierlm.scheduler.scheduler import Scheduler
+
+
+def chunk_boundary_off_by_one(monkeypatch):
+    """A prefill chunk that stops mid-prompt advances one token too far: the next chunk starts late and the
+    skipped token's KV is never written."""
+    real = Scheduler.update_after_step
+
+    def broken(self, out):
+        real(self, out)
+        for s in out.scheduled:
+            r = s.request
+            if not s.is_decode and r.num_computed_tokens < r.num_prompt_tokens - 1:
+                r.num_computed_tokens += 1
+
+    monkeypatch.setattr(Scheduler, "update_after_step", broken)
+
+
+def prefix_hit_one_token_long(monkeypatch):
+    """A prefix hit claims one token more than its blocks hold: that token's KV is never computed."""
+    real = KVCacheManager.get_computed_blocks
+
+    def broken(self, request):
+        hits, n = real(self, request)
+        return hits, (n + 1 if hits and n + 1 < request.num_tokens else n)
+
+    monkeypatch.setattr(KVCacheManager, "get_computed_blocks", broken)

@@ -294,3 +294,20 @@ def test_a_request_probed_until_it_fits_counts_its_prefix_query_once():
     assert mgr.allocate_slots(b, 9, hits) is not None
     assert mgr.stats.prefix_cache_queries == 8 + 4 + 17 and mgr.stats.prefix_cache_hits == 8
     mgr.check_integrity()
+
+
+def test_a_preempted_request_counts_its_prefix_query_once():
+    """Hit rate = cached prompt tokens / prompt tokens per request: a recompute after a preemption (prompt +
+    output so far, mostly hits on its own freed blocks) must not count as a second query."""
+    mgr = manager()
+    r = make_request("r", A)
+    prefill(mgr, r)
+    assert mgr.stats.prefix_cache_queries == 10 and mgr.stats.prefix_cache_hits == 0
+    decode(mgr, r, 1)
+    decode(mgr, r, 2)
+    mgr.free(r)  # preempted: blocks freed (still cached), computed tokens reset
+    r.num_computed_tokens, r.num_preemptions = 0, 1
+    hits, n = mgr.get_computed_blocks(r)
+    assert n == 8 and mgr.allocate_slots(r, r.num_tokens - n, hits) is not None
+    assert mgr.stats.prefix_cache_queries == 10 and mgr.stats.prefix_cache_hits == 0
+    mgr.check_integrity()

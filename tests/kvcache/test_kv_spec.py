@@ -61,6 +61,18 @@ def test_max_sessions_counts_whole_blocks_per_session():
         spec.max_sessions(1 << 30, 0)
 
 
+def test_max_sessions_stores_a_shared_prefix_once():
+    spec = smol("fp32")  # 737,280 B per 16-token block
+    budget = 100 * spec.page_size_bytes
+    assert spec.max_sessions(budget, 160) == 10  # 10 blocks each
+    assert spec.max_sessions(budget, 160, shared_prefix=128) == (100 - 8) // (10 - 8)  # 8 shared blocks, 2 own
+    assert spec.max_sessions(budget, 160, shared_prefix=135) == 46  # a partial block is not shared
+    assert spec.max_sessions(budget, 160, shared_prefix=160) == 91  # at least the last block is each session's own
+    assert spec.max_sessions(5 * spec.page_size_bytes, 160, shared_prefix=128) == 0  # not even one session
+    with pytest.raises(InvalidParameterError, match="shared_prefix"):
+        spec.max_sessions(budget, 160, shared_prefix=161)
+
+
 def test_torch_dtype_for_implemented_formats_and_a_clear_error_for_planned_ones():
     assert smol("bf16").torch_dtype is torch.bfloat16
     assert smol("fp32").torch_dtype is torch.float32

@@ -4,7 +4,8 @@
     python -m tierlm.bench.perf [--model default] [--device cpu|cuda] [--dtype fp32|bf16]
                                 [--prefill-len 512 1024 2048 4096 8192] [--batch 1 16] [--prompt-len 32]
                                 [--new-tokens 128] [--reps 3] [--attention-backend auto|cpu|torch]
-                                [--no-peer] [--peer-compile] [--no-reference] [--progress] [--json out.json]
+                                [--no-peer] [--peer-cache static|dynamic] [--peer-compile] [--no-reference]
+                                [--progress] [--json out.json]
 
 Rows: prefill tok/s for each --prefill-len (one prompt, one new token; the recompute baseline every later
 technique is measured against), then decode and e2e tok/s for each --batch (greedy, EOS ignored). Decode
@@ -183,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
                     help="the engine's attention backend (torch: the gather + mask reference path)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--peer-cache", choices=["static", "dynamic"], default="static",
+                    help="transformers' KV cache: static (preallocated) or dynamic (its default); which is faster "
+                         "depends on the machine, so compare with both before quoting a ratio")
     ap.add_argument("--peer-compile", action="store_true",
                     help="let transformers' generate() torch.compile its forward on CUDA (slow first calls)")
     ap.add_argument("--no-reference", action="store_true",
@@ -226,7 +230,8 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     peer = None if a.no_peer else load_peer(a.model, dtype, a.device)
     sides = [EngineSide(engine)]
     if peer is not None:
-        sides.append(TransformersSide(peer, cache_implementation="static", compile=a.peer_compile))
+        sides.append(TransformersSide(peer, cache_implementation=None if a.peer_cache == "dynamic" else "static",
+                                      compile=a.peer_compile))
     names = [s.name for s in sides]
     cfg = engine.model_config
     weight_bytes = cfg.num_params * (torch.finfo(dtype).bits // 8)
@@ -268,7 +273,8 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
 
     print(f"\nmodel {cfg.model_id}, {a.dtype}, {device.type} ({where}); weights {weight_bytes / 1e6:.0f} MB; "
           f"KV {kv_tok} B/token; measured copy bandwidth {bw:.1f} GB/s; attention backend {backend}; "
-          f"prefill chunked at {chunk} tokens a step; {a.reps} paired rep(s), medians")
+          f"prefill chunked at {chunk} tokens a step; {a.reps} paired rep(s), medians"
+          + ("" if a.no_peer else f"; transformers with its {a.peer_cache} KV cache"))
     print(table.header())
     for r in rows:
         print(table.line(r))
@@ -286,7 +292,7 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     if a.json:
         env = {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "bandwidth_gb_s": bw, "device": device.type,
-               "dtype": a.dtype, "model": cfg.model_id, "peer_compile": a.peer_compile,
+               "dtype": a.dtype, "model": cfg.model_id, "peer_compile": a.peer_compile, "peer_cache": a.peer_cache,
                "attention_backend": backend, "max_num_batched_tokens": chunk, "context": context, "reps": a.reps}
         if device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(device)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import tierlm.models.loader as loader
 from tierlm.models.loader import load_checkpoint
 from tierlm.models.loader.default_model import default_gguf_path
 from tierlm.models.loader.gguf import GGUFFile
@@ -128,3 +129,24 @@ def make_gguf(tmp_path, tiny_vocab, default_metadata):
         return path, weights
 
     return make
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts conversions (wraps the real converter)."""
+    calls = []
+    real = loader.convert_gguf
+
+    def convert(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "convert_gguf", convert)
+    return calls
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TIERLM_CACHE_DIR", str(root))
+    return root

@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 
-import tierlm.models.loader as loader
 from tierlm.models.loader import gguf_conversion, load_checkpoint
 from tierlm.models.loader.cache import ModelCache, cache_root
 
@@ -17,25 +16,6 @@ def _entries(root):
     return sorted(p.name for p in models.iterdir()) if models.exists() else []
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts conversions (wraps the real converter)."""
-    calls = []
-    real = loader.convert_gguf
-
-    def convert(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loader, "convert_gguf", convert)
-    return calls
-
-
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("TIERLM_CACHE_DIR", str(root))
-    return root
 
 
 def test_cache_root_follows_env(own_cache):

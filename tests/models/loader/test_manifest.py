@@ -13,7 +13,6 @@ import pytest
 import torch
 import xxhash
 
-import tierlm.models.loader as loader
 from tierlm.models.loader import load_checkpoint, manifest
 from tierlm.models.loader.gguf_conversion import convert_gguf
 from tierlm.models.loader.hf import read_safetensors
@@ -23,25 +22,6 @@ ENTRY_FILES = {"config.json", "generation_config.json", "model.safetensors", "to
                "tokenizer_config.json"}
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts conversions (wraps the real converter)."""
-    calls = []
-    real = loader.convert_gguf
-
-    def convert(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loader, "convert_gguf", convert)
-    return calls
-
-
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("TIERLM_CACHE_DIR", str(root))
-    return root
 
 
 def _data_start(path) -> int:

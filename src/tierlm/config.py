@@ -105,7 +105,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backends (validated when the engine picks it)
+    attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

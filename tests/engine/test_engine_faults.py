@@ -87,3 +87,34 @@ def test_max_tokens_over_the_model_context_is_rejected_up_front(default_llm):
     with pytest.raises(PromptTooLongError, match="8192 tokens.*8000 in the prompt, 500 in max_tokens"):
         default_llm.generate([1] * 8000, SamplingParams(max_tokens=500))
     assert not default_llm.engine.has_unfinished_requests()
+
+
+def test_sequences_admitted_in_one_step_share_the_prompt_blocks():
+    """n > 1 sequences of one request are admitted in the same step: the second reuses the first's prompt
+    blocks (registered at allocation, written in that step before either attends), and both generate
+    what one sequence alone would."""
+    llm = LLM(kv_cache_memory=64 << 20)
+    prompt = "A prompt long enough to fill several blocks of sixteen tokens, repeated. " * 4
+    n_prompt = len(llm.tokenizer.encode(prompt))
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
+    out = llm.generate(prompt, params)[0]
+    stats = llm.engine.kv.stats
+    assert stats.prefix_cache_hits == (n_prompt - 1) // 16 * 16  # the second sequence hit every full block
+    one = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids == one.outputs[0].token_ids
+
+
+def test_a_request_id_that_names_another_requests_sequence_is_refused(default_llm):
+    from tierlm.core.errors import InvalidParameterError
+
+    eng = default_llm.engine
+    eng.add_request("Hello there", SamplingParams(n=2, max_tokens=3), request_id="x")
+    try:
+        with pytest.raises(InvalidParameterError, match="'x#0' is already in use"):
+            eng.add_request("Another prompt", SamplingParams(max_tokens=3), request_id="x#0")
+        with pytest.raises(InvalidParameterError, match="'x' is already in use"):
+            eng.add_request("Another prompt", SamplingParams(max_tokens=3), request_id="x")
+    finally:
+        eng.abort_request("x")
+    assert not eng.has_unfinished_requests()
+    eng.kv.check_integrity()

@@ -24,7 +24,7 @@ def prefill(mgr: KVCacheManager, req: Request) -> list[int]:
     table = mgr.allocate_slots(req, req.num_tokens - num_hit, hits)
     assert table is not None
     req.num_computed_tokens = req.num_tokens
-    mgr.cache_blocks(req)  # the forward pass wrote the KV: its full blocks become reusable
+    mgr.commit_step()  # the forward pass wrote the KV
     mgr.check_integrity()
     return table
 
@@ -34,7 +34,7 @@ def decode(mgr: KVCacheManager, req: Request, token: int) -> list[int] | None:
     table = mgr.allocate_slots(req, 1)
     if table is not None:
         req.num_computed_tokens += 1
-        mgr.cache_blocks(req)
+        mgr.commit_step()
     mgr.check_integrity()
     return table
 
@@ -202,10 +202,6 @@ def test_concurrent_identical_prefills_keep_one_cached_copy():
     assert ha == hb == []
     assert mgr.allocate_slots(a, 10) == [0, 1, 2]
     assert mgr.allocate_slots(b, 10) == [3, 4, 5]
-    assert not mgr.pool.cached  # nothing is reusable before the forward pass writes the KV
-    for r in (a, b):  # the step ran: both computed the same prefix
-        r.num_computed_tokens = 10
-        mgr.cache_blocks(r)
     assert [mgr.pool.blocks[i].block_hash is not None for i in range(6)] == [True, True, False, False, False, False]
     mgr.free(a)
     mgr.free(b)
@@ -213,17 +209,32 @@ def test_concurrent_identical_prefills_keep_one_cached_copy():
     mgr.check_integrity()
 
 
-def test_blocks_of_a_step_that_never_ran_are_not_reusable():
-    """A step allocates blocks, then its forward pass raises (nothing written, counters not advanced) and
-    the request is aborted: a later request with the same prompt must not hit those never-written blocks."""
+def test_a_request_admitted_in_the_same_step_shares_the_prefix():
+    """Registration happens at allocation, so the second of two identical prompts (or of n > 1 sequences)
+    admitted in one step hits the first's blocks: their KV is written in the step before anyone attends."""
     mgr = manager()
-    a = make_request("a", A)
-    assert mgr.allocate_slots(a, 10) is not None
-    mgr.free(a)  # aborted after the failed step; cache_blocks never ran
-    assert mgr.get_computed_blocks(make_request("b", A)) == ([], 0)
-    b = make_request("b", A)
-    prefill(mgr, b)  # this time the step runs
-    assert mgr.get_computed_blocks(make_request("c", A)) == (mgr.get_block_table("b")[:2], 8)
+    a, b = make_request("a", A), make_request("b", A)
+    assert mgr.allocate_slots(a, 10) == [0, 1, 2]
+    hits, n = mgr.get_computed_blocks(b)
+    assert (hits, n) == ([0, 1], 8) and mgr.allocate_slots(b, 2, hits) == [0, 1, 3]
+    mgr.commit_step()
+    mgr.check_integrity()
+
+
+def test_a_failed_step_drops_what_it_registered():
+    """A step allocates (and registers) blocks, then its forward pass raises: rollback_step drops those
+    hashes, so a later request with the same prompt cannot hit the never-written blocks, while blocks
+    committed by earlier steps stay reusable."""
+    mgr = manager()
+    old = make_request("old", A[:8])
+    prefill(mgr, old)  # committed: blocks 0, 1 hold A[:8]
+    mgr.free(old)
+    a = make_request("a", A + [7, 7, 7, 7, 7, 7])  # 16 tokens: hits 0, 1; blocks 2, 3 new this step
+    hits, n = mgr.get_computed_blocks(a)
+    assert mgr.allocate_slots(a, a.num_tokens - n, hits) is not None
+    assert mgr.rollback_step() == 2  # blocks for tokens 8..11 and 12..15 were registered by this step
+    mgr.free(a)
+    assert mgr.get_computed_blocks(make_request("b", A + [7, 7, 7, 7, 7, 7])) == ([0, 1], 8)
     mgr.check_integrity()
 
 

@@ -77,7 +77,7 @@ class KVCacheMachine(RuleBasedStateMachine):
             return
         self.write(req, table, num_hit, num_hit + num_new)
         req.num_computed_tokens = num_hit + num_new
-        self.mgr.cache_blocks(req)
+        self.mgr.commit_step()
         self.live[req.request_id] = req
 
     @precondition(lambda self: self.live)
@@ -95,19 +95,22 @@ class KVCacheMachine(RuleBasedStateMachine):
             return
         self.write(req, table, req.num_computed_tokens, req.num_computed_tokens + num_new)
         req.num_computed_tokens += num_new
-        self.mgr.cache_blocks(req)
+        self.mgr.commit_step()
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), chunk=st.integers(1, 20), token=st.integers(0, 3))
     def failed_step(self, data, chunk, token):
-        """A step whose forward pass raises: slots allocated, nothing written, the request aborted."""
+        """A step whose forward pass raises: slots allocated (and registered), nothing written; the engine
+        rolls the step's registrations back and the request is restarted (its blocks freed)."""
         req = self.live.pop(data.draw(st.sampled_from(sorted(self.live))))
         if req.num_computed_tokens == req.num_tokens:
             req.output_token_ids.append(token)
-        self.allocate(req, min(chunk, req.num_tokens - req.num_computed_tokens))
-        for slot_block in self.mgr.get_block_table(req.request_id):  # the slots hold garbage now
-            if self.mgr.pool.blocks[slot_block].block_hash is None:
-                self.kv[slot_block] = [-1] * BS
+        lo = req.num_computed_tokens
+        table = self.allocate(req, min(chunk, req.num_tokens - lo))
+        if table is not None:  # the slots of this step hold garbage now
+            for pos in range(lo, min(req.num_tokens, len(table) * BS)):
+                self.kv[table[pos // BS]][pos % BS] = -1
+        self.mgr.rollback_step()
         self.mgr.free(req)
 
     @precondition(lambda self: self.live)

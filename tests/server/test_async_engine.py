@@ -122,3 +122,18 @@ def test_duplicate_request_id_is_rejected_and_the_original_finishes(aengine):
     assert final.prompt_token_ids == [7] * 20
     assert again[-1].finished and len(again[-1].outputs[0].token_ids) == 2  # the id is free once finished
     assert aengine.wait_idle(10) and aengine.num_seqs_in_flight == 0
+
+
+def test_a_stale_stream_never_aborts_a_newer_request_with_its_id(aengine):
+    """A consumer that stops after its request finished (final output queued, not read) aborts by id: that
+    must not reach a newer request that reused the id meanwhile."""
+    async def go():
+        old = await aengine.add_request([7] * 5, SamplingParams(max_tokens=2, ignore_eos=True), request_id="same")
+        assert await asyncio.to_thread(aengine.wait_idle, 10)  # finished in the engine; nobody read it
+        new = await aengine.add_request([8] * 5, SamplingParams(max_tokens=30, ignore_eos=True), request_id="same")
+        old.abort()  # the stale consumer gives up
+        return [o async for o in new]
+
+    outs = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 30
+    assert aengine.wait_idle(10) and aengine.num_seqs_in_flight == 0

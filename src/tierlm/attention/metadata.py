@@ -39,10 +39,6 @@ class AttentionMetadata:
     prefill_block_tables: list[torch.Tensor] = field(default_factory=list)  # each [ceil(seq_len / block_size)] int64
     backend_state: object = None  # per-step derived state of the backend that runs the step
 
-    @property
-    def num_prefills(self) -> int:
-        return len(self.prefill_query_lens)
-
     def prefill_rows(self):
         """(first row, q_len, seq_len, block table) of every prefill chunk, in row order."""
         row = self.num_decodes

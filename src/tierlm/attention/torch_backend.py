@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tierlm.attention.backend import AttentionBackend, register_backend
 from tierlm.attention.metadata import AttentionMetadata, kv_index
+from tierlm.core.registry import get_kv_format
 
 if TYPE_CHECKING:
     from tierlm.kvcache.storage import LayerKV
@@ -46,6 +47,12 @@ class TorchStepState:
 class TorchPagedBackend(AttentionBackend):
     name = "torch"
     summary = "gather + SDPA in PyTorch (any device; the reference)"
+
+    @classmethod
+    def unsupported(cls, device, dtype, kv_format):
+        if get_kv_format(kv_format).scale_bytes:
+            return f"KV format {kv_format} carries scales, which this backend does not read"
+        return None
 
     def prepare(self, meta: AttentionMetadata, num_blocks: int) -> None:
         st = self._prepare_decodes(meta, num_blocks)

@@ -56,6 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tokens of the gate's long prompts (cut from a shipped public-domain text; 0: none)")
     g.add_argument("--allow-flagged", action="store_true",
                    help="exit 0 even when the gate flags a configuration (it is still reported)")
+    g.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
     g = p.add_argument_group("peers")
     g.add_argument("--no-peer", action="store_true", help="skip the transformers generate() peer")
     g.add_argument("--peer-prefill-len", type=int, nargs="+", default=None)

@@ -14,8 +14,10 @@ own overhead would flatter the peer).
     output_x = output tok/s(config) / output tok/s(reference)   end-to-end throughput over the wall time
     kv_per_session_ratio = KV bytes per session(config) / (reference), at each run's peak
 
-Each ratio carries the range of its per-repetition ratios (rep i against rep i), so a reader sees how
-much of a speed-up is noise. Latency ratios are ratios of medians, which shrug off the stalls another
+Each ratio carries the min and max of its per-repetition ratios (rep i of the config against rep i of the
+reference). The configs' runs are minutes apart, not interleaved, so this shows how much the ratio moves
+from repetition to repetition, not a bound on noise; `python -m tierlm.bench.perf` alternates the sides rep
+by rep for a paired figure. Latency ratios are ratios of medians, which shrug off the stalls another
 process on a shared machine causes.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ One loop, single-threaded, as a server's engine loop runs:
             open loop: every request whose arrival offset has passed (up to the cap)
     step    engine.step(), timed; each output's new tokens are stamped with the step's end time, and the
             step's time is booked by its kind (decode-only, prefill-only, mixed: engine.last_step)
-    sample  KV blocks referenced, sessions running, context tokens read (for bytes/session, GB/s)
+    sample  KV blocks referenced and sessions running (for bytes/session); the step's context tokens (GB/s)
 
 Requests are greedy with EOS ignored, so every configuration produces the same number of tokens, and
 each finished request's token ids are kept for the diff against the reference configuration.
@@ -94,7 +94,7 @@ class EngineRun:
     peak_kv_blocks: int = 0
     peak_sessions: int = 0
     kv_bytes_per_session: float | None = None  # referenced KV bytes / running sessions at the peak sample
-    kv_read_bytes: int = 0  # context KV read by the steps (sum over steps of running context x bytes/token)
+    kv_read_bytes: int = 0  # KV the steps' attention read: sum over steps of the scheduled context x bytes/token
     evictions: int = 0
     preemptions: int = 0
     complete: bool = False
@@ -141,6 +141,7 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
             summary = engine.last_step
             if summary is not None:
                 run.step_stats.add(summary.kind, t - t0, summary.decode_tokens, summary.prefill_tokens)
+                run.kv_read_bytes += summary.context_tokens * engine.kv_spec.bytes_per_token
             for out in outputs:
                 rec = inflight.get(out.request_id)
                 if rec is None:
@@ -167,7 +168,6 @@ def run_engine(engine: LLMEngine, requests: list[BenchRequest], plan: ArrivalPla
 def _sample(engine: LLMEngine, run: EngineRun) -> None:
     used = engine.kv.num_blocks - engine.kv.num_free_blocks
     running = engine.scheduler.running
-    run.kv_read_bytes += sum(r.num_computed_tokens for r in running) * engine.kv_spec.bytes_per_token
     if used > run.peak_kv_blocks or (used == run.peak_kv_blocks and len(running) > run.peak_sessions):
         run.peak_kv_blocks = used
         if running:

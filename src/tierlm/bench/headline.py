@@ -10,6 +10,7 @@ the terminal takes colour) and the Markdown report:
 """
 from __future__ import annotations
 
+from tierlm.bench.comparison import reference_of
 from tierlm.bench.results import BenchResult, Comparison, Ratio, RunResult
 
 RED, BOLD, RESET = "\033[31m", "\033[1m", "\033[0m"
@@ -57,7 +58,7 @@ def _check_cell(run: RunResult) -> tuple[str, bool]:
     if run.driver == "http":
         return "not gated (text API)", False
     if c is None:
-        return "reference", False
+        return ("reference" if reference_of(run) is None else "no reference run"), False
     cell = f"{c.exact_match}/{c.requests} exact"
     if c.flagged:
         return cell + f" FLAGGED@{c.first_divergence}", True
@@ -77,7 +78,9 @@ def speed_sections(result: BenchResult) -> list[tuple[object, list[tuple[list[st
             decode = r.steps.decode_tok_per_s if r.steps else m.decode_tok_per_s_wall
             check, flagged = _check_cell(r)
             hit = r.cache_hit_rate.get("device")
-            ref_mark = "1.00x" if c is None else None
+            ref_mark = None
+            if c is None:  # the reference run itself, or a run whose reference did not run (n/a)
+                ref_mark = "1.00x" if reference_of(r) is None else "n/a"
             rows.append(([r.config + (" (incomplete)" if r.incomplete else ""), r.load_label,
                           fmt_num(m.ttft_ms.p50, 0, " ms"), fmt_num(m.tpot_ms.p50, 1, " ms"), fmt_num(decode),
                           fmt_num(m.output_tok_per_s), ref_mark or fmt_ratio(c.ttft_x), ref_mark or fmt_ratio(c.tpot_x),
@@ -96,7 +99,8 @@ def memory_sections(result: BenchResult) -> list[tuple[object, list[list[str]]]]
             rows.append([r.config, r.load_label, fmt_num(mem.kv_bytes_per_token, 0), fmt_bytes(mem.kv_bytes_per_session),
                          fmt_bytes(mem.peak_kv_bytes), fmt_bytes(mem.kv_pool_bytes),
                          fmt_num(mem.max_sessions_at_budget, 0), fmt_bytes(mem.activations_peak_bytes),
-                         fmt_bytes(mem.weights_bytes), fmt_bytes(mem.peak_rss_bytes)])
+                         fmt_bytes(mem.weights_bytes),
+                         fmt_bytes(mem.peak_rss_bytes) + (" (process)" if mem.peak_rss_scope == "process" else "")])
         if rows:
             sections.append((w, rows))
     return sections
@@ -117,7 +121,8 @@ def gate_rows(result: BenchResult) -> list[tuple[list[str], bool]]:
                   f"{e.get('preemptions')} preemptions, {e.get('evictions')} evictions, "
                   f"{e.get('prefix_hit_tokens')} hit tokens") if e else "n/a"
         vs_ref = "reference" if g.vs_reference is None and g.config == "baseline" else _gate_cell(g.vs_reference)
-        rows.append(([g.config, vs_ref, _gate_cell(g.vs_transformers), engine,
+        vs_tf = _gate_cell(g.vs_transformers) + (" (advisory: not fp32)" if g.transformers_advisory else "")
+        rows.append(([g.config, vs_ref, vs_tf, engine,
                       f"FLAGGED: {g.reason}" if g.flagged else "ok"], g.flagged))
     return rows
 
@@ -171,7 +176,8 @@ def render_text(result: BenchResult, color: bool = False) -> str:
         out += _table(GATE_HEAD, [r for r, _ in rows], [f for _, f in rows], color)
     for note in result.notes:
         out.append(f"note: {note}")
-    out += ["", "x columns: config vs its reference run (baseline; tierlm serve for HTTP peers), pooled over reps, "
-                "per-rep range in brackets. TTFT/TPOT/e2e x = reference p50 / config p50; decode x = decode tok/s "
-                "of decode-only steps (wall-clock decode rate for HTTP), config / reference."]
+    out += ["", "x columns: config vs its reference run (baseline; tierlm serve for HTTP peers), pooled over reps; "
+                "in brackets the min and max of the rep-i-vs-rep-i ratios (runs of different configs are minutes "
+                "apart, so this shows spread, not a noise bound). TTFT/TPOT/e2e x = reference p50 / config p50; "
+                "decode x = decode tok/s of decode-only steps (wall-clock decode rate for HTTP), config / reference."]
     return "\n".join(out)

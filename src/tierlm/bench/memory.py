@@ -27,11 +27,6 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
-def current_rss_bytes() -> int | None:
-    kib = _status_kib("VmRSS")
-    return kib * 1024 if kib is not None else None
-
-
 def total_memory_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -127,10 +122,15 @@ def activation_peak_bytes(engine, prompt_ids: list[int]) -> int | None:
 
     from tierlm.core.sampling_params import SamplingParams
 
+    from tierlm.core.errors import InvalidParameterError
+
     if engine.has_unfinished_requests():
         return None
-    rid = engine.add_request(list(prompt_ids), SamplingParams(temperature=0.0, max_tokens=1),
-                             request_id="activation-probe")
+    try:  # a salt of its own: the probe computes every token, whatever the run left in the prefix cache
+        rid = engine.add_request(list(prompt_ids), SamplingParams(temperature=0.0, max_tokens=1),
+                                 request_id="activation-probe", cache_salt="activation-probe")
+    except InvalidParameterError:  # the prompt does not fit this engine's context
+        return None
     try:
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)

@@ -234,7 +234,9 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
                                       compile=a.peer_compile))
     names = [s.name for s in sides]
     cfg = engine.model_config
-    weight_bytes = cfg.num_params * (torch.finfo(dtype).bits // 8)
+    from tierlm.bench.memory import weight_bytes as model_weight_bytes
+
+    weight_bytes = model_weight_bytes(llm.engine.model)[1]  # what one step reads (the bench's definition)
     kv_tok = engine.kv_spec.bytes_per_token
     backend = engine.attention_backend.name
     chunk = engine.config.scheduler.max_num_batched_tokens

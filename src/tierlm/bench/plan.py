@@ -104,6 +104,9 @@ def preflight(plan: BenchPlan) -> Preflight:
     if not plan.gate_prompts and not plan.gate_long_len:
         raise InvalidParameterError("the correctness gate has no prompts",
                                     "keep --gate-prompts or --gate-long-len above 0")
+    if 0 < plan.gate_long_len < 16:
+        raise InvalidParameterError(f"--gate-long-len {plan.gate_long_len} is too short to split into the gate's "
+                                    "shared and own passages", "use 0 (no long prompts) or at least 16")
     if plan.usd_per_hour is not None and plan.usd_per_hour < 0:
         raise InvalidParameterError(f"--usd-per-hour {plan.usd_per_hour} < 0", "give the machine's price per hour")
     if plan.memory_budget < 1 or plan.kv_memory < 1:
@@ -153,7 +156,7 @@ def preflight(plan: BenchPlan) -> Preflight:
     if plan.gate_long_len + plan.gate_tokens > min(context, kv_tokens):
         raise InvalidParameterError(f"gate prompts of {plan.gate_long_len} tokens plus {plan.gate_tokens} new do not "
                                     f"fit the context of {min(context, kv_tokens)}", "lower --gate-long-len")
-    if plan.peer and max(max(ph.prefill_lens), ph.prompt_len + ph.new_tokens) >= context:
+    if plan.peer and (max(ph.prefill_lens) + 1 > context or ph.prompt_len + ph.new_tokens > context):
         raise InvalidParameterError(f"peer phase shapes exceed the context of {context} tokens",
                                     "lower --peer-prefill-len / --peer-new-tokens")
     del ckpt

@@ -32,22 +32,26 @@ DEFINITIONS = """\
   request was decoding (union of intervals).
 - **x columns** compare a run with its reference run on the same workload and load: the baseline for
   in-process configurations, `tierlm serve` (same HTTP driver) for HTTP peers. TTFT x, TPOT x, e2e x =
-  reference p50 / config p50; decode x = config decode tok/s / reference. In brackets: the range of the
-  per-repetition ratios (rep i against rep i).
+  reference p50 / config p50; decode x = config decode tok/s / reference. In brackets: the min and max of
+  the per-repetition ratios (rep i against rep i; configurations run minutes apart, so this is spread
+  across repetitions, not a paired noise bound).
 - **KV B/token** from the KV format (kvcache/spec.py); **KV/session**: KV bytes referenced by running requests
   / running sessions at the run's peak (blocks shared through the prefix cache count once); **peak KV**:
   KV bytes referenced at that peak; **KV pool**: allocated; **max sessions**: KVSpec.max_sessions(budget,
   longest session of the workload, shared prefix if the config caches prefixes), the same definition
   `tierlm info` uses; **activations**: peak bytes torch allocated during one profiled engine step of the
   run's largest step size (beyond weights and KV); **weights**: every parameter and buffer resident;
-  **peak RSS**: the whole process's resident peak during the run, reset per run.
+  **peak RSS**: the whole process's resident peak during the run, reset per run (marked "(process)" where
+  the kernel does not allow the reset and the figure is the process's lifetime peak).
 - **hit rate**: cached prompt tokens / prompt tokens over completed requests, counted once per request (the
   same for tierlm and for servers reporting usage.prompt_tokens_details.cached_tokens).
-- **GB/s**: (steps x weight bytes a step reads + context KV read) / wall time, against the machine's measured
-  copy bandwidth. **$/1M** output tokens from --usd-per-hour.
+- **GB/s**: (steps x weight bytes a step reads + the KV its attention read, each step's scheduled context x
+  KV bytes/token) / wall time, a model of the bytes moved (not a hardware counter), against the machine's
+  measured copy bandwidth. **$/1M** output tokens from --usd-per-hour.
 - **tokens vs ref**: greedy output tokens of every request of the run against the baseline's for the same
   requests; the **gate** runs its own prompt set (chat prompts, long prompts chunked across many steps, shared
-  prefixes, a pool small enough to preempt and evict) and compares with the baseline and with transformers.
+  prefixes, a pool tight enough to preempt and evict: the gate table counts what each config's run
+  exercised) and compares with the baseline and with transformers (gating in fp32, advisory otherwise).
 - Percentiles pool the requests of every repetition; throughputs pool tokens over the summed wall time.
   Requests are greedy with EOS ignored, so every configuration generates the same token counts; the prefix
   cache is reset before every repetition.

@@ -64,6 +64,7 @@ class BenchRunner:
         self.bar = progress
         self.gate_set = build_gate_set(pre.tokenizer, plan.gate_prompts, plan.gate_long_len)
         self.transformers_gate: list[list[int]] | None = None  # transformers' tokens, in gate order
+        self.peer_dtype = None
         self.reference_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}  # (workload, arrival) -> tokens
         self.bandwidth: float | None = None
 
@@ -186,9 +187,12 @@ class BenchRunner:
     def _gate_against_transformers(self) -> None:
         if self.transformers_gate is None:
             return
+        import torch
+
         for gate in self.result.gates:
             gate.vs_transformers = compare(gate.config, self.transformers_gate, gate.tokens,
                                            get_config(gate.config).tolerance, "transformers")
+            gate.transformers_advisory = self.peer_dtype != torch.float32
 
     def _run_engine_workload(self, name: str, engine, w: Workload, arrival: ArrivalPlan,
                              activations: dict[int, int | None]) -> None:
@@ -286,7 +290,10 @@ class BenchRunner:
 
         plan, res = self.plan, self.result
         self._stage("transformers: load")
-        dtype = torch.float32 if plan.dtype in ("auto", "fp32") and plan.device != "cuda" else torch.bfloat16
+        from tierlm.engine.llm_engine import resolve_dtype
+
+        dtype = resolve_dtype(plan.dtype, torch.device(plan.device))  # the engine's own compute dtype
+        self.peer_dtype = dtype
         try:
             model = load_peer(plan.model, dtype, plan.device)
         except Exception as e:  # counted and reported, never silent: the peer is optional

@@ -65,10 +65,6 @@ class Workload:
         return max((r.num_tokens for r in self.requests), default=0)
 
     @property
-    def mean_seq_len(self) -> float:
-        return sum(r.num_tokens for r in self.requests) / max(1, len(self.requests))
-
-    @property
     def timed(self) -> bool:
         return bool(self.requests) and all(r.arrival_s is not None for r in self.requests)
 

@@ -64,7 +64,6 @@ def get_architecture(name: str) -> Architecture | None:
 class DType:
     name: str  # what the command line and configs say
     torch_name: str  # attribute of the torch module
-    bytes: int
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -74,9 +73,9 @@ class DType:
 
 
 DTYPES: dict[str, DType] = {d.name: d for d in (
-    DType("fp32", "float32", 4),
-    DType("bf16", "bfloat16", 2),
-    DType("fp16", "float16", 2),
+    DType("fp32", "float32"),
+    DType("bf16", "bfloat16"),
+    DType("fp16", "float16"),
 )}
 DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": bf16 on CUDA, fp32 on CPU (no native bf16 there)
 

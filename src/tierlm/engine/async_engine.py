@@ -71,7 +71,7 @@ class RequestStream:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self._owner.abort(self.request_id)
+            self._owner.abort(self.request_id, stream=self)
 
 
 class AsyncEngine:
@@ -161,11 +161,10 @@ class AsyncEngine:
         try:
             await asyncio.wrap_future(fut)
         except BaseException:
-            self._forget(rid)
             # Rejected by the engine: nothing was added, and rid may name a request the engine holds for
             # someone else. Otherwise the caller gave up (cancel, timeout) after the loop may have added it.
-            if not (fut.done() and not fut.cancelled() and fut.exception() is not None):
-                self._enqueue_abort(rid)
+            rejected = fut.done() and not fut.cancelled() and fut.exception() is not None
+            self._forget(rid, stream, then_abort=not rejected)
             raise
         return stream
 
@@ -175,22 +174,25 @@ class AsyncEngine:
         async for out in stream:
             yield out
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request (thread-safe, idempotent); its KV blocks are freed on the loop thread."""
-        if self._forget(request_id):
-            self._enqueue_abort(request_id)
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """Abort a request (thread-safe, idempotent); its KV blocks are freed on the loop thread. With
+        `stream`, only if the id still belongs to that stream: a stale stream whose request has finished
+        never aborts a newer request that reused its id."""
+        self._forget(request_id, stream, then_abort=True)
 
-    def _enqueue_abort(self, request_id: str) -> None:
+    def _forget(self, request_id: str, stream: RequestStream | None = None, then_abort: bool = False) -> bool:
+        """Drop the request's stream entry (only if it is `stream`, when given) and, with then_abort, queue
+        the engine-side abort under the same lock. True when an entry was dropped."""
         with self._cond:
-            self._commands.append(("abort", request_id))
-            self._cond.notify()
-
-    def _forget(self, request_id: str) -> bool:
-        with self._cond:
-            entry = self._streams.pop(request_id, None)
-            if entry is not None:
-                self.num_seqs_in_flight -= entry[0].num_seqs
-            return entry is not None
+            entry = self._streams.get(request_id)
+            if entry is None or (stream is not None and entry[0] is not stream):
+                return False
+            del self._streams[request_id]
+            self.num_seqs_in_flight -= entry[0].num_seqs
+            if then_abort:
+                self._commands.append(("abort", request_id))
+                self._cond.notify()
+            return True
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until no command is pending and the engine has no unfinished request (tests)."""
@@ -283,7 +285,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the caller's event loop is closed
                 for stream, _ in items:
-                    self.abort(stream.request_id)
+                    self.abort(stream.request_id, stream)
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:

@@ -53,18 +53,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _config_digest(config) -> str:
-    """Short digest of every ModelConfig field but the display name (RoPE, norms, shapes shape the KV)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "model_id"}
+    """Short digest of the ModelConfig fields the KV depends on: shapes, RoPE, norms (not the display name
+    or the special token ids)."""
+    skip = ("model_id", "bos_token_id", "eos_token_ids")
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class StepSummary:
-    """What the last `step()` computed: decode tokens (one per decoding sequence) and prefill tokens
-    (prompt chunks and recomputes). A step with both is a mixed step."""
+    """What the last `step()` computed: decode tokens (one per decoding sequence), prefill tokens (prompt
+    chunks and recomputes; a step with both is a mixed step), and context tokens, the KV positions its
+    attention read (each scheduled sequence's whole context, new tokens included)."""
 
     decode_tokens: int = 0
     prefill_tokens: int = 0
+    context_tokens: int = 0
 
     @property
     def kind(self) -> str:
@@ -98,6 +102,11 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        cc = config.cache
+        compute = dtype_name(self.dtype)
+        kv_format = cc.kv_format or compute
+        # Chosen before the (slow) load, so a backend that cannot run here fails at once.
+        self.attention_backend = select_backend(config.attention_backend, self.device, self.dtype, kv_format)
         t0 = time.perf_counter()
         ckpt = load_checkpoint(config.model)
         self.model_config = ckpt.config
@@ -113,9 +122,6 @@ class LLMEngine:
         del ckpt
         self.load_seconds = time.perf_counter() - t0
 
-        cc = config.cache
-        compute = dtype_name(self.dtype)
-        kv_format = cc.kv_format or compute
         self.kv_spec = KVSpec.from_model(self.model_config, kv_format, cc.block_size)
         num_blocks = cc.num_blocks or self.kv_spec.num_blocks_for_budget(cc.memory_bytes or self._default_kv_bytes())
         if num_blocks < 1:
@@ -130,14 +136,14 @@ class LLMEngine:
                         "are capped at %d tokens; raise --kv-cache-memory for longer ones", pool_tokens, num_blocks,
                         cc.block_size, self.max_model_len, pool_tokens)
             self.max_model_len = pool_tokens
-        # Everything a block's KV depends on besides its tokens: which model (name, weight bytes, shape and
-        # RoPE/norm settings), the compute dtype, the KV format, the tenant. KV in a shared lower tier never
-        # crosses these.
+        # What a block's KV means besides its tokens: which model (name, weight bytes, shape and RoPE/norm
+        # settings), the compute dtype, the KV format, the tenant. KV in a shared lower tier never crosses
+        # these. (The device and attention backend change the last bits of K/V, not their meaning: KV moved
+        # between them is reused like KV recomputed there.)
         extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute, kv_format,
                       cc.tenant_salt)
         self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.attention_backend = select_backend(config.attention_backend, self.device, self.dtype, kv_format)
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
         self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device)
         self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
@@ -171,8 +177,11 @@ class LLMEngine:
                     request_id: str | None = None, priority: int = 0, cache_salt: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.groups:
-            raise InvalidParameterError(f"request id {request_id!r} is already in use", "use a unique request_id")
+        seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        taken = [i for i in [request_id, *seq_ids] if i in self.groups or i in self._seq_to_group]
+        if taken:  # a group id, or a sequence id ("x#0" of a request "x" with n > 1), already in flight
+            raise InvalidParameterError(f"request id {taken[0]!r} is already in use", "use a unique request_id",
+                                        param="request_id")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -196,7 +205,7 @@ class LLMEngine:
         for i in range(params.n):
             p = replace(params, max_tokens=max_tokens, n=1,
                         seed=None if params.seed is None else params.seed + i)
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seq_id = seq_ids[i]
             req = Request(seq_id, list(ids), p, prompt=text, priority=priority, cache_salt=cache_salt)
             detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
             group.seqs.append(_Sequence(req, detok, [] if p.logprobs is not None else None))
@@ -225,14 +234,19 @@ class LLMEngine:
             self.last_step = None
             return []
         decodes = sum(1 for s in sched.scheduled if s.is_decode)
-        self.last_step = StepSummary(decodes, sched.num_batched_tokens - decodes)
-        logits, reqs = self.runner.execute(sched)
+        context = sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled)
+        self.last_step = StepSummary(decodes, sched.num_batched_tokens - decodes, context)
+        try:
+            logits, reqs = self.runner.execute(sched)
+            sampled = self.sampler(logits, reqs) if reqs else None
+        except BaseException:
+            self.scheduler.undo_step(sched)  # nothing of this step is kept: no cached KV, no half-advanced request
+            raise
         self.scheduler.update_after_step(sched)
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += sched.num_batched_tokens
         touched: dict[str, _Group] = {}
         if reqs:
-            sampled = self.sampler(logits, reqs)
             now = time.monotonic()
             for req, tok, lps in zip(reqs, sampled.token_ids, sampled.logprobs):
                 group = self._seq_to_group[req.request_id]

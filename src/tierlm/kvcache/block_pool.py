@@ -223,6 +223,14 @@ class BlockPool:
         self.cached.clear()
         return dropped
 
+    def uncache(self, block: KVBlock) -> None:
+        """Drop a cached block's hash (its KV cannot be trusted); not counted as an eviction. A free block
+        that held a prefix moves to the queue's head, as a block holding none does."""
+        self._evict(block)
+        if block.ref_cnt == 0:
+            self.free_queue.remove(block)
+            self.free_queue.appendleft(block)
+
     def _evict(self, block: KVBlock) -> None:
         assert block.block_hash is not None
         del self.cached[block.block_hash]

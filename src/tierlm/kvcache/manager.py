@@ -6,16 +6,18 @@ A request's life:
 
     hits, n = get_computed_blocks(req)              # new or preempted request: probe the prefix cache
     table = allocate_slots(req, k, hits)            # first step: take the hits, add room for k tokens
-    <forward pass writes the KV>; req.num_computed_tokens += k
-    cache_blocks(req)                               # blocks now full of computed KV become reusable
-    table = allocate_slots(req, k')                 # later steps (prefill chunks, decodes), same pattern
+    table = allocate_slots(req, k')                 # later steps (prefill chunks, decodes)
+    commit_step() / rollback_step()                 # after each step: its forward pass ran / raised
     free(req)                                       # finished or preempted
 
-With prefix caching on, every block full of *computed* tokens is hashed (chained, seeded, with the
-manager's extra keys) and registered in the pool by `cache_blocks`, which the scheduler calls only
-after the forward pass has written the KV: a block allocated for a step that failed is never offered
-to another request. Later requests with the same prefix reuse registered blocks; freed cached blocks
-stay reusable until the pool evicts them (LRU, tail-first).
+With prefix caching on, every block that a step will fill with known tokens is hashed (chained, seeded,
+with the manager's extra keys) and registered in the pool when it is allocated, so a request admitted
+later in the same step (another sequence of an n > 1 request, an identical prompt) already shares it:
+the forward pass writes every new token's K/V in a layer before any token of that layer attends.
+Registrations stay pending until the step's forward pass has run: `commit_step` makes them final,
+`rollback_step` (the forward pass raised) drops their hashes, so KV that was never written is never
+offered again. Later requests with the same prefix reuse registered blocks; freed cached blocks stay
+reusable until the pool evicts them (LRU, tail-first).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class KVCacheManager:
         self._tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}  # hashes of the request's leading full blocks
         self._num_cached: dict[str, int] = {}  # leading table entries already offered to the cache
+        self._pending: list[KVBlock] = []  # blocks registered since the last commit_step
         self._queries = 0
         self._hits = 0
 
@@ -138,8 +141,8 @@ class KVCacheManager:
         when request.num_computed_tokens == 0; the manager takes a reference on each.
         Returns the whole block table, or None when the free blocks do not suffice, in which case
         nothing changed (a ref-0 hit block counts as free until taken, so it is subtracted).
-        New blocks are not registered in the prefix cache here: their KV is not written yet
-        (`cache_blocks` registers them once it is).
+        Then, with prefix caching, every table block full of tokens [0, min(total, num_tokens)) is
+        hashed and registered (pending until `commit_step`), reusing the hashes already computed.
         """
         rid = request.request_id
         bs = self.block_size
@@ -163,18 +166,25 @@ class KVCacheManager:
         table = self._tables.setdefault(rid, table)
         table.extend(hits)
         table.extend(new_blocks)
-        if hits:
-            self._num_cached[rid] = len(hits)  # hit blocks are registered already
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, table, min(total, request.num_tokens) // bs)
         return [b.block_id for b in table]
 
-    def cache_blocks(self, request: Request) -> None:
-        """Register every block of the request full of computed tokens ([0, request.num_computed_tokens),
-        whose KV the forward pass has written) under its chained hash, reusing the hashes already
-        computed for this request. A no-op with prefix caching off or for a request holding no blocks."""
-        table = self._tables.get(request.request_id)
-        if self.enable_prefix_caching and table:
-            self._cache_full_blocks(request, table, min(request.num_computed_tokens, len(table) * self.block_size)
-                                    // self.block_size)
+    def commit_step(self) -> None:
+        """The step's forward pass wrote its KV: its registrations are final."""
+        self._pending.clear()
+
+    def rollback_step(self) -> int:
+        """The step's forward pass raised: drop the hashes registered since the last commit (their KV was
+        never written), so no later request can hit them. Returns how many were dropped. The scheduler
+        then restarts the step's requests (Scheduler.undo_step), which frees their blocks."""
+        dropped = 0
+        for block in self._pending:
+            if block.block_hash is not None and self.pool.cached.get(block.block_hash) is block:
+                self.pool.uncache(block)
+                dropped += 1
+        self._pending.clear()
+        return dropped
 
     def free(self, request: Request) -> None:
         """Release the request's blocks tail-first (its last blocks become the first evicted) and
@@ -235,7 +245,10 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(start, num_full):
             # False when another block already holds this prefix: this copy just stays uncached.
-            self.pool.cache_block(table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
+            block = table[i]
+            fresh = block.block_hash is None
+            if self.pool.cache_block(block, hashes[i], tokens[i * bs : (i + 1) * bs]) and fresh:
+                self._pending.append(block)
         self._num_cached[rid] = num_full
 
     def check_integrity(self) -> None:

@@ -46,14 +46,6 @@ class LayerKV:
     scales: torch.Tensor | None = None
     block_meta: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def num_blocks(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.data.shape[2]
-
     def parts(self) -> dict[str, tuple[torch.Tensor, int]]:
         """name -> (tensor, its block dim), for every tensor that holds per-block state."""
         out = {"data": (self.data, 1)}
@@ -121,6 +113,8 @@ class KVStorage:
                 per_layer.append(sel.movedim(dim, 0) if dim else sel)  # [n, *rest]
             stacked = torch.stack(per_layer, dim=1)  # [n, L, *rest]
             target = torch.device(device) if device is not None else self.device
+            if target.type == "cuda" and target.index is None:
+                target = torch.device("cuda", torch.cuda.current_device())
             if target != stacked.device or pin_memory:
                 buf = torch.empty(stacked.shape, dtype=stacked.dtype, device=target,
                                   pin_memory=pin_memory and target.type == "cpu" and torch.cuda.is_available())
@@ -139,7 +133,7 @@ class KVStorage:
             if src.shape[0] != len(idx) or src.shape[1] != len(self.layers):
                 raise ValueError(f"part {name!r} has shape {tuple(src.shape)}: expected [{len(idx)}, "
                                  f"{len(self.layers)}, ...]")
-            src = _raw(src.to(self.device, non_blocking=True))
+            src = _raw(src.to(self.device))  # a blocking copy: the caller may reuse its buffer at once
             for i, layer in enumerate(self.layers):
                 t, dim = layer.parts()[name]
                 piece = src[:, i]  # [n, *rest]

@@ -10,7 +10,7 @@ architecture family (tierlm.core.registry.ARCHITECTURES) to the class that imple
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
@@ -18,8 +18,11 @@ from tierlm.attention import AttentionContext
 from tierlm.config import ModelConfig
 
 
-@runtime_checkable
 class CausalLM(Protocol):
+    """Built as `cls(config, max_positions)` on the meta device (models.registry.build_model), so it must
+    accept that; `embed_tokens` and an `lm_head` attribute (None when tied) let the registry swap in a
+    packed output matrix and the bench count the bytes a step reads."""
+
     config: ModelConfig
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor: ...

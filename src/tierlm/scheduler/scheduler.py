@@ -17,8 +17,10 @@ exceed the whole step budget: then it catches up in budget-sized chunks anyway, 
 be admitted otherwise and, first in line, would block every request behind it. That happens to a
 preempted request, whose recompute is its prompt plus the output so far (the engine rejects new
 prompts over the budget when chunking is off).
-After the forward pass, `update_after_step` advances each request's computed tokens and registers the
-blocks now full of computed KV with the prefix cache (never before: a failed step caches nothing).
+Blocks are registered in the prefix cache as they are allocated (so requests admitted in the same step
+share them); after the forward pass `update_after_step` advances each request's computed tokens and
+commits those registrations, while `undo_step` (the forward pass raised) drops them and restarts the
+step's requests, so KV that was never written is never reused.
 
 Liveness: every admitted sequence fits the pool on its own (the engine caps the context at what the
 pool holds), every step that schedules anything computes at least one token, and a preempted request
@@ -147,9 +149,23 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counters once the step's forward pass has written its KV, and offer the
-        blocks that are now full of computed KV to the prefix cache. Not called when the forward pass
-        raised, so a failed step leaves nothing reusable behind."""
+        """Advance computed-token counters once the step's forward pass has written its KV, and make the
+        step's prefix-cache registrations final."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_blocks(s.request)
+        self.kv.commit_step()
+
+    def undo_step(self, out: SchedulerOutput) -> None:
+        """The step's forward pass (or sampling) raised: drop the prefix-cache entries it registered (their
+        KV was never written) and restart its requests from zero computed tokens, as a preemption does
+        (their blocks are freed; a request that hit another's unwritten block recomputes it too). The
+        engine's callers usually abort them next; a caller that steps again gets correct recomputes."""
+        self.kv.rollback_step()
+        for s in out.scheduled:
+            req = s.request
+            if req.status is RequestStatus.RUNNING and req in self.running:
+                self.running.remove(req)
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                self.add(req)
+                req.status = RequestStatus.PREEMPTED

@@ -36,7 +36,7 @@ from tierlm.server.server_config import ServerConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_RESERVE = 256  # generation room kept when a policy cuts a prompt that set no max_tokens
-_logged_unknown: set[str] = set()  # undeclared request fields already logged (each is logged once)
+_logged_unknown: set[str] = set()  # undeclared request fields already logged (each once; at most 256 names)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Serving:
             param, message = found
             raise APIError(400, message, param=param, code="unsupported_parameter")
         new = [f for f in unknown_fields(body) if f not in _logged_unknown]
-        if new:
+        if new and len(_logged_unknown) < 256:  # names come from clients: keep the memo bounded
             _logged_unknown.update(new)
             log.debug("ignoring unknown request fields (logged once each): %s", ", ".join(new))
 

@@ -111,6 +111,8 @@ def test_tiny_quick_run_writes_json_report_and_plots(tmp_path, capsys, stub):
     assert set(gates) == {"baseline", "prefix-cache"} and not any(g["flagged"] for g in gates.values())
     assert gates["prefix-cache"]["vs_reference"]["exact_match"] == gates["prefix-cache"]["vs_reference"]["prompts"] > 4
     assert gates["baseline"]["vs_transformers"]["exact_match"] == gates["baseline"]["vs_transformers"]["prompts"]
+    assert all(g["engine"]["preemptions"] > 0 for g in gates.values())  # the gate's pool is tight for every config
+    assert gates["prefix-cache"]["engine"]["evictions"] > 0 and gates["prefix-cache"]["engine"]["prefix_hit_tokens"] > 0
     assert doc["environment"]["seed"] == 0 and len(doc["environment"]["config_digest"]) == 16
     phases = doc["peers"]["phases"]
     assert {r["phase"] for r in phases} == {"prefill", "decode", "e2e"} and all(r["ratio"] > 0 for r in phases)

@@ -8,9 +8,9 @@ The gate set (`build_gate_set`), run in two waves on an engine of its own (`gate
             passage (shares A's first blocks), C = a passage of its own; mixed lengths in one batch
     wave 2  after wave 1 has finished: A again, B' = text[0:L/2] + another passage, the first chat prompt
 
-    gate engine: a KV pool that holds wave 1's prompts with one block to spare (so as soon as the requests
-    decode past their last block, the youngest are preempted, unless a config's sharing leaves room, and
-    wave 2 finds part of its prefixes evicted; the gate table reports what each config's run exercised), a step budget of GATE_CHUNK tokens for configurations that chunk (so the long prompts are
+    gate engine: a KV pool that holds wave 1's prompts, shared prefix blocks once, with one block to spare
+    (so as soon as the requests decode past their last block, the youngest are preempted, and wave 2 finds
+    part of its prefixes evicted; the gate table reports what each config's run exercised), a step budget of GATE_CHUNK tokens for configurations that chunk (so the long prompts are
     split at many chunk boundaries) and of all of wave 1's prompt tokens for those that do not (so they
     are admitted together).
 
@@ -158,14 +158,22 @@ def build_gate_set(tokenizer, num_chat: int, long_len: int) -> GateSet:
 
 
 def gate_pool_blocks(gate: GateSet, max_tokens: int, block_size: int) -> int:
-    """KV blocks of the gate engine: wave 1's prompts plus one block, so that its requests, admitted
-    together, must preempt as they decode (and wave 2 finds part of its prefixes evicted); never less
-    than the longest sequence alone needs."""
+    """KV blocks of the gate engine: wave 1's prompts, their shared full prefix blocks counted once, plus one
+    block, so that its requests, admitted together (sharing or not), must preempt as they decode, and
+    wave 2 finds part of its prefixes evicted; never less than the longest sequence alone needs."""
     def blocks(n: int) -> int:
         return -(-n // block_size)
 
-    wave1 = sum(blocks(len(gate.prompts[i])) for i in gate.waves[0]) + 1
-    return max(wave1, blocks(gate.longest + max_tokens))
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    wave = [gate.prompts[i] for i in gate.waves[0]]
+    shared = sum(max((common(p, q) // block_size for q in wave[:k]), default=0) for k, p in enumerate(wave))
+    pool = sum(blocks(len(p)) for p in wave) - shared + 1
+    return max(pool, blocks(gate.longest + max_tokens))
 
 
 def run_gate(engine, gate: GateSet, max_tokens: int) -> list[list[int]]:

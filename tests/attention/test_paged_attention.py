@@ -103,3 +103,12 @@ def test_selection():
         select_backend("nope", CPU, torch.float32, "fp32")
     with pytest.raises(InvalidParameterError, match="cannot run here"):
         select_backend("cpu", CPU, torch.bfloat16, "bf16")
+
+
+def test_cpu_backend_falls_back_when_the_kernel_declines(monkeypatch):
+    """A decode shape the native kernel declines goes through the torch backend's gather + SDPA."""
+    if BACKENDS["cpu"].unsupported(CPU, torch.float32, "fp32") is not None:
+        pytest.skip("the cpu backend cannot run here")
+    monkeypatch.setattr(cpu_backend.cpu_kernels, "paged_decode", lambda *a, **k: None)
+    out, ref = run_case(BACKENDS["cpu"](), [7, 30, 1], [(12, 5)], hkv=2, g=3, seed=3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -72,18 +72,25 @@ class CpuBackend(TorchPagedBackend):
         return None
 
     def prepare(self, meta: AttentionMetadata, num_blocks: int) -> None:
-        meta.backend_state = self._prepare_decodes(meta, num_blocks)  # for decodes the kernel declines
+        meta.backend_state = None  # the kernel reads block tables as they are; see _fallback_decode
 
     def attend(self, q, k, v, layer: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         parts = []
         nd = meta.num_decodes
         if nd:
             o = cpu_kernels.paged_decode(q[:nd], layer.data, meta.decode_block_tables, meta.decode_seq_lens, scale)
-            parts.append(o if o is not None else self.decode(q[:nd], layer, meta, scale))
+            parts.append(o if o is not None else self._fallback_decode(q[:nd], layer, meta, scale))
         for row, q_len, seq_len, table in meta.prefill_rows():
             rows = slice(row, row + q_len)
             parts.append(self._prefill_split(q[rows], k[rows], v[rows], layer, table, seq_len - q_len, scale))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _fallback_decode(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """A decode shape the kernel declines (its scratch would not fit): the torch backend's gather + SDPA,
+        its per-step state built at the first such layer and kept for the others."""
+        if meta.backend_state is None:
+            meta.backend_state = self._prepare_decodes(meta, layer.data.shape[1])
+        return self.decode(q, layer, meta, scale)
 
     def _prefill_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV,
                        table: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:

@@ -15,10 +15,11 @@ and the requests still in flight are aborted.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tierlm.bench.arrivals import ArrivalPlan, arrival_times
 from tierlm.bench.metrics import RequestRecord, rate
@@ -65,10 +66,9 @@ class StepStats:
             self.mixed_tokens += decode_tokens + prefill_tokens
 
     def merge(self, other: StepStats) -> None:
-        for name in ("steps", "decode_steps", "decode_s", "decode_tokens", "prefill_steps", "prefill_s",
-                     "prefill_tokens", "mixed_steps", "mixed_s", "mixed_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.max_step_tokens = max(self.max_step_tokens, other.max_step_tokens)
+        for f in fields(self):  # counters add up; the largest step is the larger one
+            op = max if f.name == "max_step_tokens" else operator.add
+            setattr(self, f.name, op(getattr(self, f.name), getattr(other, f.name)))
 
     @property
     def decode_tok_per_s(self) -> float | None:

@@ -173,7 +173,7 @@ class BenchRunner:
         activations: dict[int, int | None] = {}
         for w in self.pre.workloads:
             for arrival in plan.arrival_plans():
-                self._run_engine_workload(name, engine, w, arrival, activations)
+                self._run_engine_workload(name, engine, w, arrival, activations, (resident, read))
         engine = None
         gc.collect()
 
@@ -195,7 +195,7 @@ class BenchRunner:
             gate.transformers_advisory = self.peer_dtype != torch.float32
 
     def _run_engine_workload(self, name: str, engine, w: Workload, arrival: ArrivalPlan,
-                             activations: dict[int, int | None]) -> None:
+                             activations: dict[int, int | None], weights: tuple[int, int]) -> None:
         plan = self.plan
         self._stage(f"{name}: {w.name} {_short(arrival)}")
         reps: list[EngineRun] = []
@@ -213,11 +213,13 @@ class BenchRunner:
             if reps:
                 if len(mem_peaks) < len(reps):
                     mem_peaks.append(probe.read())
-                result = self._engine_run_result(name, engine, w, arrival, reps, mem_peaks, activations)
+                result = self._engine_run_result(name, engine, w, arrival, reps, mem_peaks, activations, weights)
                 self.result.runs.append(result)
 
     def _engine_run_result(self, name, engine, w: Workload, arrival: ArrivalPlan, reps: list[EngineRun],
-                           mem_peaks: list[dict], activations: dict[int, int | None]) -> RunResult:
+                           mem_peaks: list[dict], activations: dict[int, int | None],
+                           weights: tuple[int, int]) -> RunResult:
+        """weights: (resident, read per step) bytes of the engine's model (memory.weight_bytes)."""
         plan = self.plan
         records = [r for run in reps for r in run.records]
         wall = sum(run.wall_s for run in reps)
@@ -240,20 +242,18 @@ class BenchRunner:
             kv_pool_bytes=engine.runner.kv_cache_bytes,
             max_sessions_at_budget=spec.max_sessions(plan.memory_budget, max(1, w.max_seq_len), min(shared, w.max_seq_len)),
             memory_budget_bytes=plan.memory_budget,
-            weights_bytes=weight_bytes(engine.model)[0], activations_peak_bytes=activations.get(n),
+            weights_bytes=weights[0], activations_peak_bytes=activations.get(n),
             peak_rss_bytes=max((p["peak_rss_bytes"] for p in mem_peaks if p["peak_rss_bytes"]), default=None),
             peak_rss_scope=mem_peaks[-1]["peak_rss_scope"] if mem_peaks else None,
             peak_device_bytes=max((p["peak_device_bytes"] for p in mem_peaks if p["peak_device_bytes"]), default=None))
-        read_per_step = weight_bytes(engine.model)[1]
-        moved = steps.steps * read_per_step + sum(r.kv_read_bytes for r in reps)
+        moved = steps.steps * weights[1] + sum(r.kv_read_bytes for r in reps)
         gbs = moved / wall / 1e9 if wall > 0 else None
         hit = metrics.hit_rate if engine.kv.enable_prefix_caching else None
         return RunResult(
             config=name, driver="in-process", workload=w.name, workload_spec=w.spec, shape=w.shape,
             concurrency=arrival.concurrency, rate=arrival.rate, burstiness=arrival.burstiness,
             arrival=_arrival_label(w, arrival), timed=w.timed, reps=len(reps), incomplete=not complete,
-            metrics=metrics, per_rep=[_rep_figures(run.records, run.wall_s, run.step_stats) for run in reps],
-            spread=_spreads(reps), memory=memory, cache_hit_rate={t: None for t in TIERS} | {"device": hit},
+            metrics=metrics, **_per_rep(reps, [run.step_stats for run in reps]), memory=memory, cache_hit_rate={t: None for t in TIERS} | {"device": hit},
             steps=steps, evictions=sum(r.evictions for r in reps), preemptions=sum(r.preemptions for r in reps),
             achieved_gb_s=gbs, bandwidth_fraction=gbs / self.bandwidth if gbs and self.bandwidth else None,
             check=self._check(name, w, arrival, records),
@@ -356,7 +356,7 @@ class BenchRunner:
             concurrency=arrival.concurrency, rate=arrival.rate, burstiness=arrival.burstiness,
             arrival=_arrival_label(w, arrival), timed=w.timed, reps=len(reps),
             incomplete=not all(r.complete for r in reps), metrics=metrics,
-            per_rep=[_rep_figures(run.records, run.wall_s, None) for run in reps], spread=_spreads(reps),
+            **_per_rep(reps, [None] * len(reps)),
             memory=MemoryFigures(memory_budget_bytes=plan.memory_budget),
             cache_hit_rate={t: None for t in TIERS} | {"device": metrics.hit_rate if reported else None},
             samples={"ttft_ms": [r.ttft * 1e3 for r in records if r.ok][:SAMPLE_CAP],
@@ -397,17 +397,17 @@ def _serve_flags(plan: BenchPlan) -> list[str]:
     return flags
 
 
-def _rep_figures(records, wall_s: float, steps: StepStats | None) -> RepFigures:
-    m = summarize(records, wall_s)
-    return RepFigures(m.ttft_ms.p50, m.tpot_ms.p50, m.e2e_ms.p50, m.output_tok_per_s,
-                      steps.decode_tok_per_s if steps is not None else m.decode_tok_per_s_wall)
-
-
-def _spreads(reps) -> dict:
+def _per_rep(reps, steps: list[StepStats | None]) -> dict:
+    """RunResult's per_rep figures and spread, from one summary of each repetition. A repetition's decode
+    rate is its decode-only steps' (in-process) or its wall-clock decode rate (HTTP, steps None)."""
     per = [summarize(run.records, run.wall_s) for run in reps]
-    return {"output_tok_per_s": spread([p.output_tok_per_s for p in per]),
-            "ttft_p50_ms": spread([p.ttft_ms.p50 for p in per]),
-            "tpot_p50_ms": spread([p.tpot_ms.p50 for p in per])}
+    figures = [RepFigures(m.ttft_ms.p50, m.tpot_ms.p50, m.e2e_ms.p50, m.output_tok_per_s,
+                          st.decode_tok_per_s if st is not None else m.decode_tok_per_s_wall)
+               for m, st in zip(per, steps)]
+    return {"per_rep": figures,
+            "spread": {"output_tok_per_s": spread([p.output_tok_per_s for p in per]),
+                       "ttft_p50_ms": spread([p.ttft_ms.p50 for p in per]),
+                       "tpot_p50_ms": spread([p.tpot_ms.p50 for p in per])}}
 
 
 def _arrival_label(w: Workload, a: ArrivalPlan) -> str:

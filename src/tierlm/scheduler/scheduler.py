@@ -139,12 +139,16 @@ class Scheduler:
         return out
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        self.running.remove(req)
-        self.kv.free(req)
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(req)
+        self._requeue(req)
+
+    def _requeue(self, req: Request) -> None:
+        """Take a running request back to the waiting queue with its blocks freed, to recompute from zero."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
         self.add(req)
         req.status = RequestStatus.PREEMPTED
 
@@ -162,10 +166,5 @@ class Scheduler:
         engine's callers usually abort them next; a caller that steps again gets correct recomputes."""
         self.kv.rollback_step()
         for s in out.scheduled:
-            req = s.request
-            if req.status is RequestStatus.RUNNING and req in self.running:
-                self.running.remove(req)
-                self.kv.free(req)
-                req.num_computed_tokens = 0
-                self.add(req)
-                req.status = RequestStatus.PREEMPTED
+            if s.request.status is RequestStatus.RUNNING and s.request in self.running:
+                self._requeue(s.request)

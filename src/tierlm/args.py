@@ -5,9 +5,12 @@ Imports only config and the core registry, so building a parser never imports to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.config import (PREEMPTION_MODES, TIER_POLICIES, WRITE_POLICIES, CacheConfig, EngineConfig,
+                           SchedulerConfig, TierConfig)
+from tierlm.core.errors import InvalidParameterError
 from tierlm.core.registry import DTYPE_CHOICES
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -20,6 +23,131 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512MiB, 2GiB or a byte count")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int) -> str:
+    """1073741824 -> '1GiB', 1536 -> '1.5KiB', 1000 -> '1000B'."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n}B"
+
+
+def _tier_default(name: str):
+    """A TierConfig field's default: the dataclass is the one place the numbers live."""
+    return {f.name: f.default for f in dataclasses.fields(TierConfig)}[name]
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} < 0; use 0 or more")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _positive_bytes(text: str) -> int:
+    value = parse_bytes(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a size like 512MiB")
+    return value
+
+
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a redis:// URL; use redis://HOST:PORT[/DB]")
+    return text
+
+
+def _prefix_file(path: str) -> str:
+    """--pin-prefix-file: checked readable at parse time (a bad path is a usage error); `tier_config` reads it.
+    The flag keeps the path, so the flags can be handed on to another process unchanged."""
+    _read_prefix_file(path, argparse.ArgumentTypeError)
+    return path
+
+
+def _read_prefix_file(path: str, error=None) -> str:
+    """The whole file is one prefix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}"
+        raise (error(why) if error else InvalidParameterError(why, "check the --pin-prefix-file path")) from None
+    if not text:
+        why = f"{path!r} is empty"
+        raise error(why) if error else InvalidParameterError(why, "give a file holding the prefix text")
+    return text
+
+
+def add_tier_args(p: argparse.ArgumentParser, sizes_only: bool = False) -> None:
+    """The KV tier flags (defaults from TierConfig). `sizes_only`: just the tiers' locations and sizes
+    (what `tierlm info` needs to compute capacities)."""
+    g = p.add_argument_group("KV tiers", "lower KV tiers below the device pool: a tier is on when given a size "
+                             "(host) or a location (disk, Redis)")
+    g.add_argument("--host-cache-memory", type=parse_bytes, default=_tier_default("host_memory_bytes"), metavar="SIZE",
+                   help="host-memory KV tier size, e.g. 4GiB (default: off)")
+    g.add_argument("--disk-cache-dir", default=_tier_default("disk_dir"), metavar="DIR",
+                   help="directory of the disk KV tier (kept across runs; default: off)")
+    g.add_argument("--disk-cache-size", type=_positive_bytes, default=_tier_default("disk_bytes"), metavar="SIZE",
+                   help=f"disk KV tier size (default {format_bytes(_tier_default('disk_bytes'))})")
+    g.add_argument("--redis-url", type=_redis_url, default=_tier_default("redis_url"), metavar="URL",
+                   help="Redis/Valkey KV tier, redis://HOST:PORT[/DB] (default: off)")
+    g.add_argument("--redis-cache-size", type=_positive_bytes, default=_tier_default("redis_bytes"), metavar="SIZE",
+                   help=f"bytes the Redis KV tier may use (default {format_bytes(_tier_default('redis_bytes'))})")
+    if sizes_only:
+        return
+    g.add_argument("--tier-eviction", choices=TIER_POLICIES, default=_tier_default("eviction_policy"),
+                   help=f"eviction policy inside every tier (default {_tier_default('eviction_policy')})")
+    g.add_argument("--tier-write", choices=WRITE_POLICIES, default=_tier_default("write_policy"),
+                   help="write_back: demote blocks as the device evicts them; write_through: store every new "
+                        f"block in every tier at once (default {_tier_default('write_policy')})")
+    g.add_argument("--tier-admit-after-hits", type=_non_negative_int, default=_tier_default("admit_after_hits"),
+                   metavar="N", help="disk and Redis store a block only after N prefix hits "
+                                     f"(default {_tier_default('admit_after_hits')}: every block)")
+    g.add_argument("--tier-load-budget", type=parse_bytes, default=_tier_default("load_step_budget_bytes"),
+                   metavar="SIZE", help="bytes of tier loads one engine step waits for; larger loads overlap "
+                                        f"decoding (default {format_bytes(_tier_default('load_step_budget_bytes'))})")
+    g.add_argument("--tier-load-timeout", type=_positive_seconds, default=_tier_default("load_timeout_s"),
+                   metavar="SECONDS", help="a tier load slower than this is recomputed instead "
+                                           f"(default {_tier_default('load_timeout_s')})")
+    g.add_argument("--preemption", choices=PREEMPTION_MODES, default=_tier_default("preemption_mode"),
+                   help="what a preempted sequence's KV does: recompute it, offload it to the host tier, or auto "
+                        f"(cheaper of the two; default {_tier_default('preemption_mode')})")
+    # default None, not []: an unset list flag has no value to hand on (bench.overhead.engine_flags)
+    g.add_argument("--pin-prefix", action="append", default=None, dest="pin_prefixes", metavar="TEXT",
+                   help="keep this prompt prefix's KV cached on the device and in every tier (repeatable)")
+    g.add_argument("--pin-prefix-file", action="append", type=_prefix_file, default=None, dest="pin_prefix_files",
+                   metavar="PATH", help="as --pin-prefix, with the file's whole contents as the prefix (repeatable)")
+
+
+def tier_config(args: argparse.Namespace) -> TierConfig:
+    """The TierConfig the flags of add_tier_args describe (validated). Flags a parser lacks keep their defaults."""
+    def get(flag: str, field: str):
+        return getattr(args, flag, _tier_default(field))
+
+    pins = tuple(getattr(args, "pin_prefixes", None) or ())
+    pins += tuple(_read_prefix_file(path) for path in getattr(args, "pin_prefix_files", None) or ())
+    return TierConfig(
+        host_memory_bytes=get("host_cache_memory", "host_memory_bytes"), disk_dir=get("disk_cache_dir", "disk_dir") or None,
+        disk_bytes=get("disk_cache_size", "disk_bytes"), redis_url=get("redis_url", "redis_url") or None,
+        redis_bytes=get("redis_cache_size", "redis_bytes"), eviction_policy=get("tier_eviction", "eviction_policy"),
+        write_policy=get("tier_write", "write_policy"), admit_after_hits=get("tier_admit_after_hits", "admit_after_hits"),
+        load_step_budget_bytes=get("tier_load_budget", "load_step_budget_bytes"),
+        load_timeout_s=get("tier_load_timeout", "load_timeout_s"), preemption_mode=get("preemption", "preemption_mode"),
+        pinned_prefixes=tuple(dict.fromkeys(pins)))
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +164,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--attention-backend", default="auto",
                    help="auto (cpu where it runs, else torch) | cpu (native decode, fp32 CPU) | torch (gather + SDPA)")
+    add_tier_args(p)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -45,4 +174,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         enable_prefix_caching=not args.no_prefix_caching)
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        cache=cache, scheduler=sched, attention_backend=args.attention_backend)
+                        cache=cache, scheduler=sched, tiers=tier_config(args),
+                        attention_backend=args.attention_backend)

@@ -6,8 +6,9 @@ import json
 import sys
 import time
 
-from tierlm.args import add_engine_args, engine_config, parse_bytes
+from tierlm.args import add_engine_args, add_tier_args, engine_config, format_bytes, parse_bytes
 from tierlm.core.errors import TierlmError
+from tierlm.core.registry import KV_FORMATS
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,9 +50,39 @@ def _write_json(path: str | None, obj) -> None:
             json.dump(obj, f, indent=2)
 
 
+def cached_by_tier(engine, out) -> dict[str, int]:
+    """Cached prompt tokens by where they came from: the device and every configured tier, 0 when none."""
+    split = {"device": 0, **{name: 0 for name in engine.tier_stats()}}
+    for name, n in (out.cached_tokens_by_tier or {}).items():
+        split[name] = split.get(name, 0) + n
+    return split
+
+
+def tier_lines(tier_stats: dict[str, dict]) -> list[str]:
+    """One line per lower tier: hits, traffic, use and health."""
+    lines = []
+    for name, t in tier_stats.items():
+        cap = t.get("capacity_bytes") or 0
+        pct = f" ({100 * t.get('used_bytes', 0) / cap:.1f}%)" if cap else ""
+        lines.append(f"{name}: hits {t.get('hit_tokens', 0)} tokens ({t.get('found', 0)}/{t.get('lookups', 0)} blocks "
+                     f"found), loaded {format_bytes(t.get('bytes_loaded', 0))}, stored "
+                     f"{format_bytes(t.get('bytes_stored', 0))}, used {format_bytes(t.get('used_bytes', 0))} / "
+                     f"{format_bytes(cap)}{pct} in {t.get('entries', 0)} entries, evictions {t.get('evictions', 0)}, "
+                     f"errors {t.get('errors', 0)}, corrupt {t.get('corrupt', 0)}, "
+                     f"{'healthy' if t.get('healthy', True) else 'UNHEALTHY'}")
+    return lines
+
+
 def cmd_generate(a) -> int:
     params = _sampling(a)  # validate before the model loads
     llm = _llm(a)
+    try:
+        return _generate(a, llm, params)
+    finally:
+        llm.engine.close()  # queued disk/Redis writes land before the process exits
+
+
+def _generate(a, llm, params) -> int:
     prompt = llm.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     t0 = time.perf_counter()
     first = None
@@ -67,6 +98,9 @@ def cmd_generate(a) -> int:
     t1 = time.perf_counter()
     sys.stdout.write("\n")
     c = out.outputs[0]
+    by_tier = cached_by_tier(llm.engine, out)
+    if (a.stats or a.json) and llm.engine.tiers is not None:
+        llm.engine.tiers.flush(timeout=30.0)  # the tier counters then include this run's queued writes
     if a.stats:
         n_out = len(c.token_ids)
         ttft = (first - t0) if first else float("nan")
@@ -74,14 +108,28 @@ def cmd_generate(a) -> int:
         print(f"[stats] prompt_tokens={len(out.prompt_token_ids)} cached_tokens={out.num_cached_tokens} "
               f"output_tokens={n_out} finish_reason={c.finish_reason} load_s={llm.engine.load_seconds:.2f} "
               f"ttft_ms={ttft * 1e3:.1f} decode_tok_s={decode_rate:.1f} total_s={t1 - t0:.2f}", file=sys.stderr)
-    _write_json(a.json, {"prompt": a.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                         "prompt_tokens": len(out.prompt_token_ids), "cached_tokens": out.num_cached_tokens})
+        print("[stats] cached: " + ", ".join(f"{name} {n}" for name, n in by_tier.items()), file=sys.stderr)
+        for line in tier_lines(llm.engine.tier_stats()):
+            print(f"[stats] tier {line}", file=sys.stderr)
+    result = {"prompt": a.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+              "prompt_tokens": len(out.prompt_token_ids), "cached_tokens": out.num_cached_tokens,
+              "cached_tokens_by_tier": by_tier}
+    if llm.engine.tiers is not None:
+        result["tiers"] = llm.engine.tier_stats()
+    _write_json(a.json, result)
     return 0
 
 
 def cmd_chat(a) -> int:
     params = _sampling(a)
     llm = _llm(a)
+    try:
+        return _chat(a, llm, params)
+    finally:
+        llm.engine.close()  # queued disk/Redis writes land before the process exits
+
+
+def _chat(a, llm, params) -> int:
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("tierlm chat: empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -135,11 +183,51 @@ def cmd_info(a) -> int:
         note = "" if f["implemented"] else "  (planned)"
         print(f"  {f['kv_format']:<{w}} {f['bytes_per_token']:>12,} {f['bytes_per_session'] / 2**20:>12.2f} "
               f"{f['max_sessions_at_budget']:>13,}{note}")
+    tiers = _tier_capacities(a, c)
+    info["tier_kv_format"] = tiers["kv_format"]
+    info["tiers"] = tiers["tiers"]
+    spec_bpt = tiers["bytes_per_token"]
+    print(f"KV tiers in {tiers['kv_format']} ({spec_bpt:,} bytes/token), sessions of {a.seq_len} tokens "
+          f"(block size {a.block_size}):")
+    print(f"  {'tier':<7} {'capacity':>12} {'tokens':>14} {'sessions':>10}")
+    for t in tiers["tiers"]:
+        where = f"  ({t['location']})" if t.get("location") else ""
+        print(f"  {t['tier']:<7} {format_bytes(t['capacity_bytes']):>12} {t['tokens']:>14,} {t['sessions']:>10,}{where}")
     k = info["cpu_kernels"]
     print("CPU kernels (fp32 decode attention, add + RMSNorm): "
           + (f"native ({k['library']})" if k["native"] else f"PyTorch paths ({k['reason']})"))
     _write_json(a.json, info)
     return 0
+
+
+def _tier_capacities(a, model_config) -> dict:
+    """What the device pool (--memory) and each tier the flags name would hold, by arithmetic only (no tier is
+    opened or contacted). Tokens: capacity // bytes per token; sessions: whole blocks (KVSpec.max_sessions)."""
+    from tierlm.config import TierConfig
+    from tierlm.kvcache.spec import KVSpec
+
+    kv_format = a.kv_format
+    if kv_format == "auto":  # what the engine picks on --device auto: bf16 on CUDA, fp32 on CPU
+        import torch
+
+        kv_format = "bf16" if torch.cuda.is_available() else "fp32"
+    spec = KVSpec.from_model(model_config, kv_format, a.block_size)
+    defaults = TierConfig()
+    rows = [("device", a.memory, None)]
+    if a.host_cache_memory:
+        rows.append(("host", a.host_cache_memory, None))
+    if a.disk_cache_dir or a.disk_cache_size is not None:
+        rows.append(("disk", a.disk_cache_size or defaults.disk_bytes, a.disk_cache_dir))
+    if a.redis_url or a.redis_cache_size is not None:
+        rows.append(("redis", a.redis_cache_size or defaults.redis_bytes, a.redis_url))
+    tiers = []
+    for name, cap, location in rows:
+        row = {"tier": name, "capacity_bytes": cap, "tokens": cap // spec.bytes_per_token,
+               "sessions": spec.max_sessions(cap, a.seq_len)}
+        if location:
+            row["location"] = location
+        tiers.append(row)
+    return {"kv_format": kv_format, "bytes_per_token": spec.bytes_per_token, "tiers": tiers}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a completion for one prompt (streams to stdout)")
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--stats", action="store_true", help="print prompt/cached tokens and timings after the text")
+    g.add_argument("--stats", action="store_true", help="print prompt/cached tokens (by tier), timings and each KV tier's counters after the text")
     g.add_argument("--json", default=None, metavar="PATH")
     add_engine_args(g)
     _add_sampling_args(g)
@@ -166,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--block-size", type=int, default=16)
     i.add_argument("--seq-len", type=int, default=4096, help="session length for the capacity figure")
     i.add_argument("--memory", type=parse_bytes, default=parse_bytes("8GiB"), help="KV memory budget, e.g. 8GiB")
+    i.add_argument("--kv-format", default="auto", choices=["auto", *KV_FORMATS],
+                   help="KV format of the tier capacity table (auto: bf16 with CUDA, else fp32, as the engine picks)")
+    add_tier_args(i, sizes_only=True)
+    i.set_defaults(disk_cache_size=None, redis_cache_size=None)  # a size given alone still shows its tier
     i.add_argument("--json", default=None, metavar="PATH")
     i.set_defaults(func=cmd_info)
 

@@ -81,6 +81,68 @@ class CacheConfig:
                                         f"use one of {', '.join(implemented_kv_formats())}")
 
 
+GiB = 1 << 30
+TIER_POLICIES = ("lru", "s3fifo")
+WRITE_POLICIES = ("write_back", "write_through")
+PREEMPTION_MODES = ("auto", "recompute", "offload")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The KV tiers below the device pool (kvcache/tiers/): host memory (T1), a disk directory (T2), a
+    Redis-compatible server (T3). A tier is on when it is given a size (host) or a location (disk, redis).
+
+    Movement: `write_back` demotes a cached block to the first lower tier when the device pool evicts it, and
+    each tier demotes its own evictions to the next one; `write_through` stores every block in every tier as
+    soon as its KV is computed. Disk and Redis admit a block only after `admit_after_hits` prefix hits.
+    A step waits for at most `load_step_budget_bytes` of loads (larger loads run while other requests decode)
+    and no load longer than `load_timeout_s` (then it recomputes). `preemption_mode` picks what happens to a
+    preempted sequence's KV (see the scheduler's opening paragraph)."""
+
+    host_memory_bytes: int = 0
+    disk_dir: str | None = None
+    disk_bytes: int = 20 * GiB
+    redis_url: str | None = None
+    redis_bytes: int = 4 * GiB
+    redis_namespace: str = "tierlm:kv:"  # key prefix on the server (engines that share it share entries)
+    eviction_policy: str = "lru"  # "lru" | "s3fifo", inside every lower tier
+    write_policy: str = "write_back"  # "write_back" | "write_through"
+    admit_after_hits: int = 0  # disk and Redis store a block only once it has been hit this many times
+    load_step_budget_bytes: int = 256 << 20
+    load_timeout_s: float = 5.0
+    redis_timeout_s: float = 0.5  # socket timeout of every Redis call; a timeout marks the tier unhealthy
+    preemption_mode: str = "auto"  # "auto" | "recompute" | "offload"
+    pinned_prefixes: tuple[str, ...] = ()  # prompt texts whose full blocks are never evicted (device and tiers)
+
+    def __post_init__(self) -> None:
+        if self.host_memory_bytes < 0:
+            raise InvalidParameterError(f"host cache memory {self.host_memory_bytes} < 0", "give a size like 4GiB, or 0")
+        if self.disk_bytes < 1:
+            raise InvalidParameterError(f"disk cache size {self.disk_bytes} < 1", "give a size like 20GiB")
+        if self.redis_bytes < 1:
+            raise InvalidParameterError(f"Redis cache size {self.redis_bytes} < 1", "give a size like 4GiB")
+        if self.eviction_policy not in TIER_POLICIES:
+            raise InvalidParameterError(f"unknown tier eviction policy {self.eviction_policy!r}",
+                                        f"use one of {', '.join(TIER_POLICIES)}")
+        if self.write_policy not in WRITE_POLICIES:
+            raise InvalidParameterError(f"unknown tier write policy {self.write_policy!r}",
+                                        f"use one of {', '.join(WRITE_POLICIES)}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise InvalidParameterError(f"unknown preemption mode {self.preemption_mode!r}",
+                                        f"use one of {', '.join(PREEMPTION_MODES)}")
+        if self.admit_after_hits < 0:
+            raise InvalidParameterError(f"admit_after_hits {self.admit_after_hits} < 0", "use 0 (admit every block) or more")
+        if self.load_step_budget_bytes < 0 or self.load_timeout_s <= 0 or self.redis_timeout_s <= 0:
+            raise InvalidParameterError("tier load budget and timeouts must be positive", "check the tier flags")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise InvalidParameterError(f"Redis URL {self.redis_url!r} is not a redis:// URL",
+                                        "use redis://HOST:PORT[/DB] (Redis or Valkey)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host_memory_bytes or self.disk_dir or self.redis_url)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences at once
@@ -105,6 +167,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
     attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
 
     def __post_init__(self) -> None:
@@ -112,3 +175,6 @@ class EngineConfig:
             raise InvalidParameterError(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidParameterError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
+        if self.tiers.enabled and not self.cache.enable_prefix_caching:
+            raise InvalidParameterError("KV tiers need prefix caching: their entries are found by block hash",
+                                        "enable prefix caching or drop the tier flags")

@@ -34,4 +34,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # Where the cached tokens came from: {"device": n, "host": n, "disk": n, "redis": n} (tiers that hit)
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished (monotonic s)

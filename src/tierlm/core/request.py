@@ -12,6 +12,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    LOADING = "loading"  # admitted; its cached prefix is being loaded from a lower KV tier
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -42,6 +43,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit tokens at first schedule; -1 until scheduled
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # of those, where they came from
     num_preemptions: int = 0
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, TierConfig
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.outputs import RequestOutput
 from tierlm.core.sampling_params import SamplingParams
@@ -20,13 +20,14 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True, hash_seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                 scheduling_policy: str = "fcfs", attention_backend: str = "auto"):
+                 scheduling_policy: str = "fcfs", attention_backend: str = "auto", tiers: TierConfig | None = None):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed)
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy)
         self._init(LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-                                          cache=cache, scheduler=sched, attention_backend=attention_backend)))
+                                          cache=cache, scheduler=sched, attention_backend=attention_backend,
+                                          tiers=tiers or TierConfig())))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
@@ -37,6 +38,16 @@ class LLM:
     def _init(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+
+    def close(self) -> None:
+        """Persist what the KV tiers hold in memory to disk/Redis and stop their threads (see LLMEngine.close)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, priority: Sequence[int] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

@@ -27,6 +27,7 @@ from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.engine.model_runner import ModelRunner
 from tierlm.engine.sampler import Sampler
 from tierlm.kvcache import KVCacheManager, KVSpec, KVStorage
+from tierlm.kvcache.tiers import EntryIdentity, TierController, build_tiers
 from tierlm.models import build_model
 from tierlm.models.loader import load_checkpoint
 from tierlm.scheduler import Scheduler
@@ -142,9 +143,11 @@ class LLMEngine:
         # between them is reused like KV recomputed there.)
         extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute, kv_format,
                       cc.tenant_salt)
-        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
+        self.tiers = self._build_tiers(config, extra_keys)
+        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys,
+                                 tiers=self.tiers)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device)
         self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
         self.groups: dict[str, _Group] = {}
@@ -153,6 +156,39 @@ class LLMEngine:
         # computed_tokens: tokens run through the model (prefix-cache hits are not computed).
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0}
         self.last_step: StepSummary | None = None  # None until a step computes something
+        for text in config.tiers.pinned_prefixes:
+            self.pin_prefix(text)
+
+    def _build_tiers(self, config: EngineConfig, extra_keys: tuple) -> TierController | None:
+        """The lower KV tiers, or None when none is configured. An entry's identity names everything its KV
+        depends on (the same fields as the block hash's extra keys) plus the storage layout, so the codec
+        refuses an entry from another model, format or layout even under a matching key."""
+        tiers = build_tiers(config.tiers)
+        if not tiers:
+            return None
+        model_id, weights, shape, compute, kv_format, _ = extra_keys
+        layout = ";".join(f"{name}:{str(t.dtype).removeprefix('torch.')}:{'x'.join(map(str, t.shape))}"
+                          for name, (t, _dim) in self.kv_storage[0].parts().items())
+        identity = EntryIdentity(model=f"{model_id}@{weights}/{shape}/{compute}", kv_format=kv_format,
+                                 layout=f"{len(self.kv_storage)} layers;{layout}")
+        return TierController(config.tiers, tiers, self.kv_storage, identity)
+
+    def pin_prefix(self, prompt: str | list[int], cache_salt: str | None = None) -> int:
+        """Keep this prefix's full blocks cached on the device and in every tier (e.g. a system prompt).
+        Blocks not computed yet are pinned when a request computes them. Returns the number of blocks."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.kv.pin_prefix(ids, cache_salt)
+
+    def tier_stats(self) -> dict[str, dict]:
+        """Per lower tier: traffic, capacity, health, hit tokens (empty without tiers)."""
+        return self.tiers.tier_stats() if self.tiers is not None else {}
+
+    def close(self) -> None:
+        """Write what only memory holds (cached device blocks, host-tier entries) to the disk and Redis tiers,
+        finish queued tier writes and stop the tier threads. A no-op without tiers; safe to call twice."""
+        if self.tiers is not None:
+            self.tiers.persist([self.kv._ref(b) for b in self.kv.pool.cached.values()])
+            self.tiers.close()
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -236,12 +272,15 @@ class LLMEngine:
         decodes = sum(1 for s in sched.scheduled if s.is_decode)
         context = sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled)
         self.last_step = StepSummary(decodes, sched.num_batched_tokens - decodes, context)
+        t0 = time.perf_counter()
         try:
             logits, reqs = self.runner.execute(sched)
             sampled = self.sampler(logits, reqs) if reqs else None
         except BaseException:
             self.scheduler.undo_step(sched)  # nothing of this step is kept: no cached KV, no half-advanced request
             raise
+        if not decodes:  # a prefill-only step's speed feeds the tiers' cost model (load vs recompute)
+            self.kv.note_prefill(sched.num_batched_tokens, time.perf_counter() - t0)
         self.scheduler.update_after_step(sched)
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += sched.num_batched_tokens
@@ -306,4 +345,5 @@ class LLMEngine:
         if g.finished:
             metrics["finished_time"] = max(s.request.finished_time or 0.0 for s in g.seqs)
         return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, g.finished,
-                             num_cached_tokens=max(first.num_cached_tokens, 0), metrics=metrics)
+                             num_cached_tokens=max(first.num_cached_tokens, 0),
+                             cached_tokens_by_tier=dict(first.cached_tokens_by_tier), metrics=metrics)

@@ -139,6 +139,9 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0  # cached blocks whose hash was dropped to reuse the block
+        # When a list, every eviction appends (block id, hash, token ids) before the hash is dropped, so the
+        # KV manager can demote the block's KV to a lower tier before anything overwrites it.
+        self.eviction_log: list[tuple[int, BlockHash, tuple[int, ...]]] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -161,6 +164,9 @@ class BlockPool:
         for _ in range(n):
             block = self.free_queue.popleft()
             if block.block_hash is not None:
+                if self.eviction_log is not None:
+                    assert block.token_ids is not None
+                    self.eviction_log.append((block.block_id, block.block_hash, block.token_ids))
                 self._evict(block)
                 self.num_evictions += 1
             block.ref_cnt = 1

@@ -18,9 +18,22 @@ Registrations stay pending until the step's forward pass has run: `commit_step` 
 `rollback_step` (the forward pass raised) drops their hashes, so KV that was never written is never
 offered again. Later requests with the same prefix reuse registered blocks; freed cached blocks stay
 reusable until the pool evicts them (LRU, tail-first).
+
+With lower tiers (a TierController), a device miss continues below the pool:
+
+    hits, n = get_computed_blocks(req)              # device run, then one lookup per lower tier
+    lower = lower_hit(req)                          # the blocks found below, if loading beats recompute
+    job = start_load(req, hits, lower)              # take the device hits + fresh blocks, load into them
+    ... load_ready(req) ...                         # the loader thread verifies and scatters the KV
+    num_computed = finish_load(req)                 # register what loaded; the rest is recomputed
+
+An evicted cached block is demoted before anything can overwrite it (write-back), a step's new blocks
+are stored at commit with write-through, a preempted sequence's blocks can be offloaded (`offload`),
+and pinned prefixes keep one extra reference on their device blocks and a pin in every tier.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +41,9 @@ from dataclasses import dataclass
 from tierlm.core.request import Request
 from tierlm.kvcache.block_pool import BlockPool, KVBlock
 from tierlm.kvcache.hashing import BlockHash, hash_request_blocks
+from tierlm.kvcache.tiers.controller import BlockRef, LoadJob, LowerHit, TierController
+
+PIN_TABLE = "__pinned__"  # the pseudo request id whose table holds pinned prefix blocks
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class KVCacheManager:
         enable_prefix_caching: bool,
         hash_seed: int = 0,
         extra_keys: tuple = (),
+        tiers: TierController | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size {block_size} < 1")
@@ -71,6 +88,13 @@ class KVCacheManager:
         self._pending: list[KVBlock] = []  # blocks registered since the last commit_step
         self._queries = 0
         self._hits = 0
+        self.tiers = tiers
+        # Lower-tier probe per request: (hash of the first block probed, the run found or None).
+        self._lower: dict[str, tuple[BlockHash, LowerHit | None]] = {}
+        self._loads: dict[str, LoadJob] = {}
+        self._pinned_hashes: set[BlockHash] = set()
+        if tiers is not None:
+            self.pool.eviction_log = []
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -121,7 +145,24 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block.block_id)
+        if self.tiers is not None and len(hit) < max_blocks:
+            # One probe (and one load-or-recompute decision) per request and prefix position: a request that
+            # waits for room is probed again every step. A block gone by the time it is loaded is a miss
+            # then, and recomputed.
+            prev = self._lower.get(request.request_id)
+            if prev is None or prev[0] != hashes[len(hit)]:
+                rest = range(len(hit), max_blocks)
+                found = self.tiers.lookup([hashes[i] for i in rest], [tuple(tokens[i * bs:(i + 1) * bs]) for i in rest])
+                if found is not None and not self.tiers.worth_loading(found):
+                    found = None
+                self._lower[request.request_id] = (hashes[len(hit)], found)
         return hit, len(hit) * bs
+
+    def lower_hit(self, request: Request) -> LowerHit | None:
+        """Blocks right after the device hit that lower tiers hold, from the last `get_computed_blocks`
+        probe, when the cost model said loading them beats recomputing; else None."""
+        probe = self._lower.get(request.request_id)
+        return None if probe is None else probe[1]
 
     # ---- mutations -----------------------------------------------------------------------------
 
@@ -160,9 +201,13 @@ class KVCacheManager:
                 and not request.num_preemptions):
             self._queries += request.num_tokens  # first admission: count this request's lookup once
             self._hits += len(hits) * bs
+            request.cached_tokens_by_tier = {"device": len(hits) * bs}
+        if hits and self.tiers is not None:
+            self.tiers.note_hits([b.block_hash for b in hits])
         self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)
         assert new_blocks is not None  # checked above
+        self._demote_evicted()
         table = self._tables.setdefault(rid, table)
         table.extend(hits)
         table.extend(new_blocks)
@@ -171,8 +216,14 @@ class KVCacheManager:
         return [b.block_id for b in table]
 
     def commit_step(self) -> None:
-        """The step's forward pass wrote its KV: its registrations are final."""
+        """The step's forward pass wrote its KV: its registrations are final (stored in every tier with
+        write-through; a pinned prefix's blocks take their pin reference)."""
+        committed = [b for b in self._pending if b.block_hash is not None]
         self._pending.clear()
+        if self._pinned_hashes:
+            self._take_pins(committed)
+        if self.tiers is not None and self.tiers.config.write_policy == "write_through" and committed:
+            self.tiers.write_through([self._ref(b) for b in committed])
 
     def rollback_step(self) -> int:
         """The step's forward pass raised: drop the hashes registered since the last commit (their KV was
@@ -190,11 +241,156 @@ class KVCacheManager:
         """Release the request's blocks tail-first (its last blocks become the first evicted) and
         forget everything kept for it (table, hashes). A no-op for an unknown request id."""
         rid = request.request_id
+        job = self._loads.pop(rid, None)
+        if job is not None:
+            job.cancel()  # after this the loader never writes into the blocks freed below
         table = self._tables.pop(rid, None)
         self._hashes.pop(rid, None)
         self._num_cached.pop(rid, None)
+        self._lower.pop(rid, None)
         if table:
             self.pool.free_blocks(reversed(table))
+
+    # ---- lower tiers -------------------------------------------------------------------------------
+    def start_load(self, request: Request, device_hits: Sequence[int], lower: LowerHit) -> LoadJob | None:
+        """First allocation of a request whose prefix continues below the device pool: take the device hit
+        blocks, allocate one fresh block per lower-tier block, and start loading into them (loader thread).
+        None, changing nothing, when the pool lacks the blocks. The fresh blocks are registered only by
+        `finish_load`, once their KV is verified and written."""
+        rid = request.request_id
+        assert self.tiers is not None and rid not in self._tables
+        hits = [self.pool.blocks[i] for i in device_hits]
+        self._check_hits(request, [], hits)
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        if len(lower) > self.pool.num_free_blocks - num_free_hits:
+            return None
+        if request.num_computed_tokens == 0 and not request.num_preemptions:
+            self._queries += request.num_tokens
+        if hits:
+            self.tiers.note_hits([b.block_hash for b in hits])
+        self.pool.touch(hits)
+        new_blocks = self.pool.get_new_blocks(len(lower))
+        assert new_blocks is not None
+        self._demote_evicted()  # before the loader writes into blocks that held evicted KV
+        self._tables[rid] = hits + new_blocks
+        self._num_cached[rid] = len(hits)
+        job = self.tiers.start_load(lower, [b.block_id for b in new_blocks])
+        self._loads[rid] = job
+        return job
+
+    def load_ready(self, request: Request) -> bool:
+        """The request's load finished, or ran past the load timeout (then `finish_load` recomputes)."""
+        job = self._loads.get(request.request_id)
+        if job is None:
+            return True
+        assert self.tiers is not None
+        return job.event.is_set() or time.monotonic() - job.started > self.tiers.config.load_timeout_s
+
+    def finish_load(self, request: Request) -> int:
+        """Settle the request's load: register the blocks that loaded, count hits by tier. Returns the
+        tokens whose KV is now in the request's blocks (device hits + loaded); the rest is recomputed."""
+        rid = request.request_id
+        job = self._loads.pop(rid)
+        assert self.tiers is not None
+        loaded = self.tiers.finish_load(job)
+        table, start = self._tables[rid], self._num_cached[rid]
+        hashes, tokens, bs = self._hashes[rid], request.all_token_ids, self.block_size
+        registered = []
+        for i in range(start, start + loaded):
+            if self.pool.cache_block(table[i], hashes[i], tokens[i * bs:(i + 1) * bs]):
+                registered.append(table[i])
+        if self._pinned_hashes:
+            self._take_pins(registered)
+        self._num_cached[rid] = start + loaded
+        self._lower.pop(rid, None)
+        if request.num_computed_tokens == 0 and not request.num_preemptions:
+            self._hits += (start + loaded) * bs
+            request.cached_tokens_by_tier = {"device": start * bs}
+            for name, n in job.by_tier.items():
+                request.cached_tokens_by_tier[name] = n * bs
+        return (start + loaded) * bs
+
+    def loading_requests(self) -> int:
+        return len(self._loads)
+
+    def wait_for_loads(self, timeout: float) -> None:
+        """Block until some load finishes (or `timeout`): an engine with nothing else to run waits here
+        instead of spinning."""
+        jobs = list(self._loads.values())
+        deadline = time.monotonic() + timeout
+        while jobs and time.monotonic() < deadline:
+            if any(j.event.is_set() for j in jobs):
+                return
+            jobs[0].event.wait(min(0.005, max(0.0, deadline - time.monotonic())))
+
+    def offload(self, request: Request) -> bool:
+        """Preemption by offload: store the request's full cached blocks in host memory, pinned until it
+        is admitted again or finishes (`release_offload`). False when there is no host tier or no room."""
+        if self.tiers is None:
+            return False
+        table = self._tables.get(request.request_id, [])
+        refs = [self._ref(b) for b in table[: self._num_cached.get(request.request_id, 0)] if b.block_hash is not None]
+        return self.tiers.offload(request.request_id, refs)
+
+    def offload_cheaper(self, request: Request) -> bool:
+        """The cost model's choice for a preemption: offloading and reloading the request's cached blocks
+        beats recomputing its context."""
+        if self.tiers is None:
+            return False
+        n = self._num_cached.get(request.request_id, 0)
+        recompute = self.tiers.recompute_seconds(request.num_computed_tokens)
+        return n > 0 and (recompute is None or self.tiers.offload_seconds(n) < recompute)
+
+    def release_offload(self, request: Request) -> None:
+        if self.tiers is not None:
+            self.tiers.release(request.request_id)
+
+    def note_prefill(self, tokens: int, seconds: float) -> None:
+        if self.tiers is not None:
+            self.tiers.note_prefill(tokens, seconds)
+
+    def pin_prefix(self, token_ids: Sequence[int], cache_salt: str | None = None) -> int:
+        """Keep the full blocks of this prefix: one extra reference on their device blocks (taken now for
+        blocks already cached, at commit for ones computed later) and a pin in every tier. Returns the
+        number of blocks pinned."""
+        extra = self.extra_keys + ((cache_salt,) if cache_salt else ())
+        hashes = hash_request_blocks(list(token_ids), self.block_size, self.hash_seed, extra)
+        self._pinned_hashes.update(hashes)
+        self._take_pins([self.pool.cached[h] for h in hashes if h in self.pool.cached])
+        if self.tiers is not None:
+            for tier in self.tiers.tiers:
+                tier.pin(hashes)
+        return len(hashes)
+
+    def unpin_all(self) -> None:
+        pinned = self._tables.pop(PIN_TABLE, [])
+        self.pool.free_blocks(pinned)
+        if self.tiers is not None:
+            for tier in self.tiers.tiers:
+                tier.unpin(self._pinned_hashes)
+        self._pinned_hashes.clear()
+
+    def _take_pins(self, blocks: Sequence[KVBlock]) -> None:
+        table = self._tables.setdefault(PIN_TABLE, [])
+        held = {b.block_id for b in table}
+        new = [b for b in blocks if b.block_hash in self._pinned_hashes and b.block_id not in held]
+        self.pool.touch(new)
+        table.extend(new)
+
+    def _ref(self, block: KVBlock) -> BlockRef:
+        assert block.block_hash is not None and block.token_ids is not None
+        return BlockRef(block.block_id, block.block_hash, block.token_ids)
+
+    def _demote_evicted(self) -> None:
+        """Hand the blocks the pool just evicted to the tiers while their KV is still intact."""
+        log = self.pool.eviction_log
+        if not log:
+            return
+        pending = {b.block_id for b in self._pending}
+        refs = [BlockRef(i, h, t) for i, h, t in log if i not in pending]
+        log.clear()
+        assert self.tiers is not None
+        self.tiers.demote(refs)
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached hash; blocks in use keep their KV. Returns the number dropped."""
@@ -269,3 +465,9 @@ class KVCacheManager:
             )
         stray = set(self._num_cached) - set(self._tables)
         assert not stray, f"caching state kept for requests without blocks: {sorted(stray)}"
+        loading = set(self._loads) - set(self._tables)
+        assert not loading, f"loads in flight for requests without blocks: {sorted(loading)}"
+        pinned = self._tables.get(PIN_TABLE, [])
+        assert all(b.block_hash in self._pinned_hashes for b in pinned), "a pinned block lost its pinned hash"
+        if self.tiers is not None:
+            self.tiers.check_integrity()

@@ -22,6 +22,18 @@ share them); after the forward pass `update_after_step` advances each request's 
 commits those registrations, while `undo_step` (the forward pass raised) drops them and restarts the
 step's requests, so KV that was never written is never reused.
 
+KV tiers (when the KV manager has them). A waiting request whose prefix continues below the device pool
+is admitted with its device hits plus fresh blocks that a loader thread fills from host, disk or Redis
+(only when the cost model says loading beats recomputing). A load within the step's byte budget is waited
+for (bounded by the load timeout) and the request runs this very step; a larger one leaves the request
+LOADING while the other requests keep decoding, and it joins the running requests at the first step after
+its load finished. A load that times out or finds a corrupt entry keeps what loaded and recomputes the rest.
+Preemption rule: the victim is chosen as above; before its blocks are freed, its full cached blocks are
+offloaded to host memory and pinned there until it resumes (mode `offload`, or `auto` when the cost model
+says storing and reloading them is cheaper than recomputing its context; never in mode `recompute`); its
+partial last block (under block_size tokens) is always recomputed. When it is admitted again its prefix
+comes back as device hits (blocks not yet reused) or host hits, and only the rest is recomputed.
+
 Liveness: every admitted sequence fits the pool on its own (the engine caps the context at what the
 pool holds), every step that schedules anything computes at least one token, and a preempted request
 is admitted again as soon as it is first in line and its first chunk fits; a property test
@@ -65,7 +77,9 @@ class Scheduler:
         self.kv = kv
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.loading: list[Request] = []  # admitted, waiting for a lower-tier load
         self.num_preemptions = 0
+        self.num_offloads = 0  # preemptions whose blocks were offloaded to host memory
 
     # ---- queue verbs ---------------------------------------------------------------------------
     def _key(self, r: Request) -> tuple:
@@ -83,16 +97,24 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request in self.loading:
+            self.loading.remove(request)
         self.kv.free(request)
+        self.kv.release_offload(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        load_budget = self.kv.tiers.config.load_step_budget_bytes if self.kv.tiers is not None else 0
         scheduled: dict[int, ScheduledRequest] = {}
+
+        # 0. Requests whose lower-tier load finished (or timed out) join the running requests.
+        for req in [r for r in self.loading if self.kv.load_ready(r)]:
+            self._finish_load(req)
 
         # 1. Running requests: decodes first, then unfinished prefills.
         order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
@@ -115,17 +137,39 @@ class Scheduler:
                 budget -= n
 
         # 2. Waiting requests, in queue order, while they fit.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+        while (self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs
+               and not out.preempted):
             req = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-            n = req.num_tokens - num_hit
+            lower = self.kv.lower_hit(req)
+            n = req.num_tokens - num_hit - (len(lower) * self.kv.block_size if lower else 0)
             if n > budget and not self.config.enable_chunked_prefill and n <= self.config.max_num_batched_tokens:
                 break  # it fits a whole step: wait for one with room for all of it
+            if lower is not None:
+                job = self.kv.start_load(req, hit_blocks, lower)
+                if job is None:
+                    break
+                self.waiting.pop(0)
+                req.status = RequestStatus.LOADING
+                self.loading.append(req)
+                if job.nbytes > load_budget:
+                    continue  # loads while others run; joins at the first step after it finished
+                load_budget -= job.nbytes
+                job.wait(self.kv.tiers.config.load_timeout_s)
+                self._finish_load(req)
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                table = self.kv.allocate_slots(req, n)
+                if table is None:
+                    break  # running now: the next step allocates for it (preempting if it must)
+                scheduled[id(req)] = ScheduledRequest(req, n, table)
+                budget -= n
+                continue
             n = min(n, budget)
             table = self.kv.allocate_slots(req, n, hit_blocks)
             if table is None:
                 break
             self.waiting.pop(0)
+            self.kv.release_offload(req)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
@@ -134,6 +178,8 @@ class Scheduler:
             scheduled[id(req)] = ScheduledRequest(req, n, table)
             budget -= n
 
+        if not scheduled and self.loading:
+            self.kv.wait_for_loads(0.05)  # nothing else to run: wait for a load instead of spinning
         out.scheduled = sorted(scheduled.values(), key=lambda s: not s.is_decode)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
@@ -142,7 +188,21 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(req)
+        tiers = self.kv.tiers
+        if tiers is not None and tiers.config.preemption_mode != "recompute":
+            if tiers.config.preemption_mode == "offload" or self.kv.offload_cheaper(req):
+                self.num_offloads += self.kv.offload(req)
         self._requeue(req)
+
+    def _finish_load(self, req: Request) -> None:
+        """A LOADING request's load is settled: it runs from what loaded (the rest is recomputed)."""
+        self.loading.remove(req)
+        req.num_computed_tokens = self.kv.finish_load(req)
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = req.num_computed_tokens
+        self.kv.release_offload(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _requeue(self, req: Request) -> None:
         """Take a running request back to the waiting queue with its blocks freed, to recompute from zero."""

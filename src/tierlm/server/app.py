@@ -90,11 +90,20 @@ def build_app(aengine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             "id": config.model_name, "object": "model", "created": created, "owned_by": "tierlm",
             "root": aengine.engine.model_config.model_id, "max_model_len": completions.context_len}]}
 
+    def tier_health() -> dict:
+        """Configured KV tiers: healthy, use and capacity (absent without tiers). A down tier only turns its
+        hits into recomputes, so it does not fail the health check."""
+        return {name: {"healthy": bool(t.get("healthy", True)), "used_bytes": t.get("used_bytes", 0),
+                       "capacity_bytes": t.get("capacity_bytes", 0)}
+                for name, t in aengine.engine.tier_stats().items()}
+
     @app.get("/health")
     async def health():
+        tiers = tier_health()
+        extra = {"tiers": tiers} if tiers else {}
         if aengine.is_running and not state.draining:
-            return {"status": "ok"}
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+            return {"status": "ok", **extra}
+        return JSONResponse({"status": "unavailable", **extra}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus_metrics():

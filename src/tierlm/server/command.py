@@ -4,6 +4,10 @@
 
 API keys come from --api-key (repeatable) and the TIERLM_API_KEYS environment variable (comma-separated);
 they are never printed or logged. `python -m tierlm.server` runs the same command.
+
+The engine flags (tierlm.args) include the KV tiers (--host-cache-memory, --disk-cache-dir, --redis-url, ...)
+and pinned prefixes (--pin-prefix, --pin-prefix-file). When the server stops, the engine is closed after its
+loop has ended, so queued disk/Redis writes land.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import argparse
 import os
 import sys
 
-from tierlm.args import add_engine_args, engine_config, parse_bytes
+from tierlm.args import add_engine_args, engine_config, format_bytes, parse_bytes
 from tierlm.server.server_config import PROMPT_POLICIES, ServerConfig
 
 
@@ -71,14 +75,21 @@ def run(args) -> int:
     from tierlm.server.launcher import serve_forever
 
     engine = LLMEngine(ecfg)
-    auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no auth"
-    print(f"tierlm serve: {engine.model_config.model_id} as '{config.model_name}', {engine.num_kv_blocks} KV blocks, "
-          f"context {engine.max_model_len}, {auth}, on http://{config.host}:{config.port}", file=sys.stderr)
-    if not serve_forever(build_app(AsyncEngine(engine), config), config, args.log_level):
-        print(f"tierlm: error: could not serve on {config.host}:{config.port} (is the port in use? "
-              "pick another with --port)", file=sys.stderr)
-        return 2
-    return 0
+    try:
+        auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no auth"
+        tiers = ", ".join(f"{name} {format_bytes(t['capacity_bytes'])}" for name, t in engine.tier_stats().items())
+        print(f"tierlm serve: {engine.model_config.model_id} as '{config.model_name}', {engine.num_kv_blocks} KV "
+              f"blocks{f' + KV tiers {tiers}' if tiers else ''}, context {engine.max_model_len}, {auth}, on "
+              f"http://{config.host}:{config.port}", file=sys.stderr)
+        if not serve_forever(build_app(AsyncEngine(engine), config), config, args.log_level):
+            print(f"tierlm: error: could not serve on {config.host}:{config.port} (is the port in use? "
+                  "pick another with --port)", file=sys.stderr)
+            return 2
+        return 0
+    finally:
+        # serve_forever ran the engine loop on this thread and it has ended: nothing steps the engine now.
+        # Queued disk/Redis writes land and the tier threads stop.
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,7 @@ class Serving:
         self.policies = policies
         self.model_names = {config.model_name, self.engine.model_config.model_id}
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        self.tier_names = tuple(self.engine.tier_stats())  # the configured lower tiers, in lookup order
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -277,8 +278,12 @@ class Serving:
         prompt = len(job.fitted.token_ids)
         completion = sum(len(c.token_ids) for c in final.outputs) if final else 0
         cached = final.num_cached_tokens if final else 0
+        # Extension: where the cached tokens came from, the device pool and every configured tier (0 if none).
+        by_tier = {"device": 0, **{name: 0 for name in self.tier_names}}
+        for name, n in (final.cached_tokens_by_tier if final else {}).items():
+            by_tier[name] = by_tier.get(name, 0) + n
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+                "prompt_tokens_details": {"cached_tokens": cached, "cached_tokens_by_tier": by_tier}}
 
     def _chunk_base(self, job: Job, choices: list, usage: dict | None = None, extra: bool = False) -> dict:
         d = {"id": job.id, "object": self.chunk_object, "created": job.created,

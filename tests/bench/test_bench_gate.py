@@ -1,6 +1,6 @@
 """The correctness gate: the diff arithmetic, the prompt set's shape, and proof that it fails on real engine
-bugs (an off-by-one at a chunk boundary, a prefix hit one token too long) that the old gate (short chat
-prompts on a roomy pool) could not see."""
+bugs (an off-by-one at a chunk boundary, a prefix hit one token too long, a KV tier load written one block
+off) that the old gate (short chat prompts on a roomy pool) could not see."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,8 @@ from tierlm.bench.gate import (
     has_repeat_anomaly,
     run_gate,
 )
-from helpers.engine_bugs import chunk_boundary_off_by_one, prefix_hit_one_token_long
+from tierlm.config import TierConfig
+from helpers.engine_bugs import chunk_boundary_off_by_one, prefix_hit_one_token_long, tier_load_into_next_block
 
 REF = [[5, 6, 7, 8, 9, 2], [11, 12, 13, 2], [20, 21, 22, 23, 24, 25, 26]]
 
@@ -70,23 +71,50 @@ def test_gate_set_exercises_chunks_shared_prefixes_and_a_tight_pool(tokenizer):
     assert len(a) == 320 > 4 * GATE_CHUNK  # chunked at several boundaries
     assert b[:160] == a[:160] and b[160] != a[160] and b2[:160] == a[:160] and b2 != b  # shared prefixes
     assert c[:16] != a[:16]
-    assert len(gate.waves) == 2 and gate.names.index("long-A") in gate.waves[1]  # repeated after wave 1
+    assert gate.names.index("long-A") in gate.waves[1]  # repeated after wave 1
     assert len({len(gate.prompts[i]) for i in gate.waves[0]}) > 2  # mixed lengths in one batch
     pool = gate_pool_blocks(gate, 24, 16)
     assert pool * 16 < gate.first_wave_tokens + 24 * len(gate.waves[0])  # wave 1 cannot all finish in it
     assert pool * 16 >= gate.longest + 24  # but each sequence fits alone
+    # then passages of their own, one per wave, allocating more blocks than the pool: every earlier prefix is
+    # pushed off the device (to a tiered config's lower tiers) before A and B come back in the last wave
+    evict = gate.waves[2:-1]
+    assert evict and all(len(w) == 1 and gate.names[w[0]].startswith("evict-") for w in evict)
+    assert sum(-(-(len(gate.prompts[w[0]]) + gate.max_tokens(w[0], 24)) // 16) for w in evict) > pool
+    assert all(gate.max_tokens(w[0], 24) == 2 for w in evict) and gate.max_tokens(0, 24) == 24
+    text = [p for n, p in zip(gate.names, gate.prompts) if not n.startswith("chat")]
+    assert len({tuple(p[:16]) for p in text}) == len(text) - 2  # only B and B2 share a start (A's)
+    assert [gate.names[i] for i in gate.waves[-1]] == ["long-A", "long-B"]
     assert build_gate_set(tokenizer, num_chat=2, long_len=0).names == ["chat-0", "chat-1"]
 
 
 REF_CONFIG = reference_config(None, "auto", "cpu", None, 64 << 20, 64, 512, 64)
 
 
-def gate_tokens(name: str, gate, max_tokens: int = 12) -> list[list[int]]:
+def gate_tokens(name: str, gate, max_tokens: int = 12, tiers: TierConfig | None = None, info: dict | None = None):
+    from tierlm.bench.engine_driver import release_tiers
+    from tierlm.bench.runner import gate_engine_info
     from tierlm.engine.llm_engine import LLMEngine
 
     cfg = gate_engine_config(name, REF_CONFIG, gate_pool_blocks(gate, max_tokens, 16), gate.first_wave_tokens,
-                             GATE_CHUNK)
-    return run_gate(LLMEngine(cfg), gate, max_tokens)
+                             GATE_CHUNK, tiers)
+    engine = LLMEngine(cfg)
+    try:
+        tokens = run_gate(engine, gate, max_tokens)
+        if info is not None:
+            info.update(gate_engine_info(engine, cfg))
+        return tokens
+    finally:
+        release_tiers(engine)
+
+
+def tiers_for(name: str, tmp_path) -> TierConfig | None:
+    """Lower tiers for a config that runs with them (`all`, `tiers`): host memory and a fresh disk directory."""
+    from tierlm.bench.configs import get_config
+
+    if not get_config(name).tiers:
+        return None
+    return TierConfig(host_memory_bytes=256 << 20, disk_dir=str(tmp_path / f"disk-{name}"))
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +127,30 @@ def gate_and_reference(tokenizer):
     (chunk_boundary_off_by_one, ["chunked-prefill", "all"], ["prefix-cache"]),
     (prefix_hit_one_token_long, ["prefix-cache", "all"], ["chunked-prefill"]),
 ])
-def test_gate_flags_a_broken_engine(monkeypatch, gate_and_reference, bug, caught, spared):
+def test_gate_flags_a_broken_engine(monkeypatch, tmp_path, gate_and_reference, bug, caught, spared):
     gate, reference = gate_and_reference
     bug(monkeypatch)
     for name in caught:
-        g = compare(name, reference, gate_tokens(name, gate))
+        g = compare(name, reference, gate_tokens(name, gate, tiers=tiers_for(name, tmp_path)))
         assert g.flagged and g.diverged_prompts, f"{name}: the gate missed {bug.__name__}"
     for name in spared:  # the bug's code path is not on this config's way: no false alarm
-        assert not compare(name, reference, gate_tokens(name, gate)).flagged
+        assert not compare(name, reference, gate_tokens(name, gate, tiers=tiers_for(name, tmp_path))).flagged
+
+
+def test_the_tiers_gate_loads_back_from_host_and_catches_a_load_one_block_off(monkeypatch, tmp_path, gate_and_reference):
+    """The `tiers` config's gate runs with its tiers on the gate's small pool: the evict waves push the long
+    prompts' blocks down to host memory and the last wave loads them back, so a load that writes each entry
+    into the next block changes greedy tokens (flagged), while the correct engine matches the baseline."""
+    gate, reference = gate_and_reference
+    tiers = lambda d: TierConfig(host_memory_bytes=256 << 20, disk_dir=str(tmp_path / d))  # noqa: E731
+    info: dict = {}
+    ok = compare("tiers", reference, gate_tokens("tiers", gate, tiers=tiers("ok"), info=info))
+    assert not ok.flagged, ok.reason
+    assert info["tier_hit_tokens"]["host"] > 0 and info["tier_bytes_loaded"]["host"] > 0, info
+    assert info["evictions"] > 0
+    tier_load_into_next_block(monkeypatch)
+    bad = compare("tiers", reference, gate_tokens("tiers", gate, tiers=tiers("bad")))
+    assert bad.flagged and bad.diverged_prompts, "the gate missed a tier load written one block off"
 
 
 def test_the_old_gate_could_not_see_a_chunk_boundary_bug(monkeypatch, tokenizer, gate_and_reference):

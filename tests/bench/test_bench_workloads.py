@@ -27,7 +27,8 @@ SPECS = ["short-chat:n=5", "fixed:n=3,isl=40,osl=7,prefix=16", "long-doc-qa:docs
 @pytest.mark.parametrize("spec", SPECS)
 def test_same_seed_same_tokens_other_seed_other_tokens(spec):
     a, b, c = (build_workload(spec, TOK, s) for s in (0, 0, 1))
-    assert [r.prompt_ids for r in a.requests] == [r.prompt_ids for r in b.requests]
+    ids = lambda w: [(r.prompt_ids, r.history_from, r.turn_ids) for r in w.requests]  # noqa: E731
+    assert ids(a) == ids(b)
     assert [r.max_tokens for r in a.requests] == [r.max_tokens for r in b.requests]
     assert [r.prompt_ids for r in a.requests] != [r.prompt_ids for r in c.requests]
 
@@ -46,9 +47,10 @@ def test_multi_turn_history_grows_round_robin():
     w = build_workload("multi-turn:users=3,rounds=2,sys=20,user=5,osl=6", TOK, 0)
     assert [r.tag for r in w.requests] == ["u0r0", "u1r0", "u2r0", "u0r1", "u1r1", "u2r1"]
     r0, r1 = w.requests[0], w.requests[3]
-    assert len(r0.prompt_ids) == 25 and len(r1.prompt_ids) == 25 + 6 + 5
-    assert r1.prompt_ids[:25] == r0.prompt_ids  # round 1 extends round 0's prompt
-    assert all(r.prompt_ids[:20] == r0.prompt_ids[:20] for r in w.requests)  # shared system prompt
+    assert len(r0.prompt_ids) == 25 and r1.history_from == 0 and len(r1.turn_ids) == 5  # round 1 continues round 0
+    assert w.prompt_len_bounds == [25, 25, 25, 36, 36, 36] and w.max_seq_len == 36 + 6
+    assert all(w.known_prefix_ids(i)[:20] == r0.prompt_ids[:20] for i in range(6))  # shared system prompt
+    assert w.shared_prefix_tokens == 20
 
 
 def test_long_doc_qa_is_question_major():
@@ -122,6 +124,7 @@ def test_exact_lengths_with_the_real_tokenizer():
 
     tok = load_checkpoint(None).tokenizer
     w = build_workload("multi-turn:users=2,rounds=3,sys=40,user=7,osl=5", tok, 0)
-    assert [len(r.prompt_ids) for r in w.requests] == [47, 47, 59, 59, 71, 71]
+    assert w.prompt_len_bounds == [47, 47, 59, 59, 71, 71]
+    assert [len(r.prompt_ids) for r in w.requests[:2]] == [47, 47] and all(len(r.turn_ids) == 7 for r in w.requests[2:])
     again = build_workload("multi-turn:users=2,rounds=3,sys=40,user=7,osl=5", tok, 0)
-    assert [r.prompt_ids for r in w.requests] == [r.prompt_ids for r in again.requests]
+    assert [(r.prompt_ids, r.turn_ids) for r in w.requests] == [(r.prompt_ids, r.turn_ids) for r in again.requests]

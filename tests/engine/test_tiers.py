@@ -253,3 +253,24 @@ def test_disk_admission_after_hits(tmp_path, reference):
     llm.engine.tiers.flush()
     assert llm.engine.tier_stats()["disk"]["entries"] == 0  # nothing was hit twice
     llm.engine.close()
+
+
+def test_a_corrupt_disk_entry_is_read_from_redis_instead(reference, tmp_path, redis_server):
+    """Disk and Redis both hold the prompt (write-through); a damaged disk entry is replaced by Redis's copy
+    for that block and the rest of the run, so nothing is recomputed."""
+    cfg = TierConfig(disk_dir=str(tmp_path / "kv"), redis_url=redis_server.url, write_policy="write_through")
+    first = tiered(cfg)
+    first.generate([PROMPT], PARAMS)
+    first.close()
+    ids = first.tokenizer.encode(PROMPT)
+    keys = hash_request_blocks(ids, 16, 0, first.engine.kv.extra_keys)
+    path = tmp_path / "kv" / keys[4].hex()[:2] / f"{keys[4].hex()}.kv"
+    path.write_bytes(path.read_bytes()[:100])
+    del first
+    llm = tiered(cfg)
+    out = llm.generate([PROMPT], PARAMS)[0]
+    assert out.outputs[0].token_ids == reference[0]
+    full = (len(ids) - 1) // 16 * 16
+    assert out.cached_tokens_by_tier["disk"] == 4 * 16 and out.cached_tokens_by_tier["redis"] == full - 4 * 16
+    assert llm.engine.tier_stats()["disk"]["corrupt"] == 1
+    llm.close()

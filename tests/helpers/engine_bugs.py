@@ -29,3 +29,19 @@ def prefix_hit_one_token_long(monkeypatch):
         return hits, (n + 1 if hits and n + 1 < request.num_tokens else n)
 
     monkeypatch.setattr(KVCacheManager, "get_computed_blocks", broken)
+
+
+def tier_load_into_next_block(monkeypatch):
+    """A KV tier load writes each verified entry into the NEXT block of the load (off by one): the load's first
+    block keeps whatever KV it held before and the last entry is dropped, so a prefix loaded back from host,
+    disk or Redis attends to the wrong KV."""
+    from tierlm.kvcache.tiers.controller import TierController
+
+    real = TierController._scatter
+
+    def broken(self, block_ids, payloads):
+        ids = list(block_ids)
+        if len(ids) > 1:
+            real(self, ids[1:], list(payloads)[:-1])
+
+    monkeypatch.setattr(TierController, "_scatter", broken)

@@ -4,7 +4,13 @@
     tierlm bench --workload multi-turn:users=8 --workload long-doc-qa --concurrency 1 4 16 --reps 3
     tierlm bench --config baseline prefix-cache --rate 2 --burstiness 0.5 --slo-ttft-ms 500
     tierlm bench --peer-url http://127.0.0.1:8080  # also drive llama.cpp's server (or vLLM, or ours)
+    tierlm bench --configs all,tiers,tiers-redis --concurrency 1 --kv-cache-memory 288MiB
+                 --workload long-doc-qa:docs=6,doc=4096,questions=3,q=32   # KV tiers: pool ~1/4 of it
     tierlm bench --list                           # workloads, their knobs, and configurations
+
+KV tiers (configs `tiers`, `all`: host + disk; `tiers-redis`: Redis only): --host-cache-memory defaults to
+4x --kv-cache-memory, the disk tier to a fresh temporary directory (under --disk-cache-dir if given) removed
+at the end, Redis to --redis-url or else a local server started for the run.
 
 Writes OUT/report.md and PNG plots (default OUT = ./bench-out), and --json PATH. Exits 1 when the
 correctness gate flags a configuration (--allow-flagged: report it and exit 0). Ctrl-C writes what was
@@ -17,7 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tierlm.args import parse_bytes
+from tierlm.args import add_tier_args, parse_bytes
 
 _QUICK = {
     "workloads": ["multi-turn:users=4,rounds=3,sys=192,user=24,osl=24"],
@@ -37,7 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("what to run")
     g.add_argument("--workload", action="append", default=None, metavar="SPEC",
                    help="NAME or NAME:knob=v,... (repeatable; see --list)")
-    g.add_argument("--config", nargs="+", default=None, metavar="NAME", help="configurations (default: all registered)")
+    g.add_argument("--config", "--configs", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="configurations, space- or comma-separated (default: every registered one; tiers-redis "
+                        "only with --redis-url)")
     g.add_argument("--concurrency", nargs="+", type=int, default=None, help="closed-loop concurrency sweep")
     g.add_argument("--rate", type=float, default=None, help="open loop: requests/s (Poisson-like arrivals)")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 = Poisson")
@@ -79,6 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("1GiB"), help="KV block pool per engine")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    add_tier_args(p)
     p.set_defaults(func=run_command)
     return p
 
@@ -93,12 +102,23 @@ def _list() -> int:
         print(f"  {k.name:<12} {k.summary}\n  {'':<12} knobs: {knobs}")
     print("configurations:")
     for c in CONFIGS.values():
-        print(f"  {c.name:<16} {c.summary}")
+        tiers = f" [device + {' + '.join(c.tiers)}]" if c.tiers and "(device +" not in c.summary else ""
+        print(f"  {c.name:<16} {c.summary}{tiers}")
     return 0
 
 
-def build_plan(a):
+def _configs(a) -> list[str]:
+    """--config/--configs as given (commas split), else every registered config; one that needs a Redis
+    server (tiers-redis) only when --redis-url is given."""
     from tierlm.bench.configs import CONFIGS
+
+    if a.config:
+        return [n.strip() for v in a.config for n in v.split(",") if n.strip()]
+    return [n for n, c in CONFIGS.items() if not c.needs_server or getattr(a, "redis_url", None)]
+
+
+def build_plan(a):
+    from tierlm.args import tier_config
     from tierlm.bench.metrics import SLO
     from tierlm.bench.phases import PhaseShapes
     from tierlm.bench.plan import BenchPlan
@@ -114,7 +134,7 @@ def build_plan(a):
     if device == "auto":
         device = "cuda" if _cuda_available() else "cpu"
     return BenchPlan(
-        configs=list(a.config or CONFIGS), workloads=list(pick(a.workload, "workloads")),
+        configs=_configs(a), workloads=list(pick(a.workload, "workloads")),
         concurrencies=list(pick(a.concurrency, "concurrency")), rate=a.rate, burstiness=a.burstiness,
         reps=pick(a.reps, "reps"), warmup=pick(a.warmup, "warmup"), seed=a.seed,
         slo=SLO(a.slo_ttft_ms, a.slo_tpot_ms, a.slo_e2e_ms), usd_per_hour=a.usd_per_hour,
@@ -125,7 +145,8 @@ def build_plan(a):
         peer_api_key=a.peer_api_key, out_dir=Path(a.out),
         json_path=Path(a.json) if a.json else None, plots=not a.no_plots, quick=a.quick,
         model=a.model, dtype=a.dtype, device=device, max_model_len=a.max_model_len,
-        kv_memory=a.kv_cache_memory, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+        kv_memory=a.kv_cache_memory, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        tiers=tier_config(a))
 
 
 def _or(value, default):

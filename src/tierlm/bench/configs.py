@@ -3,8 +3,14 @@
 Each entry is a transform of the reference config ("baseline": dense attention, the model's dtype
 (fp32 on CPU, bf16 on CUDA), device-only KV, no prefix cache, no chunked prefill). `all` applies
 every other entry's transform in registry order. Only features that exist are registered: the
-issue that lands KV tiers, FP8 KV or sparse decode adds its entry here (with a gate tolerance if
-its greedy tokens may legitimately drift) and `all` picks it up.
+issue that lands FP8 KV or sparse decode adds its entry here (with a gate tolerance if its greedy
+tokens may legitimately drift) and `all` picks it up.
+
+KV tiers: a config names the lower tiers it runs with (`BenchConfig.tiers`: "host", "disk", "redis");
+where they live and how big they are is the plan's business (tier flags, or the bench's defaults: see
+bench/tiers.py), so `engine_config` takes that TierConfig and keeps only the config's tiers. `tiers`
+(device + host + disk) is one of the optimizations `all` applies; `tiers-redis` (device + Redis) is not,
+since it needs a server: it runs when named.
 
 Without chunked prefill a prompt must fit one step, so `reference_config` raises the step token
 budget to the longest prompt of the plan; chunking configs keep the budget the user gave.
@@ -14,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, TierConfig
 from tierlm.core.errors import InvalidParameterError
 
 Transform = Callable[[EngineConfig], EngineConfig]
@@ -24,12 +30,19 @@ Transform = Callable[[EngineConfig], EngineConfig]
 class BenchConfig:
     """A named configuration. `tolerance`: gate prompts (and run requests) allowed to diverge from the
     reference before the config is flagged: 0 for exact features; lossy ones (FP8 KV, sparse decode,
-    quantized weights) set the thresholds their issue defines."""
+    quantized weights) set the thresholds their issue defines. `tiers`: the lower KV tiers the config runs
+    with, in lookup order (filled in by `engine_config` from the plan's TierConfig)."""
 
     name: str
     summary: str
     apply: Transform
     tolerance: int = 0
+    tiers: tuple[str, ...] = ()
+
+    @property
+    def needs_server(self) -> bool:
+        """A Redis tier: a server must be given (--redis-url) or started for the run."""
+        return "redis" in self.tiers
 
 
 def _prefix_cache(c: EngineConfig) -> EngineConfig:
@@ -40,12 +53,20 @@ def _chunked_prefill(c: EngineConfig) -> EngineConfig:
     return replace(c, scheduler=replace(c.scheduler, enable_chunked_prefill=True))
 
 
+def _tiered(c: EngineConfig) -> EngineConfig:
+    """Lower tiers only pay off with prefix caching (they hold cached blocks) and chunked prefill."""
+    return _chunked_prefill(_prefix_cache(c))
+
+
 BASELINE = "baseline"
 ALL = "all"
+TIER_NAMES = ("host", "disk", "redis")  # lookup order, as the engine names them
 
 _OPTIMIZATIONS: tuple[BenchConfig, ...] = (
     BenchConfig("prefix-cache", "automatic prefix caching (chained block hashes, LRU reuse)", _prefix_cache),
     BenchConfig("chunked-prefill", "long prompts split across steps so decodes never wait", _chunked_prefill),
+    BenchConfig("tiers", "prefix cache + chunked prefill with KV tiers below the device pool: host memory, "
+                "then a disk directory (device + host + disk)", _tiered, tiers=("host", "disk")),
 )
 
 
@@ -60,7 +81,11 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                 lambda c: c),
     *_OPTIMIZATIONS,
     BenchConfig(ALL, "every optimization above together", _all,
-                tolerance=max((o.tolerance for o in _OPTIMIZATIONS), default=0)),
+                tolerance=max((o.tolerance for o in _OPTIMIZATIONS), default=0),
+                tiers=tuple(t for t in TIER_NAMES if any(t in o.tiers for o in _OPTIMIZATIONS))),
+    BenchConfig("tiers-redis", "prefix cache + chunked prefill with a Redis/Valkey KV tier only (device + Redis): "
+                "isolates the remote tier, the one replicas would share; not in `all` (it needs a server)",
+                _tiered, tiers=("redis",)),
 )}
 
 
@@ -82,20 +107,47 @@ def reference_config(model: str | None, dtype: str, device: str, max_model_len: 
     )
 
 
-def engine_config(name: str, reference: EngineConfig, max_num_batched_tokens: int) -> EngineConfig:
-    """The EngineConfig of config `name`; a chunking config gets the user's step budget back."""
-    cfg = get_config(name).apply(reference)
+def config_tiers(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The lower tiers any of these configs runs with, in lookup order."""
+    used = {t for n in names for t in get_config(n).tiers}
+    return tuple(t for t in TIER_NAMES if t in used)
+
+
+def select_tiers(tiers: TierConfig | None, names: tuple[str, ...], config: str = "") -> TierConfig:
+    """`tiers` with only the named lower tiers on (the others' locations and sizes cleared); every named
+    tier must have its location (host: a size, disk: a directory, redis: a URL)."""
+    if not names:
+        return TierConfig()
+    tiers = tiers or TierConfig()
+    missing = [t for t, have in (("host", tiers.host_memory_bytes), ("disk", tiers.disk_dir),
+                                 ("redis", tiers.redis_url)) if t in names and not have]
+    if missing:
+        raise InvalidParameterError(f"config {config or '?'} runs with the {'/'.join(missing)} KV tier but the plan "
+                                    "gives it no location", "pass --host-cache-memory / --disk-cache-dir / --redis-url")
+    return replace(tiers, host_memory_bytes=tiers.host_memory_bytes if "host" in names else 0,
+                   disk_dir=tiers.disk_dir if "disk" in names else None,
+                   redis_url=tiers.redis_url if "redis" in names else None)
+
+
+def engine_config(name: str, reference: EngineConfig, max_num_batched_tokens: int,
+                  tiers: TierConfig | None = None) -> EngineConfig:
+    """The EngineConfig of config `name`; a chunking config gets the user's step budget back. A config with
+    lower tiers gets them from `tiers` (the plan's, resolved: bench/tiers.py), only the ones it names; one
+    without runs device-only whatever the reference says."""
+    bc = get_config(name)
+    cfg = bc.apply(reference)
     if cfg.scheduler.enable_chunked_prefill:
         cfg = replace(cfg, scheduler=replace(cfg.scheduler, max_num_batched_tokens=max_num_batched_tokens))
-    return cfg
+    return replace(cfg, tiers=select_tiers(tiers, bc.tiers, name))
 
 
 def gate_engine_config(name: str, reference: EngineConfig, num_blocks: int, step_tokens: int,
-                       chunk: int) -> EngineConfig:
+                       chunk: int, tiers: TierConfig | None = None) -> EngineConfig:
     """The engine the correctness gate runs config `name` on: the reference with a pool of `num_blocks`
     (small: the gate set preempts and evicts) and a step budget of `step_tokens` (room to admit the first
     wave at once), then the config's transform; a chunking config gets `chunk` tokens per step, so long
-    prompts cross many chunk borders."""
+    prompts cross many chunk borders. A tiered config keeps its tiers (`tiers`, as for the measured engine):
+    what the small pool evicts goes down to them and wave 2 loads it back."""
     ref = replace(reference, cache=replace(reference.cache, num_blocks=num_blocks, memory_bytes=None),
                   scheduler=replace(reference.scheduler, max_num_batched_tokens=max(step_tokens, chunk)))
-    return engine_config(name, ref, chunk)
+    return engine_config(name, ref, chunk, tiers)

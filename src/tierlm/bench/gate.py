@@ -1,12 +1,20 @@
 """The correctness gate: greedy tokens of each configuration diffed against references, on a prompt set
 built to exercise what each configuration changes.
 
-The gate set (`build_gate_set`), run in two waves on an engine of its own (`gate_engine_config`):
+The gate set (`build_gate_set`), run in waves on an engine of its own (`gate_engine_config`):
 
     wave 1  all at once: chat prompts (short, chat-formatted) and long prompts cut from a shipped
             public-domain text (data/midsummer_act1.txt): A = text[0:L], B = text[0:L/2] + a later
             passage (shares A's first blocks), C = a passage of its own; mixed lengths in one batch
     wave 2  after wave 1 has finished: A again, B' = text[0:L/2] + another passage, the first chat prompt
+            (their prefixes mostly still on the device: prefix hits)
+    evict   passages of their own (at most L tokens each, more blocks in all than the pool holds), one wave
+            each (one at a time: no preemption to pay for) and EVICT_TOKENS greedy tokens each (they are
+            there to evict): they push every cached block of waves 1-2 out of the device pool (down to the
+            lower tiers of a tiered config)
+    last    A and B again: their prefixes are gone from the device, so a tiered config loads them back from
+            host memory, disk or Redis (B: A's first half from the blocks A just loaded, the rest from a
+            tier), and the others recompute them
 
     gate engine: a KV pool that holds wave 1's prompts, shared prefix blocks once, with one block to spare
     (so as soon as the requests decode past their last block, the youngest are preempted, and wave 2 finds
@@ -14,8 +22,9 @@ The gate set (`build_gate_set`), run in two waves on an engine of its own (`gate
     split at many chunk boundaries) and of all of wave 1's prompt tokens for those that do not (so they
     are admitted together).
 
-So a chunk boundary off by one, a prefix hit on the wrong block, a preemption that loses state or an
-eviction that leaves a stale hash all change greedy tokens here. Each configuration's tokens are
+So a chunk boundary off by one, a prefix hit on the wrong block, a preemption that loses state, an
+eviction that leaves a stale hash or a tier load that writes KV into the wrong block all change greedy
+tokens here (a tiered config's gate runs with its tiers: configs.gate_engine_config). Each configuration's tokens are
 compared with the reference configuration's (baseline) and, when the transformers peer ran, with
 transformers' greedy tokens on the same prompts (a reference outside tierlm). A configuration whose
 divergent prompts exceed its tolerance (0 for exact features; the hook lossy formats such as FP8 KV will
@@ -38,6 +47,8 @@ GATE_PROMPTS = (
     "Give one tip for writing readable Python code.",
 )
 GATE_CHUNK = 64  # step token budget of chunking configurations in the gate
+_POOL_BLOCK = 16  # block size the evict passages are sized for (a larger one only needs fewer tokens)
+EVICT_TOKENS = 2  # greedy tokens of each evict passage (GateSet.caps)
 TEXT_PATH = Path(__file__).with_name("data") / "midsummer_act1.txt"
 
 
@@ -103,6 +114,11 @@ class GateSet:
     waves: list[list[int]]  # indices into `prompts`, per wave
     prompts: list[list[int]]
     names: list[str]
+    caps: dict[int, int] = field(default_factory=dict)  # prompt index -> at most this many greedy tokens
+
+    def max_tokens(self, i: int, max_tokens: int) -> int:
+        """Greedy tokens prompt i asks for when the gate's is `max_tokens`."""
+        return min(max_tokens, self.caps.get(i, max_tokens))
 
     @property
     def longest(self) -> int:
@@ -140,21 +156,37 @@ def build_gate_set(tokenizer, num_chat: int, long_len: int) -> GateSet:
     names = [f"chat-{i}" for i in range(len(prompts))]
     wave1 = list(range(len(prompts)))
     wave2 = [0] if prompts else []
+    evict: list[list[int]] = []
+    last: list[int] = []
     if long_len > 0:
-        text = gate_text_ids(tokenizer)
-        need = 3 * long_len
-        while len(text) < need:
-            text = text + text
+        orig = gate_text_ids(tokenizer)
         half = long_len // 2
+        # the evict passages allocate more blocks than the pool has (gate_pool_blocks: wave 1's blocks + 1,
+        # or the longest sequence), so every block cached before them is popped off the free queue
+        lens = [len(p) for p in prompts] + [long_len, long_len, long_len * 3 // 4]
+        evict_tokens = sum(-(-n // _POOL_BLOCK) * _POOL_BLOCK for n in lens) + 2 * _POOL_BLOCK
+        n_evict = -(-evict_tokens // long_len)
+        evict_len = -(-evict_tokens // n_evict)  # <= long_len: each fits the pool alone
+        text = list(orig)
+        while len(text) < 3 * long_len + n_evict * (evict_len + 1):
+            text = text + orig
         base = len(prompts)
         prompts += [text[:long_len],                                          # A
                     text[:half] + text[long_len: long_len + half],            # B: shares A's first half
                     text[2 * long_len: 2 * long_len + long_len * 3 // 4],     # C: a passage of its own
                     text[:half] + text[long_len + half: 2 * long_len]]        # B': shares it again, later
         names += ["long-A", "long-B", "long-C", "long-B2"]
+        for j in range(n_evict):  # passages of their own (never starting where the text starts over)
+            start = 3 * long_len + j * (evict_len + 1)
+            start += start % len(orig) == 0
+            prompts.append(text[start: start + evict_len])
+            names.append(f"evict-{j}")
+            evict.append([len(prompts) - 1])
         wave1 = [base, base + 1, base + 2] + wave1  # long ones first: still prefilling as the chats decode
         wave2 = [base] + wave2 + [base + 3]
-    return GateSet(waves=[w for w in (wave1, wave2) if w], prompts=prompts, names=names)
+        last = [base, base + 1]
+    return GateSet(waves=[w for w in (wave1, wave2, *evict, last) if w], prompts=prompts, names=names,
+                   caps={w[0]: EVICT_TOKENS for w in evict})
 
 
 def gate_pool_blocks(gate: GateSet, max_tokens: int, block_size: int) -> int:
@@ -170,7 +202,7 @@ def gate_pool_blocks(gate: GateSet, max_tokens: int, block_size: int) -> int:
             n += 1
         return n
 
-    wave = [gate.prompts[i] for i in gate.waves[0]]
+    wave = [gate.prompts[i] for i in gate.waves[0]]  # (wave 3 holds more tokens: it evicts, and preempts)
     shared = sum(max((common(p, q) // block_size for q in wave[:k]), default=0) for k, p in enumerate(wave))
     pool = sum(blocks(len(p)) for p in wave) - shared + 1
     return max(pool, blocks(gate.longest + max_tokens))
@@ -180,10 +212,11 @@ def run_gate(engine, gate: GateSet, max_tokens: int) -> list[list[int]]:
     """Greedy tokens (EOS honoured) for every prompt of the set, wave by wave, in `gate.order`."""
     from tierlm.core.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     out: list[list[int]] = []
     for w, wave in enumerate(gate.waves):
-        ids = [engine.add_request(list(gate.prompts[i]), params, request_id=f"gate-{w}-{k}")
+        ids = [engine.add_request(list(gate.prompts[i]),
+                                  SamplingParams(temperature=0.0, max_tokens=gate.max_tokens(i, max_tokens)),
+                                  request_id=f"gate-{w}-{k}")
                for k, i in enumerate(wave)]
         done: dict[str, list[int]] = {}
         try:
@@ -200,8 +233,9 @@ def run_gate(engine, gate: GateSet, max_tokens: int) -> list[list[int]]:
 
 
 def in_order(gate: GateSet, per_prompt: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Tokens of the unique prompts (one list per prompt index) laid out in `gate.order`."""
-    return [list(per_prompt[i]) for i in gate.order]
+    """Tokens of the unique prompts (one list per prompt index) laid out in `gate.order`, each cut to its
+    prompt's cap (`GateSet.caps`)."""
+    return [list(per_prompt[i])[:gate.caps.get(i)] for i in gate.order]
 
 
 @dataclass

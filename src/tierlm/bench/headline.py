@@ -5,13 +5,16 @@ the terminal takes colour) and the Markdown report:
             (the baseline; `tierlm serve` for HTTP peers), with the per-repetition range of each ratio
     memory  per workload: KV (bytes/token, per session, peak in use, pool), max sessions at the budget,
             activations, weights and the process's peak RSS
+    tiers   per workload, when a config ran with lower KV tiers: TTFT p50/p99, ITL p99 overall and while
+            tier loads were in flight, throughput, hit rate per tier, bytes each tier loaded and stored,
+            fallbacks to recompute, loads, and tokens against the reference
     gate    per configuration: greedy tokens against the baseline and against transformers
     peer    tierlm vs transformers phase speeds (prefill, decode, e2e) with stated shapes
 """
 from __future__ import annotations
 
 from tierlm.bench.comparison import reference_of
-from tierlm.bench.results import BenchResult, Comparison, Ratio, RunResult
+from tierlm.bench.results import TIERS, BenchResult, Comparison, Ratio, RunResult
 
 RED, BOLD, RESET = "\033[31m", "\033[1m", "\033[0m"
 
@@ -77,7 +80,7 @@ def speed_sections(result: BenchResult) -> list[tuple[object, list[tuple[list[st
             m = r.metrics
             decode = r.steps.decode_tok_per_s if r.steps else m.decode_tok_per_s_wall
             check, flagged = _check_cell(r)
-            hit = r.cache_hit_rate.get("device")
+            hit = total_hit_rate(r)
             ref_mark = None
             if c is None:  # the reference run itself, or a run whose reference did not run (n/a)
                 ref_mark = "1.00x" if reference_of(r) is None else "n/a"
@@ -85,6 +88,56 @@ def speed_sections(result: BenchResult) -> list[tuple[object, list[tuple[list[st
                           fmt_num(m.ttft_ms.p50, 0, " ms"), fmt_num(m.tpot_ms.p50, 1, " ms"), fmt_num(decode),
                           fmt_num(m.output_tok_per_s), ref_mark or fmt_ratio(c.ttft_x), ref_mark or fmt_ratio(c.tpot_x),
                           ref_mark or fmt_ratio(c.decode_x), ref_mark or fmt_ratio(c.e2e_x), fmt_pct(hit), check],
+                         flagged or r.config in flagged_configs))
+        sections.append((w, rows))
+    return sections
+
+
+def total_hit_rate(run: RunResult) -> float | None:
+    """Cached prompt tokens from any tier / prompt tokens (None where no tier reported a rate)."""
+    rates = [v for v in run.cache_hit_rate.values() if v is not None]
+    return sum(rates) if rates else None
+
+
+def lower_tiers_used(result: BenchResult) -> list[str]:
+    """The lower KV tiers (host, disk, redis) some run of the result had."""
+    used = {t for r in result.runs for t in TIERS[1:] if r.cache_hit_rate.get(t) is not None}
+    used |= {t for r in result.runs if r.tiers is not None for t in r.tiers.bytes_loaded}
+    return [t for t in TIERS[1:] if t in used]
+
+
+def tier_head(result: BenchResult) -> tuple[str, ...]:
+    lower = lower_tiers_used(result)
+    return ("config", "load", "TTFT p50/p99", "ITL p99", "ITL p99 during loads", "out tok/s",
+            *(f"hit {t}" for t in ("device", *lower)), *(f"{t} loaded/stored" for t in lower),
+            "fallback tok (cost/timeout/corrupt)", "loads (async, max in flight)", "tokens vs ref")
+
+
+def tier_sections(result: BenchResult) -> list[tuple[object, list[tuple[list[str], bool]]]]:
+    """[(workload, [(cells, flagged), ...])] for the KV tier table (tier_head's columns); empty unless some
+    run had lower tiers. Every run of the workload is listed, so tiered configs sit next to the others."""
+    lower = lower_tiers_used(result)
+    if not any(r.tiers is not None for r in result.runs):
+        return []
+    flagged_configs = set(result.flagged_configs())
+    sections = []
+    for w in result.workloads:
+        rows = []
+        for r in (r for r in result.runs if r.workload_spec == w.spec):
+            m, t = r.metrics, r.tiers
+            check, flagged = _check_cell(r)
+            during = m.itl_during_loads_ms.p99
+            moved = [f"{fmt_bytes(t.bytes_loaded.get(x))} / {fmt_bytes(t.bytes_stored.get(x))}"
+                     if t is not None and x in t.bytes_loaded else "n/a" for x in lower]
+            rows.append(([r.config + (" (incomplete)" if r.incomplete else ""), r.load_label,
+                          f"{fmt_num(m.ttft_ms.p50, 0)}/{fmt_num(m.ttft_ms.p99, 0)} ms", fmt_num(m.itl_ms.p99, 1, " ms"),
+                          "n/a" if during is None else f"{during:,.1f} ms ({m.itl_during_loads_samples} ITLs)",
+                          fmt_num(m.output_tok_per_s),
+                          *(fmt_pct(r.cache_hit_rate.get(x)) for x in ("device", *lower)), *moved,
+                          (f"{t.fallback_cost_tokens}/{t.fallback_timeout_tokens}/{t.fallback_corrupt_tokens}"
+                           if t is not None else "n/a"),
+                          (f"{t.load_jobs} ({t.async_loads} async, max {t.max_loads_in_flight})"
+                           if t is not None else "n/a"), check],
                          flagged or r.config in flagged_configs))
         sections.append((w, rows))
     return sections
@@ -120,6 +173,10 @@ def gate_rows(result: BenchResult) -> list[tuple[list[str], bool]]:
         engine = (f"{e.get('num_blocks')} blocks, {e.get('max_num_batched_tokens')} tok/step, "
                   f"{e.get('preemptions')} preemptions, {e.get('evictions')} evictions, "
                   f"{e.get('prefix_hit_tokens')} hit tokens") if e else "n/a"
+        if e and e.get("tier_hit_tokens") is not None:
+            engine += ", loaded " + ", ".join(f"{t} {n}" for t, n in e["tier_hit_tokens"].items()) + " tokens"
+            if e.get("offloads"):
+                engine += f", {e['offloads']} offloads"
         vs_ref = "reference" if g.vs_reference is None and g.config == "baseline" else _gate_cell(g.vs_reference)
         vs_tf = _gate_cell(g.vs_transformers) + (" (advisory: not fp32)" if g.transformers_advisory else "")
         rows.append(([g.config, vs_ref, vs_tf, engine,
@@ -164,6 +221,9 @@ def render_text(result: BenchResult, color: bool = False) -> str:
     for w, rows in memory_sections(result):
         out += ["", f"memory, {w.name}:"]
         out += _table(MEMORY_HEAD, rows)
+    for w, rows in tier_sections(result):
+        out += ["", f"KV tiers, {w.name}:"]
+        out += _table(tier_head(result), [r for r, _ in rows], [f for _, f in rows], color)
     pr = peer_rows(result)
     if pr:
         out += ["", f"peer: transformers {result.peers.transformers_version or ''} generate() vs the tierlm baseline "
@@ -171,7 +231,7 @@ def render_text(result: BenchResult, color: bool = False) -> str:
         out += _table(PEER_HEAD, pr)
     if result.gates:
         out += ["", "correctness gate (greedy tokens on the gate set: chat prompts, long prompts chunked, "
-                    "shared prefixes, preemption, eviction):"]
+                    "shared prefixes, preemption, eviction, prefixes loaded back from the KV tiers):"]
         rows = gate_rows(result)
         out += _table(GATE_HEAD, [r for r, _ in rows], [f for _, f in rows], color)
     for note in result.notes:

@@ -8,6 +8,14 @@ token count then comes from `usage.completion_tokens`, asked for with
 `stream_options.include_usage`). `usage.prompt_tokens_details.cached_tokens`, where the server
 sends it, gives the prefix-cache hit rate.
 
+Dependent requests (multi-turn rounds after the first) are sent once the request they continue has
+finished (arrivals.ArrivalQueue, as in-process), with the prompt workloads.resolve_prompt builds from
+that request's prompt ids and reply ids. The reply ids are the server's own where it streams them
+(`token_ids` in each choice: vLLM's `return_token_ids` extension, asked for on requests that others
+continue), else the streamed reply text encoded with the bench's tokenizer, which is what a chat
+client that keeps the reply as text sends back (a few tokens may differ from the server's own). A
+dependent request whose parent failed is recorded as failed without being sent.
+
 llama.cpp: start `llama-server -m model.gguf --port 8080` and pass `--peer-url http://127.0.0.1:8080`.
 """
 from __future__ import annotations
@@ -18,9 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tierlm.bench.arrivals import ArrivalPlan, arrival_times
+from tierlm.bench.arrivals import ArrivalPlan, ArrivalQueue
 from tierlm.bench.metrics import RequestRecord
-from tierlm.bench.workloads import BenchRequest, TextTokenizer
+from tierlm.bench.workloads import BenchRequest, TextTokenizer, resolve_prompt
 from tierlm.core.errors import TierlmError
 
 
@@ -80,41 +88,82 @@ class HttpDriver:
     def run(self, requests: list[BenchRequest], plan: ArrivalPlan, run: HttpRun | None = None,
             on_request_done: Callable[[], None] | None = None) -> HttpRun:
         run = run if run is not None else HttpRun()
-        prompts = [self.tokenizer.decode(list(r.prompt_ids)) for r in requests]
+        # independent prompts are decoded before the clock starts; dependent ones when their parent is done
+        prompts = {i: self.tokenizer.decode(list(r.prompt_ids)) for i, r in enumerate(requests) if not r.dependent}
         asyncio.run(self._run(requests, prompts, plan, run, on_request_done))
         return run
 
+    def reply_ids(self, rec: RequestRecord) -> list[int]:
+        """A finished request's output token ids: the server's where it streamed them, else its text encoded."""
+        if rec.token_ids is not None:
+            return rec.token_ids
+        return self.tokenizer.encode(rec.text, add_special_tokens=False)
+
     async def _run(self, requests, prompts, plan, run, on_done) -> None:
         httpx = _httpx()
-        offsets = arrival_times(plan, [r.arrival_s for r in requests])
+        queue = ArrivalQueue(plan, [r.arrival_s for r in requests], [r.history_from for r in requests])
+        continued = {r.history_from for r in requests if r.dependent}  # requests whose reply ids are needed
         limit = plan.concurrency or len(requests)
-        gate = asyncio.Semaphore(limit)
         timeout = httpx.Timeout(self.timeout_s, connect=10.0)
         limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        records: dict[int, RequestRecord] = {}
+        tasks: dict[asyncio.Task, int] = {}
         async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=self.headers) as client:
             run.start = time.monotonic()
-
-            async def one(i: int) -> None:
-                if offsets is not None:
-                    await asyncio.sleep(max(0.0, run.start + offsets[i] - time.monotonic()))
-                async with gate:
-                    sent = run.start + offsets[i] if offsets is not None else time.monotonic()
-                    rec = RequestRecord(sent=sent, num_input=len(requests[i].prompt_ids), index=i)
-                    run.records.append(rec)
-                    await self._send(client, prompts[i], requests[i].max_tokens, rec)
-                if on_done:
-                    on_done()
-
+            queue.start(run.start)
             try:
-                await asyncio.gather(*(one(i) for i in range(len(requests))))
+                while queue or tasks:
+                    now = time.monotonic()
+                    while (nxt := queue.pop(now, len(tasks))) is not None:
+                        i, sent = nxt
+                        req = requests[i]
+                        if req.dependent:
+                            parent = records[req.history_from]
+                            ids = resolve_prompt(req, parent.prompt_ids, self.reply_ids(parent))
+                            text = self.tokenizer.decode(ids)
+                        else:
+                            ids, text = req.prompt_ids, prompts[i]
+                        rec = RequestRecord(sent=sent, num_input=len(ids), index=i, prompt_ids=ids)
+                        run.records.append(rec)
+                        records[i] = rec
+                        task = asyncio.create_task(self._send(client, text, req.max_tokens, rec, i in continued))
+                        tasks[task] = i
+                    wait = queue.wait_s(time.monotonic(), len(tasks))
+                    if not tasks:
+                        if wait is None:  # nothing queued and nothing in flight: no request can be sent
+                            raise RuntimeError("bench: requests left that wait on requests that never ran")
+                        await asyncio.sleep(wait)
+                        continue
+                    done, _ = await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        i = tasks.pop(task)
+                        task.result()  # _send records request errors itself; anything else is a bug: raise it
+                        rec = records[i]
+                        for j in queue.finished(i, rec.done or time.monotonic(), rec.ok):
+                            lost = RequestRecord(sent=time.monotonic(), num_input=0, index=j,
+                                                 error=f"not sent: request {requests[j].history_from} it "
+                                                       "continues failed")
+                            run.records.append(lost)
+                            records[j] = lost
+                            if on_done:
+                                on_done()
+                        if on_done:
+                            on_done()
                 run.complete = True
             finally:
                 run.end = time.monotonic()
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _send(self, client, prompt: str, max_tokens: int, rec: RequestRecord) -> None:
+    async def _send(self, client, prompt: str, max_tokens: int, rec: RequestRecord,
+                    want_ids: bool = False) -> None:
         httpx = _httpx()
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
+        if want_ids:
+            body["return_token_ids"] = True  # vLLM streams each chunk's token ids; others ignore it
         if self.model:
             body["model"] = self.model
         try:
@@ -146,6 +195,9 @@ class HttpDriver:
             if choice.get("text"):
                 rec.token_times.append(now)
                 rec.text += choice["text"]
+            ids = choice.get("token_ids")
+            if isinstance(ids, list) and ids:  # vLLM's return_token_ids: this chunk's new token ids
+                rec.token_ids = (rec.token_ids or []) + [int(t) for t in ids]
         usage = obj.get("usage")
         if usage:
             if usage.get("completion_tokens") is not None:
@@ -153,3 +205,6 @@ class HttpDriver:
             details = usage.get("prompt_tokens_details") or {}
             if details.get("cached_tokens") is not None:
                 rec.num_cached = int(details["cached_tokens"])
+            by_tier = details.get("cached_tokens_by_tier")  # tierlm serve: where the cached tokens came from
+            if isinstance(by_tier, dict):
+                rec.cached_by_tier = {str(k): int(v) for k, v in by_tier.items() if isinstance(v, (int, float))}

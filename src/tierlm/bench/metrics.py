@@ -6,13 +6,18 @@ Definitions (REFERENCE.md section 6; all times in seconds on one monotonic clock
     E2E   = done - sent
     TPOT  = (E2E - TTFT) / (n_out - 1)     per request; includes any wait behind other requests' prefills
     ITL   = gaps between consecutive token arrivals of one request, pooled over requests
+    ITL during loads = the ITLs of tokens made in an engine step during which a KV tier load was in flight
+            (started or waited for in that step, or still loading before or after it: engine_driver); None
+            when no step had a load (configs without tiers)
     requests/s, output tok/s, total tok/s: completed requests and their tokens over the wall time
     prefill tok/s (wall) = input tokens / time some request was waiting for its first token
     decode tok/s (wall)  = (output tokens - one per request) / time some request was decoding
                            (both "time" figures are the length of the union of the per-request intervals,
                            so overlap under load is counted once; they include queueing)
     hit rate = cached prompt tokens / prompt tokens, over the completed requests (the same definition for
-               the in-process engine and for servers reporting usage.prompt_tokens_details.cached_tokens)
+               the in-process engine and for servers reporting usage.prompt_tokens_details.cached_tokens);
+               per tier: the cached prompt tokens that came from that tier (device, host, disk, redis:
+               RequestOutput.cached_tokens_by_tier) / prompt tokens; the tiers' rates add up to the hit rate
     goodput = completed requests meeting every SLO given, per second (and as a fraction)
 
 Engine-side step figures (decode tok/s of decode-only steps, ...) are measured by the in-process driver,
@@ -41,6 +46,9 @@ class RequestRecord:
     index: int = -1  # the request's position in its workload (to diff tokens against the reference)
     token_ids: list[int] | None = None  # greedy output tokens, where the driver sees them (in-process)
     text: str = ""  # streamed output text, where the driver sees text (HTTP)
+    prompt_ids: list[int] | None = None  # the prompt as sent (a dependent request's resolved from its parent's reply)
+    cached_by_tier: dict[str, int] = field(default_factory=dict)  # of num_cached, where they came from
+    load_token_idx: list[int] = field(default_factory=list)  # tokens made in steps with a tier load in flight
 
     @property
     def ok(self) -> bool:
@@ -66,6 +74,12 @@ class RequestRecord:
     def itls(self) -> list[float]:
         t = self.token_times
         return [b - a for a, b in zip(t, t[1:])]
+
+    @property
+    def itls_during_loads(self) -> list[float]:
+        """The ITLs of this request's tokens made while a tier load was in flight (its first token has none)."""
+        t = self.token_times
+        return [t[i] - t[i - 1] for i in self.load_token_idx if 0 < i < len(t)]
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,9 @@ class RunMetrics:
     goodput_req_per_s: float | None = None
     goodput_fraction: float | None = None
     usd_per_million_tokens: float | None = None
+    itl_during_loads_ms: Dist = field(default_factory=Dist)  # ITLs of tokens made while a tier load was in flight
+    itl_during_loads_samples: int = 0
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # cached_tokens, by the tier they came from
 
 
 @dataclass
@@ -187,6 +204,11 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO = SLO(),
     good = [r for r in ok if slo.met(r)]
     prefill_time = union_length((r.sent, r.token_times[0]) for r in ok)
     decode_time = union_length((r.token_times[0], r.done) for r in ok if r.n_out > 1)
+    during_loads = [g for r in ok for g in r.itls_during_loads]
+    by_tier: dict[str, int] = {}
+    for r in ok:
+        for tier, n in r.cached_by_tier.items():
+            by_tier[tier] = by_tier.get(tier, 0) + n
     return RunMetrics(
         ttft_ms=distribution_ms(r.ttft for r in ok),
         tpot_ms=distribution_ms(t for r in ok if (t := r.tpot) is not None),
@@ -201,6 +223,8 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO = SLO(),
         goodput_req_per_s=rate(len(good), wall_s) if slo.given else None,
         goodput_fraction=len(good) / len(ok) if slo.given and ok else None,
         usd_per_million_tokens=usd_per_million(usd_per_hour, out_rate),
+        itl_during_loads_ms=distribution_ms(during_loads), itl_during_loads_samples=len(during_loads),
+        cached_tokens_by_tier=by_tier,
     )
 
 

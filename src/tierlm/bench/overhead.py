@@ -147,6 +147,9 @@ def engine_flags(actions: list[argparse.Action], args: argparse.Namespace) -> li
         value = getattr(args, act.dest)
         if isinstance(act, argparse._StoreTrueAction):
             out += [act.option_strings[0]] if value else []
+        elif isinstance(act, argparse._AppendAction):
+            for item in value or ():
+                out += [act.option_strings[0], str(item)]
         elif value is not None:
             out += [act.option_strings[0], str(value)]
     return out

@@ -7,15 +7,17 @@ are writable. Each failure is one InvalidParameterError line naming the problem 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tierlm.bench.arrivals import ArrivalPlan
-from tierlm.bench.configs import BASELINE, get_config
+from tierlm.bench.configs import BASELINE, config_tiers, get_config
 from tierlm.bench.metrics import SLO
 from tierlm.bench.phases import PhaseShapes
 from tierlm.bench.workloads import Workload, build_workload, parse_spec
+from tierlm.config import TierConfig
 from tierlm.core.errors import InvalidParameterError
 
 
@@ -52,6 +54,14 @@ class BenchPlan:
     kv_memory: int = 1 << 30
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    # lower KV tiers, for the configs that use them: the user's tier flags (args.add_tier_args); a location
+    # or size left unset takes the bench's default for the run (bench/tiers.py)
+    tiers: TierConfig = field(default_factory=TierConfig)
+
+    @property
+    def needed_tiers(self) -> tuple[str, ...]:
+        """The lower tiers the selected configs run with ("host", "disk", "redis")."""
+        return config_tiers(self.configs)
 
     def arrival_plans(self) -> list[ArrivalPlan]:
         if self.rate is not None:
@@ -60,8 +70,13 @@ class BenchPlan:
         return [ArrivalPlan(concurrency=c, seed=self.seed) for c in self.concurrencies]
 
     def describe(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()
-                if k not in ("out_dir", "json_path", "plots", "peer_api_key")}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()
+               if k not in ("out_dir", "json_path", "plots", "peer_api_key", "tiers")}
+        if self.needed_tiers:  # the flags as given (defaults resolved per run: Environment.tiers)
+            from tierlm.bench.tiers import redacted
+
+            out["tiers"] = dataclasses.asdict(self.tiers) | {"redis_url": redacted(self.tiers.redis_url)}
+        return out
 
 
 @dataclass
@@ -130,6 +145,11 @@ def preflight(plan: BenchPlan) -> Preflight:
             raise InvalidParameterError("--device cuda but CUDA is not available", "use --device cpu")
     elif plan.device != "cpu":
         raise InvalidParameterError(f"unknown device {plan.device!r}", "use auto, cpu or cuda")
+
+    if plan.needed_tiers:  # a disk directory to write, a Redis server to reach or start
+        from tierlm.bench.tiers import preflight_tiers
+
+        preflight_tiers(plan, plan.needed_tiers)
 
     from tierlm.bench.http_driver import check_server
 

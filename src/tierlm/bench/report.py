@@ -18,6 +18,8 @@ from tierlm.bench.headline import (
     memory_sections,
     peer_rows,
     speed_sections,
+    tier_head,
+    tier_sections,
 )
 from tierlm.bench.results import BenchResult
 
@@ -44,14 +46,28 @@ DEFINITIONS = """\
   **peak RSS**: the whole process's resident peak during the run, reset per run (marked "(process)" where
   the kernel does not allow the reset and the figure is the process's lifetime peak).
 - **hit rate**: cached prompt tokens / prompt tokens over completed requests, counted once per request (the
-  same for tierlm and for servers reporting usage.prompt_tokens_details.cached_tokens).
+  same for tierlm and for servers reporting usage.prompt_tokens_details.cached_tokens). Per tier (KV tiers
+  table): the cached prompt tokens that came from the device pool, host memory, disk or Redis
+  (RequestOutput.cached_tokens_by_tier) / prompt tokens; the tiers' rates add up to the hit rate.
+- **KV tiers** (configs with lower tiers): **loaded/stored** bytes each tier handed back to the device pool /
+  took in during the run (the tiers' own counters; queued disk/Redis writes are flushed at the end of each
+  repetition, so they count); **fallback tok**: prompt tokens found in a tier but recomputed, because the
+  cost model said recompute was faster (cost), the load missed --tier-load-timeout (timeout) or an entry
+  was corrupt or gone or the tier failed (corrupt); **loads**: load jobs, of which async = larger than
+  --tier-load-budget, run while other requests decoded (the rest a step waited for), and the most requests
+  loading at once; **ITL p99 during loads**: the p99 of the inter-token latencies of tokens made in engine
+  steps during which a load was in flight (started or waited for in the step, or loading before or after
+  it), next to the run's overall ITL p99; n/a when no step had a load. Every engine gets its own disk
+  directory and Redis namespace, and the tiers are cleared with the prefix cache before every repetition.
 - **GB/s**: (steps x weight bytes a step reads + the KV its attention read, each step's scheduled context x
   KV bytes/token) / wall time, a model of the bytes moved (not a hardware counter), against the machine's
   measured copy bandwidth. **$/1M** output tokens from --usd-per-hour.
 - **tokens vs ref**: greedy output tokens of every request of the run against the baseline's for the same
   requests; the **gate** runs its own prompt set (chat prompts, long prompts chunked across many steps, shared
-  prefixes, a pool tight enough to preempt and evict: the gate table counts what each config's run
-  exercised) and compares with the baseline and with transformers (gating in fp32, advisory otherwise).
+  prefixes, a pool tight enough to preempt and evict, then passages that evict every earlier prefix and the
+  long prompts again, loaded back from the lower tiers of a tiered config, which runs its gate with them: the
+  gate table counts what each config's run exercised, incl. the tokens loaded from each tier) and compares
+  with the baseline and with transformers (gating in fp32, advisory otherwise).
 - Percentiles pool the requests of every repetition; throughputs pool tokens over the summed wall time.
   Requests are greedy with EOS ignored, so every configuration generates the same token counts; the prefix
   cache is reset before every repetition.
@@ -68,7 +84,8 @@ def _red(text: str) -> str:
     return f'<span style="color:red">**{text}**</span>'
 
 
-DETAIL_HEAD = ("config", "workload", "arrivals", "TTFT ms p50/90/99", "TPOT ms", "ITL ms", "E2E ms", "req/s",
+DETAIL_HEAD = ("config", "workload", "arrivals", "TTFT ms p50/90/99", "TPOT ms", "ITL ms", "ITL ms during loads",
+               "E2E ms", "req/s",
                "out tok/s", "total tok/s", "prefill tok/s (steps)", "mixed-step time", "goodput", "evictions",
                "preemptions", "GB/s", "$/1M out", "out tok/s spread")
 
@@ -81,7 +98,8 @@ def _detail_rows(result: BenchResult) -> list[list[str]]:
         def d(dist, digits=0):
             return "/".join(fmt_num(getattr(dist, q), digits) for q in ("p50", "p90", "p99"))
 
-        rows.append([r.config, r.workload, r.arrival, d(m.ttft_ms), d(m.tpot_ms, 1), d(m.itl_ms, 1), d(m.e2e_ms),
+        rows.append([r.config, r.workload, r.arrival, d(m.ttft_ms), d(m.tpot_ms, 1), d(m.itl_ms, 1),
+                     d(m.itl_during_loads_ms, 1) if m.itl_during_loads_samples else "n/a", d(m.e2e_ms),
                      fmt_num(m.requests_per_s, 2), fmt_num(m.output_tok_per_s), fmt_num(m.total_tok_per_s),
                      fmt_num(r.steps.prefill_tok_per_s if r.steps else None),
                      fmt_pct(r.steps.mixed_fraction if r.steps else None), fmt_pct(m.goodput_fraction),
@@ -109,6 +127,23 @@ def render_markdown(result: BenchResult, plots: list[Path], plot_note: str | Non
     out += ["## Memory: KV, activations and weights", ""]
     for w, rows in memory_sections(result):
         out += [f"**{w.name}**", ""] + _md_table(MEMORY_HEAD, rows) + [""]
+    tiers = tier_sections(result)
+    if tiers:
+        out += ["## KV tiers: hit rate, bytes moved and latency while loading", ""]
+        env_t = env.tiers
+        if env_t:
+            where = [f"host memory {fmt_bytes(env_t.get('host_memory_bytes'))}" if env_t.get("host_memory_bytes") else "",
+                     f"disk `{env_t.get('disk_dir')}` ({fmt_bytes(env_t.get('disk_bytes'))}, temporary)"
+                     if env_t.get("disk_dir") else "",
+                     f"Redis {env_t.get('redis_url')} ({env_t.get('redis_server')}, namespace "
+                     f"`{env_t.get('redis_namespace')}`)" if env_t.get("redis_url") else ""]
+            out += ["Tiers: " + "; ".join(x for x in where if x) + f"; write policy {env_t.get('write_policy')}, "
+                    f"load budget {fmt_bytes(env_t.get('load_step_budget_bytes'))} per step.", ""]
+        for w, rows in tiers:
+            out += [f"**{w.name}** (`{w.spec}`)", ""]
+            out += _md_table(tier_head(result), [[_red(c) for c in cells] if flagged else cells
+                                                 for cells, flagged in rows])
+            out.append("")
     pr = peer_rows(result)
     if pr:
         out += [f"## Peer: transformers {result.peers.transformers_version or ''} generate() on the same model and dtype",
@@ -117,14 +152,17 @@ def render_markdown(result: BenchResult, plots: list[Path], plot_note: str | Non
     out += ["## Correctness gate", "",
             "Greedy tokens of each configuration on the gate set (chat prompts; long prompts cut from a shipped "
             "public-domain text, chunked across many steps; shared prefixes hit across waves; a pool small enough "
-            "to preempt and evict), against the baseline and against transformers.", ""]
+            "to preempt and evict; passages that push every earlier prefix off the device, then the long prompts "
+            "again, which a tiered configuration loads back from its tiers), against the baseline and against "
+            "transformers.", ""]
     out += _md_table(GATE_HEAD, [[_red(c) for c in cells] if flagged else cells for cells, flagged in gate_rows(result)])
     out += ["", "## Every run", ""]
     out += _md_table(DETAIL_HEAD, _detail_rows(result))
     out += ["", "## Configurations", ""]
-    out += _md_table(("config", "what it is", "attention", "KV bytes/token", "KV pool", "weights", "step token budget",
-                      "load s"),
+    out += _md_table(("config", "what it is", "attention", "KV bytes/token", "KV pool", "lower KV tiers", "weights",
+                      "step token budget", "load s"),
                      [[c.name, c.summary, c.attention_backend, f"{c.kv_bytes_per_token:,}", fmt_bytes(c.kv_pool_bytes),
+                       ", ".join(f"{t} {fmt_bytes(n)}" for t, n in c.lower_tiers.items()) or "none",
                        fmt_bytes(c.weights_bytes), c.max_num_batched_tokens, fmt_num(c.load_s, 1)]
                       for c in result.configs])
     out += ["", "## Plots", ""]

@@ -20,11 +20,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tierlm.bench.engine_driver import StepStats
+from tierlm.bench.engine_driver import StepStats, TierTraffic
 from tierlm.bench.gate import ConfigGate
 from tierlm.bench.metrics import RunMetrics, Spread
 
-TIERS = ("device", "host", "disk", "remote")
+TIERS = ("device", "host", "disk", "redis")  # where cached prompt tokens come from, as the engine names them
 
 
 @dataclass
@@ -43,6 +43,7 @@ class ConfigInfo:
     weights_read_per_step: int
     load_s: float
     tolerance: int
+    lower_tiers: dict[str, int] = field(default_factory=dict)  # KV tier below the device -> its capacity in bytes
 
 
 @dataclass
@@ -115,8 +116,9 @@ class RunResult:
     per_rep: list[RepFigures]
     spread: dict[str, Spread]
     memory: MemoryFigures
-    cache_hit_rate: dict[str, float | None]  # tier -> cached prompt tokens / prompt tokens; None: no such tier
+    cache_hit_rate: dict[str, float | None]  # tier -> cached prompt tokens from it / prompt tokens; None: no such tier
     steps: StepStats | None = None  # in-process runs
+    tiers: TierTraffic | None = None  # in-process runs of a config with lower KV tiers: their traffic, fallbacks, loads
     evictions: int | None = None
     preemptions: int | None = None
     achieved_gb_s: float | None = None  # (steps x weight bytes read per step + context KV read) / wall time
@@ -181,6 +183,7 @@ class Environment:
     load_average_end: float | None = None
     stage_s: dict[str, float] = field(default_factory=dict)
     wall_s: float | None = None
+    tiers: dict = field(default_factory=dict)  # the lower KV tiers set up for the run (bench/tiers.py), if any
 
 
 @dataclass

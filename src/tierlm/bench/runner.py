@@ -1,8 +1,11 @@
 """BenchRunner: one benchmark from a preflighted plan to a filled BenchResult.
 
-    for each config (baseline first):   gate: a small engine of the config runs the gate set (gate.py)
+    lower KV tiers (if a config uses them): their locations for the run (bench/tiers.py: host size, a
+                                        temporary disk directory, a Redis server), torn down at the end
+    for each config (baseline first):   gate: a small engine of the config runs the gate set (gate.py), with
+                                        the config's tiers (so its evictions go down and wave 2 loads back)
                                         then the measured engine: warm up, every workload x arrival plan
-                                        x repetition (prefix cache reset before each repetition); each
+                                        x repetition (prefix cache and tiers cleared before each one); each
                                         run's greedy tokens diffed against the baseline's same requests;
                                         one profiled step of the run's largest size for the activations
     transformers peer (same process):   a fresh baseline engine and transformers' generate() alternate rep
@@ -28,7 +31,15 @@ import time
 from tierlm.bench.arrivals import ArrivalPlan
 from tierlm.bench.comparison import SERVE, compare_runs
 from tierlm.bench.configs import BASELINE, engine_config, gate_engine_config, get_config, reference_config
-from tierlm.bench.engine_driver import EngineRun, StepStats, reset_prefix_cache, run_engine, warm_up
+from tierlm.bench.engine_driver import (
+    EngineRun,
+    StepStats,
+    TierTraffic,
+    release_tiers,
+    reset_prefix_cache,
+    run_engine,
+    warm_up,
+)
 from tierlm.bench.gate import (
     GATE_CHUNK,
     ConfigGate,
@@ -53,6 +64,7 @@ from tierlm.bench.results import (
     RunResult,
     WorkloadInfo,
 )
+from tierlm.bench.tiers import BenchTiers
 from tierlm.bench.workloads import Workload, build_workload
 
 SAMPLE_CAP = 5000  # raw latencies kept per run for the CDF plot
@@ -67,6 +79,7 @@ class BenchRunner:
         self.peer_dtype = None
         self.reference_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}  # (workload, arrival) -> tokens
         self.bandwidth: float | None = None
+        self.tiers = BenchTiers(plan, plan.needed_tiers)
 
     # ---- top level -----------------------------------------------------------------------------
     def run(self) -> BenchResult:
@@ -83,6 +96,10 @@ class BenchRunner:
             env.load_average_start = _loadavg()
             res.workloads = [WorkloadInfo(w.name, w.spec, w.shape, len(w.requests), w.max_seq_len,
                                           w.shared_prefix_tokens) for w in self.pre.workloads]
+            if self.tiers.needed:
+                self._stage("KV tiers: set up")
+                self.tiers.open()
+                env.tiers = self.tiers.info
             for name in plan.configs:
                 self._run_config(name)
             if plan.peer:
@@ -93,6 +110,7 @@ class BenchRunner:
             res.incomplete = False
             res.stopped_during = None
         finally:
+            self.tiers.close()
             self._note_load()
             self._gate_against_transformers()
             res.comparisons = compare_runs(res.runs)
@@ -142,21 +160,33 @@ class BenchRunner:
         if self.gate_set.prompts:
             self._stage(f"{name}: gate")
             gcfg = gate_engine_config(name, ref, gate_pool_blocks(self.gate_set, plan.gate_tokens, ref.cache.block_size),
-                                      self.gate_set.first_wave_tokens, GATE_CHUNK)
+                                      self.gate_set.first_wave_tokens, GATE_CHUNK, self._tiers_for(name))
             with _quiet("tierlm.engine.llm_engine"):  # its pool is small on purpose: no capped-context warning
                 gate_engine = LLMEngine(gcfg)
-            tokens = run_gate(gate_engine, self.gate_set, plan.gate_tokens)
-            engine_info = {"num_blocks": gate_engine.num_kv_blocks, "block_size": gcfg.cache.block_size,
-                           "max_num_batched_tokens": gcfg.scheduler.max_num_batched_tokens,
-                           "preemptions": gate_engine.scheduler.num_preemptions,
-                           "evictions": gate_engine.kv.stats.evictions,
-                           "prefix_hit_tokens": gate_engine.kv.stats.prefix_cache_hits}
+            try:
+                tokens = run_gate(gate_engine, self.gate_set, plan.gate_tokens)
+                engine_info = gate_engine_info(gate_engine, gcfg)
+            finally:
+                release_tiers(gate_engine)
             gate_engine = None
             gc.collect()
             self._gate(name, tokens, engine_info)
         self._stage(f"{name}: load")
-        cfg = engine_config(name, ref, plan.max_num_batched_tokens)
+        cfg = engine_config(name, ref, plan.max_num_batched_tokens, self._tiers_for(name))
         engine = LLMEngine(cfg)
+        try:
+            self._measure_config(name, engine, cfg)
+        finally:
+            release_tiers(engine)
+        engine = None
+        gc.collect()
+
+    def _tiers_for(self, name: str):
+        """A fresh TierConfig (own disk directory, own Redis namespace) for the next engine of a tiered config."""
+        return self.tiers.for_engine() if get_config(name).tiers else None
+
+    def _measure_config(self, name: str, engine, cfg) -> None:
+        plan, res = self.plan, self.result
         resident, read = weight_bytes(engine.model)
         res.configs.append(ConfigInfo(
             name=name, summary=get_config(name).summary, kv_format=engine.kv_spec.kv_format,
@@ -165,7 +195,8 @@ class BenchRunner:
             max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
             kv_bytes_per_token=engine.kv_spec.bytes_per_token, kv_pool_bytes=engine.runner.kv_cache_bytes,
             weights_bytes=resident, weights_read_per_step=read, load_s=engine.load_seconds,
-            tolerance=get_config(name).tolerance))
+            tolerance=get_config(name).tolerance,
+            lower_tiers={t: d.get("capacity_bytes") for t, d in engine.tier_stats().items()}))
         if plan.warmup:
             self._stage(f"{name}: warm-up")
             warm = build_workload(f"fixed:n={plan.warmup},isl=48,osl=8", self.pre.tokenizer, plan.seed + 10_000)
@@ -174,8 +205,6 @@ class BenchRunner:
         for w in self.pre.workloads:
             for arrival in plan.arrival_plans():
                 self._run_engine_workload(name, engine, w, arrival, activations, (resident, read))
-        engine = None
-        gc.collect()
 
     def _gate(self, name: str, tokens: list[list[int]], engine_info: dict) -> None:
         gate = ConfigGate(name, tokens, engine=engine_info)
@@ -248,13 +277,19 @@ class BenchRunner:
             peak_device_bytes=max((p["peak_device_bytes"] for p in mem_peaks if p["peak_device_bytes"]), default=None))
         moved = steps.steps * weights[1] + sum(r.kv_read_bytes for r in reps)
         gbs = moved / wall / 1e9 if wall > 0 else None
-        hit = metrics.hit_rate if engine.kv.enable_prefix_caching else None
+        traffic = None
+        if engine.tiers is not None:
+            traffic = TierTraffic()
+            for run in reps:
+                if run.tiers is not None:
+                    traffic.merge(run.tiers)
         return RunResult(
             config=name, driver="in-process", workload=w.name, workload_spec=w.spec, shape=w.shape,
             concurrency=arrival.concurrency, rate=arrival.rate, burstiness=arrival.burstiness,
             arrival=_arrival_label(w, arrival), timed=w.timed, reps=len(reps), incomplete=not complete,
-            metrics=metrics, **_per_rep(reps, [run.step_stats for run in reps]), memory=memory, cache_hit_rate={t: None for t in TIERS} | {"device": hit},
-            steps=steps, evictions=sum(r.evictions for r in reps), preemptions=sum(r.preemptions for r in reps),
+            metrics=metrics, **_per_rep(reps, [run.step_stats for run in reps]), memory=memory,
+            cache_hit_rate=tier_hit_rates(metrics, engine.kv.enable_prefix_caching, list(engine.tier_stats())),
+            steps=steps, tiers=traffic, evictions=sum(r.evictions for r in reps), preemptions=sum(r.preemptions for r in reps),
             achieved_gb_s=gbs, bandwidth_fraction=gbs / self.bandwidth if gbs and self.bandwidth else None,
             check=self._check(name, w, arrival, records),
             samples={"ttft_ms": [r.ttft * 1e3 for r in records if r.ok][:SAMPLE_CAP],
@@ -303,7 +338,9 @@ class BenchRunner:
         res.peers.transformers_version = versions().get("transformers")
         if self.gate_set.prompts:
             self._stage("transformers: gate")
-            per_prompt = peer_greedy(model, self.gate_set.prompts, plan.gate_tokens,
+            per_prompt = peer_greedy(model, self.gate_set.prompts,
+                                     [self.gate_set.max_tokens(i, plan.gate_tokens)
+                                      for i in range(len(self.gate_set.prompts))],
                                      tuple(self.pre.tokenizer.eos_token_ids))
             self.transformers_gate = in_order(self.gate_set, per_prompt)
         self._stage("transformers: phases")
@@ -351,6 +388,7 @@ class BenchRunner:
         records = [r for run in reps for r in run.records]
         metrics = summarize(records, sum(r.wall_s for r in reps), plan.slo, plan.usd_per_hour)
         reported = any(r.num_cached for r in records if r.ok)
+        by_tier = [t for t in metrics.cached_tokens_by_tier if t != "device"]  # tiers the server reported
         return RunResult(
             config=name, driver="http", workload=w.name, workload_spec=w.spec, shape=w.shape,
             concurrency=arrival.concurrency, rate=arrival.rate, burstiness=arrival.burstiness,
@@ -358,9 +396,39 @@ class BenchRunner:
             incomplete=not all(r.complete for r in reps), metrics=metrics,
             **_per_rep(reps, [None] * len(reps)),
             memory=MemoryFigures(memory_budget_bytes=plan.memory_budget),
-            cache_hit_rate={t: None for t in TIERS} | {"device": metrics.hit_rate if reported else None},
+            cache_hit_rate=(tier_hit_rates(metrics, True, by_tier) if metrics.cached_tokens_by_tier
+                            else tier_hit_rates(metrics, False, []) | {"device": metrics.hit_rate if reported else None}),
             samples={"ttft_ms": [r.ttft * 1e3 for r in records if r.ok][:SAMPLE_CAP],
                      "e2e_ms": [r.e2e * 1e3 for r in records if r.ok][:SAMPLE_CAP]})
+
+
+def tier_hit_rates(metrics, prefix_caching: bool, lower: list[str]) -> dict[str, float | None]:
+    """Per tier (results.TIERS): cached prompt tokens that came from it / prompt tokens; None for the device
+    without prefix caching and for a lower tier the engine does not have."""
+    n = metrics.input_tokens
+    by = metrics.cached_tokens_by_tier
+    out: dict[str, float | None] = {}
+    for t in TIERS:
+        on = prefix_caching if t == "device" else t in lower
+        out[t] = by.get(t, 0) / n if on and n else None
+    return out
+
+
+def gate_engine_info(engine, cfg) -> dict:
+    """What the gate's engine exercised: its pool and step budget, preemptions, evictions, device prefix hit
+    tokens and, with lower tiers, the tokens loaded back from each (and the bytes) and offloads."""
+    info = {"num_blocks": engine.num_kv_blocks, "block_size": cfg.cache.block_size,
+            "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+            "preemptions": engine.scheduler.num_preemptions, "evictions": engine.kv.stats.evictions,
+            "prefix_hit_tokens": engine.kv.stats.prefix_cache_hits}
+    stats = engine.tier_stats()
+    if stats:
+        info["tier_hit_tokens"] = {t: d.get("hit_tokens", 0) for t, d in stats.items()}
+        info["tier_bytes_loaded"] = {t: d.get("bytes_loaded", 0) for t, d in stats.items()}
+        info["tier_fallback_tokens"] = (engine.tiers.stats.fallback_cost + engine.tiers.stats.fallback_timeout
+                                        + engine.tiers.stats.fallback_corrupt)
+        info["offloads"] = engine.scheduler.num_offloads
+    return info
 
 
 @contextlib.contextmanager

@@ -28,15 +28,18 @@ def load_peer(model_arg: str | None, dtype, device: str = "cpu"):
     return model.eval()
 
 
-def peer_greedy(model, prompts: list[list[int]], max_tokens: int, eos_token_ids: tuple[int, ...]) -> list[list[int]]:
-    """Greedy tokens per prompt, one prompt at a time (no padding), stopping at EOS like the engine."""
+def peer_greedy(model, prompts: list[list[int]], max_tokens: int | list[int],
+                eos_token_ids: tuple[int, ...]) -> list[list[int]]:
+    """Greedy tokens per prompt, one prompt at a time (no padding), stopping at EOS like the engine.
+    `max_tokens`: one for all, or one per prompt."""
     import torch
 
+    caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     outs = []
     with torch.inference_mode():
-        for p in prompts:
+        for p, cap in zip(prompts, caps):
             x = torch.tensor([p], device=model.device)
-            y = model.generate(x, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+            y = model.generate(x, max_new_tokens=cap, do_sample=False, pad_token_id=0,
                                eos_token_id=list(eos_token_ids) or None)
             toks = y[0, len(p):].tolist()
             for i, t in enumerate(toks):

@@ -13,12 +13,26 @@ tokenizer). Output lengths are exact too: the drivers ask for greedy decoding wi
                   tokens are shared by all (0: none)
     long-doc-qa   docs x questions: each prompt is one document (doc tokens) + one question
                   (q tokens); question-major order (every document's first question, then every
-                  second one) so reuse distance spans all the documents
-    multi-turn    users x rounds: shared system prompt, each round's prompt is the whole history
-                  (earlier user turns + synthetic assistant replies of osl tokens) + a new user
-                  turn; round-robin order across users
+                  second one) so reuse distance spans all the documents. Long contexts:
+                  long-doc-qa:docs=4,questions=4,doc=4096,q=64 (4.2K tokens)
+    multi-turn    users x rounds of a conversation: round 0 is the shared system prompt (sys tokens)
+                  + the user's own earlier history (hist tokens, 0: none) + a user turn (user
+                  tokens); round r+1 of a user is sent only once round r's reply has finished, and
+                  its prompt is round r's prompt + round r's ACTUAL reply tokens (osl of them) + a
+                  new user turn; round-robin order across users, so reuse distance spans them all.
+                  Long contexts: multi-turn:users=8,rounds=4,sys=1024,user=256,osl=64 (up to 2.2K
+                  tokens) or multi-turn:users=4,rounds=4,hist=4096,user=256,osl=128 (up to 5.9K)
     batch-gen     n short prompts, long outputs (synthetic-data jobs)
     trace         replay of a Mooncake-style JSONL trace (see trace.py)
+
+Dependent requests (multi-turn rounds after the first) carry no prompt of their own: `history_from`
+names the request whose conversation they continue and `turn_ids` the new user turn, and a driver
+builds the prompt with `resolve_prompt` once that request has finished (so it holds the model's real
+reply, as a chat client's next turn does). Their lengths are still known up front, since replies are
+exactly max_tokens long: `Workload.prompt_len_bounds` (and max_prompt_len / max_seq_len, which size the
+engine and check the context) count them. The seeded parts (system prompt, histories, user turns) are
+the same on every run; greedy replies make the rest the same for every correct configuration, so the
+greedy-token diff against the reference still compares like with like.
 """
 from __future__ import annotations
 
@@ -39,14 +53,55 @@ class TextTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class BenchRequest:
+    """One request of a workload. Independent (history_from None): `prompt_ids` is the whole prompt.
+    Dependent: `prompt_ids` is empty, and the prompt is the prompt of request `history_from` (an earlier
+    index in the same request list) + that request's output tokens + `turn_ids` (`resolve_prompt`);
+    drivers send it only after that request has finished."""
+
     prompt_ids: list[int]
     max_tokens: int
     arrival_s: float | None = None  # offset from the run start (trace replay); None: the arrival plan decides
     tag: str = ""
+    history_from: int | None = None  # index of the request whose reply this one continues (None: independent)
+    turn_ids: list[int] = field(default_factory=list)  # what a dependent request appends after that reply
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + self.max_tokens
+    def dependent(self) -> bool:
+        return self.history_from is not None
+
+
+def resolve_prompt(req: BenchRequest, parent_prompt_ids: list[int] | None = None,
+                   parent_output_ids: list[int] | None = None) -> list[int]:
+    """The prompt to send for `req`: its own prompt_ids if independent, else the parent's (resolved)
+    prompt + the parent's actual output tokens + req.turn_ids. The one rule both drivers use."""
+    if req.history_from is None:
+        return list(req.prompt_ids)
+    if parent_prompt_ids is None or parent_output_ids is None:
+        raise ValueError(f"request {req.tag or '?'} continues request {req.history_from}: "
+                         "its prompt needs that request's prompt and output tokens")
+    return [*parent_prompt_ids, *parent_output_ids, *req.turn_ids]
+
+
+def check_dependencies(requests: list[BenchRequest]) -> None:
+    """ValueError unless every dependent request continues an earlier request of the list."""
+    for i, r in enumerate(requests):
+        if r.history_from is not None and not 0 <= r.history_from < i:
+            raise ValueError(f"request {i} ({r.tag}) continues request {r.history_from}, "
+                             "which is not an earlier request of the list")
+
+
+def prompt_len_bounds(requests: list[BenchRequest]) -> list[int]:
+    """Each request's prompt length, known before the run: a dependent request's is its parent's + the
+    parent's max_tokens (replies are greedy with EOS ignored, so exactly that long in-process) + its turn.
+    An upper bound where a server may stop a reply early."""
+    check_dependencies(requests)
+    out: list[int] = []
+    for r in requests:
+        if r.history_from is None:
+            out.append(len(r.prompt_ids))
+        else:
+            out.append(out[r.history_from] + requests[r.history_from].max_tokens + len(r.turn_ids))
+    return out
 
 
 @dataclass
@@ -57,22 +112,37 @@ class Workload:
     requests: list[BenchRequest] = field(default_factory=list)
 
     @property
+    def prompt_len_bounds(self) -> list[int]:
+        """Per request, its prompt length (dependent requests included: see `prompt_len_bounds`)."""
+        return prompt_len_bounds(self.requests)
+
+    @property
     def max_prompt_len(self) -> int:
-        return max((len(r.prompt_ids) for r in self.requests), default=0)
+        return max(self.prompt_len_bounds, default=0)
 
     @property
     def max_seq_len(self) -> int:
-        return max((r.num_tokens for r in self.requests), default=0)
+        """The longest request, prompt + output tokens (what the context and the KV pool must hold)."""
+        return max((n + r.max_tokens for n, r in zip(self.prompt_len_bounds, self.requests)), default=0)
 
     @property
     def timed(self) -> bool:
         return bool(self.requests) and all(r.arrival_s is not None for r in self.requests)
 
+    def known_prefix_ids(self, i: int) -> list[int]:
+        """The leading prompt ids of request i that are known before the run: its whole prompt if
+        independent, else those of the request its conversation started with."""
+        r = self.requests[i]
+        while r.history_from is not None:
+            r = self.requests[r.history_from]
+        return r.prompt_ids
+
     @property
     def shared_prefix_tokens(self) -> int:
         """Leading tokens every request's prompt shares (a system prompt, a common prefix): measured from
-        the token ids, not declared by the generator."""
-        prompts = [r.prompt_ids for r in self.requests]
+        the token ids, not declared by the generator (a dependent request's prompt starts with its
+        conversation's first prompt, so that one stands in for it)."""
+        prompts = [r.prompt_ids for r in self.requests if r.history_from is None]
         if not prompts:
             return 0
         n = min(len(p) for p in prompts)
@@ -144,18 +214,23 @@ def long_doc_qa(src: TokenSource, docs: int = 4, questions: int = 4, doc: int = 
 
 
 def multi_turn(src: TokenSource, users: int = 8, rounds: int = 4, sys: int = 256, user: int = 32,
-               osl: int = 32) -> tuple[str, list[BenchRequest]]:
+               osl: int = 32, hist: int = 0) -> tuple[str, list[BenchRequest]]:
+    """Round 0: system prompt + the user's own history (hist tokens) + a user turn; round r+1: continues
+    round r of the same user (history_from), appending its actual reply and a new user turn."""
     system = src.take(sys)
-    history = [list(system) for _ in range(users)]
-    reqs = []
+    reqs: list[BenchRequest] = []
     for r in range(rounds):
         for u in range(users):
-            history[u] = history[u] + src.take(user)
-            reqs.append(BenchRequest(list(history[u]), osl, tag=f"u{u}r{r}"))
-            history[u] = history[u] + src.take(osl)  # the synthetic assistant reply the next round sees
-    longest = sys + rounds * user + (rounds - 1) * osl
-    return (f"{users} users x {rounds} rounds: {sys}-token shared system prompt, {user}-token turns, "
-            f"{osl}-token replies, history up to {longest} tokens, round-robin"), reqs
+            if r == 0:
+                reqs.append(BenchRequest(system + src.take(hist) + src.take(user), osl, tag=f"u{u}r0"))
+            else:
+                reqs.append(BenchRequest([], osl, tag=f"u{u}r{r}", history_from=(r - 1) * users + u,
+                                         turn_ids=src.take(user)))
+    longest = sys + hist + rounds * user + (rounds - 1) * osl
+    own = f" + {hist}-token history per user" if hist else ""
+    return (f"{users} users x {rounds} rounds: {sys}-token shared system prompt{own}, {user}-token turns, "
+            f"{osl}-token replies (the model's own, each round sent when the last one finished), "
+            f"history up to {longest} tokens, round-robin"), reqs
 
 
 def batch_gen(src: TokenSource, n: int = 32, isl: int = 64, osl: int = 256) -> tuple[str, list[BenchRequest]]:
@@ -185,7 +260,7 @@ WORKLOADS: dict[str, WorkloadKind] = {k.name: k for k in (
     WorkloadKind("short-chat", short_chat, "short chats with a shared system prompt"),
     WorkloadKind("fixed", fixed, "fixed input/output lengths, optional shared prefix"),
     WorkloadKind("long-doc-qa", long_doc_qa, "documents x questions; reuse across far-apart requests"),
-    WorkloadKind("multi-turn", multi_turn, "users x rounds of chat with growing history"),
+    WorkloadKind("multi-turn", multi_turn, "users x rounds of chat; each round carries the last real reply"),
     WorkloadKind("batch-gen", batch_gen, "many prompts, long outputs"),
     WorkloadKind("trace", _trace_builder, "Mooncake-style JSONL trace replay (trace:path=FILE)"),
 )}
@@ -230,9 +305,10 @@ def build_workload(spec: str, tokenizer: TextTokenizer, seed: int) -> Workload:
     if not reqs:
         raise InvalidParameterError(f"workload {spec!r} has no requests", "raise its size knobs")
     for r in reqs:
-        if not r.prompt_ids or r.max_tokens < 1:
+        if (not r.prompt_ids and r.history_from is None) or r.max_tokens < 1:
             raise InvalidParameterError(f"workload {spec!r} makes an empty prompt or zero output tokens",
                                         "use input and output lengths of at least 1")
+    check_dependencies(reqs)
     resolved = {**knobs_of(kind), **knobs}
     label = f"{kind.name}:" + ",".join(f"{k}={v}" for k, v in resolved.items())
     return Workload(kind.name, label, shape, reqs)

@@ -155,6 +155,7 @@ class Scheduler:
                 if job.nbytes > load_budget:
                     continue  # loads while others run; joins at the first step after it finished
                 load_budget -= job.nbytes
+                self.kv.tiers.stats.sync_loads += 1
                 job.wait(self.kv.tiers.config.load_timeout_s)
                 self._finish_load(req)
                 n = min(req.num_tokens - req.num_computed_tokens, budget)

@@ -250,20 +250,34 @@ class TierController:
             t0 = time.perf_counter()
             payloads: list[memoryview] = []
             by_tier: dict[str, int] = {}
-            for i, v in enumerate(values):
-                tier = self.tiers[job.hit.tiers[i]]
-                if v is None:
+            where = list(job.hit.tiers)
+            i = 0
+            while i < len(values):
+                tier = self.tiers[where[i]]
+                payload = None
+                if values[i] is None:
                     job.error = f"block {i} gone from {tier.name}"
-                    break
-                try:
-                    payloads.append(decode_entry(v, self.identity, job.hit.token_ids[i]))
-                except CorruptEntry as e:
-                    log.warning("KV tier %s: entry %s unusable (%s); deleted, recomputing", tier.name,
-                                job.hit.keys[i].hex()[:12], e)
-                    tier.discard_corrupt(job.hit.keys[i])
-                    job.error = str(e)
-                    break
+                else:
+                    try:
+                        payload = decode_entry(values[i], self.identity, job.hit.token_ids[i])
+                    except CorruptEntry as e:
+                        log.warning("KV tier %s: entry %s unusable (%s); deleted, recomputing", tier.name,
+                                    job.hit.keys[i].hex()[:12], e)
+                        tier.discard_corrupt(job.hit.keys[i])
+                        job.error = str(e)
+                if payload is None:
+                    # A bad or vanished entry: the tiers below may hold a good copy of the rest of the run.
+                    below = where[i] + 1
+                    if below >= len(self.tiers):
+                        break
+                    got = self.tiers[below].load(job.hit.keys[i:])  # one call for the rest of the run
+                    for j, v in enumerate(got):
+                        if v is not None or j == 0:  # block i moves down a tier even if missing there too
+                            values[i + j], where[i + j] = v, below
+                    continue
+                payloads.append(payload)
                 by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
+                i += 1
             with job.lock:
                 if not job.cancelled and payloads:
                     self._scatter(job.block_ids[:len(payloads)], payloads)

@@ -81,6 +81,7 @@ def main() -> None:
 
     def inject(kind: str, keys: list[bytes]) -> bool:
         nonlocal redis_down_for
+        tokens_of = [ids[j * kv.block_size:(j + 1) * kv.block_size] for j in range(len(keys))]
         if kind.startswith("disk"):
             files = [p for k in keys if (p := disk.directory / k.hex()[:2] / f"{k.hex()}.kv").exists()]
             if not files:
@@ -93,11 +94,10 @@ def main() -> None:
                 path.write_bytes(bytes(buf))
             elif kind == "disk-truncate":
                 path.write_bytes(raw[: rng.randrange(len(raw))])
-            elif kind == "disk-foreign":
-                import struct
-                header_len = struct.unpack_from("<I", raw, 8)[0]
-                tokens = json.loads(raw[28:header_len])["tokens"]
-                path.write_bytes(encode_entry(foreign, tokens, [raw[header_len:]]))
+            elif kind == "disk-foreign":  # well-formed, right key and tokens, another KV format
+                i = next(j for j, k in enumerate(keys) if path.name.startswith(k.hex()))
+                payload = rng.randbytes(ctl.entry_payload_bytes)
+                path.write_bytes(encode_entry(foreign, tokens_of[i], [payload]))
             else:
                 path.unlink()
             return True
@@ -124,7 +124,8 @@ def main() -> None:
         while sum(faults.values()) < a.faults:
             ctl.flush()
             prompt = rng.choice(prompts)
-            keys = hash_request_blocks(llm.tokenizer.encode(prompt), kv.block_size, kv.hash_seed, kv.extra_keys)
+            ids = llm.tokenizer.encode(prompt)
+            keys = hash_request_blocks(ids, kv.block_size, kv.hash_seed, kv.extra_keys)
             for _ in range(a.per_request):
                 kind = rng.choices(KINDS, weights=WEIGHTS)[0]
                 if inject(kind, keys):

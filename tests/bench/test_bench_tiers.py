@@ -67,6 +67,9 @@ def test_command_parses_tier_flags_and_comma_separated_configs():
     assert build_plan(parse(["--config", "baseline", "tiers", "--device", "cpu"])).configs == ["baseline", "tiers"]
     default = build_plan(parse(["--device", "cpu"])).configs  # tiers-redis needs a server: only when named
     assert "tiers" in default and "tiers-redis" not in default
+    assert "device-only" not in default  # the tiers' comparator runs only when named
+    only = engine_config("device-only", REF, 256, None)
+    assert only.cache.enable_prefix_caching and only.scheduler.enable_chunked_prefill and not only.tiers.enabled
     assert "tiers-redis" in build_plan(parse(["--device", "cpu", "--redis-url", "redis://h:1/0"])).configs
     assert "tiers" not in build_plan(parse(["--device", "cpu", "--config", "baseline"])).describe()
 

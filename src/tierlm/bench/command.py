@@ -108,13 +108,14 @@ def _list() -> int:
 
 
 def _configs(a) -> list[str]:
-    """--config/--configs as given (commas split), else every registered config; one that needs a Redis
-    server (tiers-redis) only when --redis-url is given."""
+    """--config/--configs as given (commas split), else every registered config except comparators run only
+    when named (device-only); one that needs a Redis server (tiers-redis) only when --redis-url is given."""
     from tierlm.bench.configs import CONFIGS
 
     if a.config:
         return [n.strip() for v in a.config for n in v.split(",") if n.strip()]
-    return [n for n, c in CONFIGS.items() if not c.needs_server or getattr(a, "redis_url", None)]
+    return [n for n, c in CONFIGS.items()
+            if c.in_default and (not c.needs_server or getattr(a, "redis_url", None))]
 
 
 def build_plan(a):

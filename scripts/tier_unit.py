@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tierlm.bench.redis_process import RedisServer, find_server_binary
+from tierlm.bench.redis_process import start_local_server
 from tierlm.kvcache.tiers.disk import DiskTier
 from tierlm.kvcache.tiers.host import HostTier
 from tierlm.kvcache.tiers.redis_tier import RedisTier
@@ -55,8 +55,7 @@ def main() -> None:
     server = None
     url = a.redis_url
     if url is None:
-        server = RedisServer(find_server_binary(), tempfile.mkdtemp(prefix="tierlm-redis-"))
-        server.start()
+        server = start_local_server()
         url = server.url
     rows = []
     try:

@@ -1,6 +1,5 @@
 """`tierlm bench` end to end: bad input fails fast with one line, a tiny run writes the JSON, report and
 plots, a flagged gate exits 1, Ctrl-C keeps what was measured."""
-import argparse
 import json
 import os
 import subprocess
@@ -8,24 +7,11 @@ import sys
 
 import pytest
 
-from tierlm.bench.command import add_parser
+from helpers.bench_cli import parse, run
 from tierlm.core.errors import TierlmError
 
 TINY = ["--quick", "--workload", "fixed:n=2,isl=24,osl=4", "--concurrency", "2", "--gate-prompts", "2",
         "--gate-tokens", "6", "--gate-long-len", "96", "--warmup", "1", "--kv-cache-memory", "64MiB"]
-
-
-def parse(argv):
-    p = argparse.ArgumentParser(prog="tierlm")
-    add_parser(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(["bench", *argv])
-    a.argv = ["bench", *argv]
-    return a
-
-
-def run(argv):
-    a = parse(argv)
-    return a.func(a)
 
 
 @pytest.fixture

@@ -4,32 +4,19 @@ that start cold, the per-tier metrics (hit rate, bytes moved, fallbacks, ITL whi
 tiny end-to-end runs where a prefix comes back after eviction."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from tierlm.bench.command import add_parser, build_plan
+from helpers.bench_cli import parse, run
+from tierlm.bench.command import build_plan
 from tierlm.bench.configs import CONFIGS, config_tiers, engine_config, gate_engine_config, reference_config
 from tierlm.config import TierConfig
 from tierlm.core.errors import InvalidParameterError, TierlmError
 
 REF = reference_config(None, "auto", "cpu", None, 64 << 20, 64, 512, 64)
 BLOCK_BYTES = 46080 * 16  # the default model's fp32 KV per 16-token block
-
-
-def parse(argv):
-    p = argparse.ArgumentParser(prog="tierlm")
-    add_parser(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(["bench", *argv])
-    a.argv = ["bench", *argv]
-    return a
-
-
-def run(argv):
-    a = parse(argv)
-    return a.func(a)
 
 
 # ---- configs -------------------------------------------------------------------------------------------

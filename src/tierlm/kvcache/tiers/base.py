@@ -8,6 +8,7 @@ many keys, so a prefix lookup over N blocks is one round trip per tier:
     values  = tier.load(keys)                  # [bytes | None]   (None: not there, or the tier failed)
     evicted = tier.store(items, want_evicted)  # makes room by the tier's policy; returns what it evicted
     tier.delete(keys); tier.pin(keys); tier.unpin(keys); tier.check_integrity()
+    tier.hold(keys); tier.release(keys)        # a load in flight: not evicted until it has read them
 
 `IndexedTier` keeps the index (key -> bytes, in an EvictionPolicy), the byte capacity, pins and counters
 for every tier; a backend implements four raw verbs (_read_many, _write, _remove, _exists_many) and may
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -95,6 +97,12 @@ class Tier:
     def pin(self, keys: Iterable[bytes]) -> None:
         raise NotImplementedError
 
+    def hold(self, keys: Iterable[bytes]) -> None:
+        """Keep these entries from eviction until `release` (counted: loads may overlap)."""
+
+    def release(self, keys: Iterable[bytes]) -> None:
+        """Undo one `hold` of these keys."""
+
     def unpin(self, keys: Iterable[bytes]) -> None:
         raise NotImplementedError
 
@@ -106,15 +114,16 @@ class Tier:
 
 
 class _Unevictable:
-    """Keys a store may not evict: pinned ones and ones whose write is still under way."""
+    """Keys a store may not evict: pinned ones, ones whose write is still under way, and ones a load is about
+    to read (held)."""
 
-    __slots__ = ("pinned", "writing")
+    __slots__ = ("pinned", "writing", "held")
 
-    def __init__(self, pinned: set[bytes], writing: set[bytes]):
-        self.pinned, self.writing = pinned, writing
+    def __init__(self, pinned: set[bytes], writing: set[bytes], held=()):
+        self.pinned, self.writing, self.held = pinned, writing, held
 
     def __contains__(self, key: object) -> bool:
-        return key in self.pinned or key in self.writing
+        return key in self.pinned or key in self.writing or key in self.held
 
 
 class TierUnavailable(Exception):
@@ -140,6 +149,7 @@ class IndexedTier(Tier):
         self.stats = TierStats()
         self._pinned: set[bytes] = set()
         self._writing: set[bytes] = set()  # indexed keys whose backend write is still under way
+        self._held: Counter[bytes] = Counter()  # keys a load in flight will read (TierController.start_load)
         self._lock = threading.RLock()
         self._down_until = 0.0  # monotonic time before which the tier answers every call as a miss
         self._backoff = 0.0
@@ -252,7 +262,7 @@ class IndexedTier(Tier):
                     continue
                 victims = []
                 while self.index.used + size > self.capacity_bytes:
-                    victim = self.index.victim(_Unevictable(self._pinned, self._writing))
+                    victim = self.index.victim(_Unevictable(self._pinned, self._writing, self._held))
                     if victim is None:
                         break
                     victims.append((victim, self.index.size(victim)))
@@ -318,6 +328,16 @@ class IndexedTier(Tier):
 
     def is_pinned(self, key: bytes) -> bool:
         return key in self._pinned
+
+    def hold(self, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            self._held.update(keys)
+
+    def release(self, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            self._held.subtract(keys)
+            for k in [k for k, n in self._held.items() if n <= 0]:
+                del self._held[k]
 
     def check_integrity(self) -> None:
         """Index bytes add up and stay within capacity; subclasses add backend checks."""

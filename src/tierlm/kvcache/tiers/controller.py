@@ -23,6 +23,7 @@ a failed check deletes the entry, counts it and ends the loaded run there; the r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -116,6 +117,27 @@ class ControllerStats:
     dropped_writes: int = 0  # writes to disk/Redis dropped because the writer queue was full
     load_jobs: int = 0
     sync_loads: int = 0  # loads a step waited for (within the step's byte budget)
+    # Where the machinery's time goes: wall seconds inside the verbs the engine thread calls (what a step
+    # pays), and CPU seconds of the loader and writer threads (what they take from compute on a small CPU).
+    engine_seconds: float = 0.0
+    loader_cpu_seconds: float = 0.0
+    writer_cpu_seconds: float = 0.0
+
+
+def _engine_verb(fn):
+    """Time a verb the engine thread calls into stats.engine_seconds (outermost call only)."""
+    @functools.wraps(fn)
+    def timed(self, *args, **kwargs):
+        if self._in_verb:
+            return fn(self, *args, **kwargs)
+        self._in_verb = True
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.stats.engine_seconds += time.perf_counter() - t0
+            self._in_verb = False
+    return timed
 
 
 class TierController:
@@ -128,6 +150,10 @@ class TierController:
         self.identity = identity
         self.block_size = storage.spec.block_size
         self.stats = ControllerStats()
+        self._in_verb = False
+        # On CUDA the staging buffers between the device and host memory are pinned, so copies run at full
+        # PCIe speed (and a device->host gather does not bounce through a pageable buffer).
+        self._pin = storage.device.type == "cuda" and torch.cuda.is_available()
         probe = storage.gather_blocks([0], device="cpu")
         self._parts = [(name, t.dtype, tuple(t.shape[1:]), t[0].numel() * t.element_size()) for name, t in probe.items()]
         self.entry_payload_bytes = sum(nb for *_, nb in self._parts)
@@ -148,14 +174,14 @@ class TierController:
         """Gather the blocks' KV (one index op per layer and part) and encode one entry per block."""
         if not refs:
             return []
-        parts = self.storage.gather_blocks([r.block_id for r in refs], device="cpu")
+        parts = self.storage.gather_blocks([r.block_id for r in refs], device="cpu", pin_memory=self._pin)
         raw = [t.view(torch.uint8).reshape(len(refs), -1).numpy() for t in parts.values()]
         return [(r.key, encode_entry(self.identity, r.token_ids, [memoryview(a[i]) for a in raw]))
                 for i, r in enumerate(refs)]
 
     def _scatter(self, block_ids: Sequence[int], payloads: Sequence[memoryview]) -> None:
         n = len(block_ids)
-        buf = torch.empty((n, self.entry_payload_bytes), dtype=torch.uint8)
+        buf = torch.empty((n, self.entry_payload_bytes), dtype=torch.uint8, pin_memory=self._pin)
         arr = buf.numpy()
         for i, p in enumerate(payloads):
             arr[i] = np.frombuffer(p, dtype=np.uint8)
@@ -166,6 +192,7 @@ class TierController:
         self.storage.scatter_blocks(block_ids, parts)
 
     # ---- lookups and loads (engine thread) ---------------------------------------------------------
+    @_engine_verb
     def lookup(self, keys: Sequence[bytes], token_ids: Sequence[tuple[int, ...]]) -> LowerHit | None:
         """The longest run of keys[0:] held by some lower tier: one `contains` per tier, each over the keys
         the tiers above it lack. None when keys[0] is nowhere."""
@@ -200,6 +227,7 @@ class TierController:
     def recompute_seconds(self, num_tokens: int) -> float | None:
         return None if self._prefill_tok_s is None else num_tokens / self._prefill_tok_s
 
+    @_engine_verb
     def worth_loading(self, hit: LowerHit) -> bool:
         """Load only when it beats recomputing the same tokens (unknown prefill speed: load)."""
         recompute = self.recompute_seconds(len(hit) * self.block_size)
@@ -214,12 +242,28 @@ class TierController:
             rate = tokens / seconds
             self._prefill_tok_s = rate if self._prefill_tok_s is None else (1 - _EMA) * self._prefill_tok_s + _EMA * rate
 
+    def _by_tier(self, hit: LowerHit) -> dict[int, list[bytes]]:
+        out: dict[int, list[bytes]] = {}
+        for key, ti in zip(hit.keys, hit.tiers):
+            out.setdefault(ti, []).append(key)
+        return out
+
+    def hold(self, hit: LowerHit) -> None:
+        """Keep the hit's entries from eviction until the load has read them (call right before work that
+        may evict, e.g. demoting the blocks the load's fresh blocks displace); `start_load` takes over."""
+        for ti, keys in self._by_tier(hit).items():
+            self.tiers[ti].hold(keys)
+
+    @_engine_verb
     def start_load(self, hit: LowerHit, block_ids: Sequence[int]) -> LoadJob:
+        """Load the hit into `block_ids` on the loader thread. The hit's entries must be held (`hold`); the
+        loader releases them once it has read them."""
         job = LoadJob(hit, list(block_ids), len(hit) * self.entry_payload_bytes)
         self.stats.load_jobs += 1
         self._loader.submit(self._run_load, job)
         return job
 
+    @_engine_verb
     def finish_load(self, job: LoadJob) -> int:
         """Settle a job: the number of leading blocks that hold verified KV (0 if it was cancelled late).
         Counts hit tokens by tier and notes the hits for admission."""
@@ -235,6 +279,8 @@ class TierController:
         return job.loaded
 
     def _run_load(self, job: LoadJob) -> None:
+        cpu0 = time.thread_time()
+        held = self._by_tier(job.hit)
         try:
             values: list[bytes | None] = [None] * len(job.hit)
             fetch_s: dict[str, float] = {}
@@ -243,7 +289,10 @@ class TierController:
                 if not idx:
                     continue
                 t0 = time.perf_counter()
-                got = tier.load([job.hit.keys[i] for i in idx])
+                try:
+                    got = tier.load([job.hit.keys[i] for i in idx])
+                finally:
+                    tier.release(held.pop(ti, []))
                 fetch_s[tier.name] = time.perf_counter() - t0
                 for i, v in zip(idx, got):
                     values[i] = v
@@ -297,6 +346,9 @@ class TierController:
                 job.loaded = 0
                 job.done = not job.cancelled
         finally:
+            for ti, keys in held.items():  # a failure before a tier was read: its holds end here too
+                self.tiers[ti].release(keys)
+            self.stats.loader_cpu_seconds += time.thread_time() - cpu0
             job.event.set()
 
     def _measure(self, tier: str, nbytes: int, seconds: float) -> None:
@@ -304,6 +356,7 @@ class TierController:
             self._bandwidth[tier] = (1 - _EMA) * self._bandwidth[tier] + _EMA * (nbytes / seconds)
 
     # ---- stores (engine thread in, writer thread down) -----------------------------------------------
+    @_engine_verb
     def note_hits(self, keys: Sequence[bytes]) -> None:
         """Prefix hits on these blocks (device or lower tier). A host-held block reaching the admission
         count is copied down to disk/Redis now (selective write-through)."""
@@ -327,6 +380,7 @@ class TierController:
         with self._hits_lock:
             return self._hits.get(key, 0) >= self.config.admit_after_hits
 
+    @_engine_verb
     def demote(self, refs: Sequence[BlockRef]) -> None:
         """Blocks the device pool is evicting: store the ones the first tier lacks (write-back)."""
         present = self.tiers[0].holds([r.key for r in refs])
@@ -336,6 +390,7 @@ class TierController:
         self.stats.demoted_blocks += len(refs)
         self._store_from(0, self._encode(refs))
 
+    @_engine_verb
     def write_through(self, refs: Sequence[BlockRef]) -> None:
         """Newly computed blocks, stored in every tier at once (admission still applies below host)."""
         if not refs:
@@ -345,6 +400,7 @@ class TierController:
         if self.tiers[0].name == "host" and len(self.tiers) > 1:
             self._enqueue(1, entries)
 
+    @_engine_verb
     def offload(self, request_id: str, refs: Sequence[BlockRef]) -> bool:
         """A preempted sequence's full blocks: store them in host memory and pin them until `release`.
         False (nothing pinned) when there is no host tier or it cannot take them all."""
@@ -365,6 +421,7 @@ class TierController:
         self.stats.offloaded_blocks += len(missing)
         return True
 
+    @_engine_verb
     def release(self, request_id: str) -> None:
         keys = self._offloaded.pop(request_id, None)
         if keys:
@@ -410,6 +467,7 @@ class TierController:
                 self._writes.task_done()
                 return
             ti, entries = item
+            cpu0 = time.thread_time()
             try:
                 tier = self.tiers[ti]
                 has_next = ti + 1 < len(self.tiers) and self.config.write_policy == "write_back"
@@ -421,6 +479,7 @@ class TierController:
             except Exception:  # never let the writer die: a lost write is only a future miss
                 log.exception("KV tier write failed")
             finally:
+                self.stats.writer_cpu_seconds += time.thread_time() - cpu0
                 self._writes.task_done()
 
     def flush(self, timeout: float = 30.0) -> bool:

@@ -152,7 +152,7 @@ class DiskTier(IndexedTier):
         `size` bytes are free in the index, at least one."""
         victims = []
         with self._lock:
-            keep = self._pinned | self._writing
+            keep = self._pinned | self._writing | set(self._held)
             freed = 0
             while (freed < size or not victims) and (victim := self.index.victim(keep)) is not None:
                 freed += self.index.size(victim)

@@ -11,7 +11,7 @@ import re
 from tierlm.config import (PREEMPTION_MODES, TIER_POLICIES, WRITE_POLICIES, CacheConfig, EngineConfig,
                            SchedulerConfig, TierConfig)
 from tierlm.core.errors import InvalidParameterError
-from tierlm.core.registry import DTYPE_CHOICES
+from tierlm.core.registry import DTYPE_CHOICES, implemented_kv_formats
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -162,6 +162,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--kv-format", default="auto", choices=["auto", *implemented_kv_formats()],
+                   help="KV cache format: auto (the compute dtype), fp32, bf16, fp16, or FP8 (fp8_e4m3 = e4m3 with "
+                        "one fp32 scale per token and head; _ue8m0: power-of-two scales; _g64/_g128: per 64/128 "
+                        "values; _static: calibrated scales, see `tierlm calibrate`)")
+    g.add_argument("--kv-scales", default=None, metavar="PATH",
+                   help="calibration file for a static FP8 KV format (default: the one `tierlm calibrate` wrote)")
     g.add_argument("--attention-backend", default="auto",
                    help="auto (cpu where it runs, else torch) | cpu (native decode, fp32 CPU) | torch (gather + SDPA)")
     add_tier_args(p)
@@ -170,8 +176,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the flags of add_engine_args describe (validated)."""
     model = None if args.model in (None, "", "default") else args.model
+    kv_format = getattr(args, "kv_format", "auto")
     cache = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks, memory_bytes=args.kv_cache_memory,
-                        enable_prefix_caching=not args.no_prefix_caching)
+                        enable_prefix_caching=not args.no_prefix_caching,
+                        kv_format=None if kv_format == "auto" else kv_format,
+                        kv_scales_path=getattr(args, "kv_scales", None))
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         cache=cache, scheduler=sched, tiers=tier_config(args),

@@ -163,10 +163,13 @@ def cmd_info(a) -> int:
     budget = a.memory
     formats = []
     for name, fmt in KV_FORMAT_REGISTRY.items():
+        if fmt.scale_group and c.head_dim % fmt.scale_group:
+            continue  # a scale group wider than (or not dividing) this model's heads: not a format it can use
         spec = KVSpec.from_model(c, name, a.block_size)
         formats.append({"kv_format": name, "implemented": fmt.implemented, "bytes_per_token": spec.bytes_per_token,
                         "bytes_per_session": spec.bytes_per_token * a.seq_len,
-                        "max_sessions_at_budget": spec.max_sessions(budget, a.seq_len)})
+                        "max_sessions_at_budget": spec.max_sessions(budget, a.seq_len),
+                        "scales": _scale_note(fmt)})
     info = {"model_id": c.model_id, "architecture": c.architecture, "source": str(ckpt.path),
             "parameters": c.num_params, "layers": c.num_layers, "hidden_size": c.hidden_size,
             "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
@@ -178,11 +181,12 @@ def cmd_info(a) -> int:
           f"vocab {c.vocab_size}, context {c.max_position_embeddings}")
     print(f"KV cache, sessions of {a.seq_len} tokens in a {budget / 2**30:.2f} GiB budget (block size {a.block_size}):")
     w = max(len(f["kv_format"]) for f in formats)
-    print(f"  {'format':<{w}} {'bytes/token':>12} {'MiB/session':>12} {'max sessions':>13}")
+    print(f"  {'format':<{w}} {'bytes/token':>12} {'vs fp32':>8} {'MiB/session':>12} {'max sessions':>13}  scales")
+    fp32 = next(f["bytes_per_token"] for f in formats if f["kv_format"] == "fp32")
     for f in formats:
         note = "" if f["implemented"] else "  (planned)"
-        print(f"  {f['kv_format']:<{w}} {f['bytes_per_token']:>12,} {f['bytes_per_session'] / 2**20:>12.2f} "
-              f"{f['max_sessions_at_budget']:>13,}{note}")
+        print(f"  {f['kv_format']:<{w}} {f['bytes_per_token']:>12,} {f['bytes_per_token'] / fp32:>8.3f} "
+              f"{f['bytes_per_session'] / 2**20:>12.2f} {f['max_sessions_at_budget']:>13,}  {f['scales']}{note}")
     tiers = _tier_capacities(a, c)
     info["tier_kv_format"] = tiers["kv_format"]
     info["tiers"] = tiers["tiers"]
@@ -197,6 +201,52 @@ def cmd_info(a) -> int:
     print("CPU kernels (fp32 decode attention, add + RMSNorm): "
           + (f"native ({k['library']})" if k["native"] else f"PyTorch paths ({k['reason']})"))
     _write_json(a.json, info)
+    return 0
+
+
+def _scale_note(fmt) -> str:
+    if not fmt.scaled:
+        return "-"
+    if fmt.static:
+        return "static: fp32 per layer, K/V and head (tierlm calibrate)"
+    per = f"per {fmt.scale_group} values" if fmt.scale_group else "per head"
+    return f"{'UE8M0' if fmt.scale_bytes == 1 else 'fp32'} per token, {per}"
+
+
+def cmd_calibrate(a) -> int:
+    """Record per-layer, per-head K/V amax on the prompts in --data and write the static-scale file."""
+    from pathlib import Path
+
+    from tierlm.config import CacheConfig, EngineConfig
+    from tierlm.core.sampling_params import SamplingParams
+    from tierlm.engine.llm_engine import LLMEngine
+    from tierlm.quant.calibration import AmaxRecorder, KVScales, ModelIdentity, default_path, read_prompts
+
+    prompts = read_prompts(Path(a.data))[: a.max_prompts]
+    model = None if a.model in (None, "", "default") else a.model
+    engine = LLMEngine(EngineConfig(model=model, dtype=a.dtype, device=a.device,
+                                    cache=CacheConfig(kv_format=None, enable_prefix_caching=False)))
+    recorder = AmaxRecorder(engine.runner.backend, engine.kv_storage)
+    engine.runner.backend = recorder
+    limit = min(a.max_prompt_tokens, engine.max_model_len - a.max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    for text in prompts:
+        ids = engine.tokenizer.encode(text)[:limit]
+        if ids:
+            engine.add_request(ids, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    identity = ModelIdentity(engine.model_config.model_id, engine.weights_digest, engine.model_config_digest)
+    scales = KVScales(identity, recorder.amax.clone(), recorder.tokens, source=str(a.data), margin=a.margin)
+    path = scales.save(Path(a.out) if a.out else default_path(identity))
+    amax = recorder.amax
+    print(f"calibrated {identity.model_id} on {len(prompts)} prompts ({recorder.tokens:,} tokens) in "
+          f"{time.perf_counter() - t0:.1f} s: |K| max {amax[:, 0].max():.2f} (median over layers and heads "
+          f"{amax[:, 0].median():.2f}), |V| max {amax[:, 1].max():.2f} (median {amax[:, 1].median():.2f})")
+    print(f"wrote {path}; use it with --kv-format fp8_e4m3_static (or fp8_e5m2_static)")
+    _write_json(a.json, {"path": str(path), "model_id": identity.model_id, "prompts": len(prompts),
+                         "tokens": recorder.tokens, "digest": scales.digest, "amax": amax.tolist()})
     return 0
 
 
@@ -261,11 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", default=None, metavar="PATH")
     i.set_defaults(func=cmd_info)
 
+    k = sub.add_parser("calibrate", help="record per-layer/per-head K/V maxima for static FP8 KV scales")
+    k.add_argument("--model", default=None)
+    k.add_argument("--data", required=True, help=".txt (paragraphs split on blank lines) or .jsonl ({\"prompt\": ...})")
+    k.add_argument("--out", default=None, metavar="PATH", help="where to write (default: next to the cached model)")
+    k.add_argument("--max-prompts", type=int, default=256)
+    k.add_argument("--max-prompt-tokens", type=int, default=2048, help="prompts are cut to this many tokens")
+    k.add_argument("--max-tokens", type=int, default=16, help="greedy tokens generated per prompt (decode K/V too)")
+    k.add_argument("--margin", type=float, default=1.0, help="scale = amax * margin / fmax (headroom above amax)")
+    k.add_argument("--dtype", default="auto")
+    k.add_argument("--device", default="auto")
+    k.add_argument("--json", default=None, metavar="PATH")
+    k.set_defaults(func=cmd_calibrate)
+
     from tierlm.bench.command import add_parser as add_bench_parser
+    from tierlm.drift.command import add_parser as add_drift_parser
     from tierlm.server.command import add_parser as add_serve_parser
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_drift_parser(sub)
     return p
 
 

@@ -65,6 +65,7 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_bytes: int | None = None
     kv_format: str | None = None  # None: the model dtype
+    kv_scales_path: str | None = None  # static FP8 formats: calibration file (None: the default location)
     enable_prefix_caching: bool = True
     hash_seed: int = 0
     tenant_salt: str = ""

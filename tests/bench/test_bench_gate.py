@@ -166,3 +166,42 @@ def test_the_old_gate_could_not_see_a_chunk_boundary_bug(monkeypatch, tokenizer,
     assert not compare("chunked-prefill", reference, old("chunked-prefill")).flagged
     gate, new_reference = gate_and_reference  # while the new gate set catches it
     assert compare("chunked-prefill", new_reference, gate_tokens("chunked-prefill", gate)).flagged
+
+
+# ---- lossy configurations: drift thresholds instead of exact tokens -------------------------------------
+def _probe(seed: int, n: int = 200, vocab: int = 50, needles=(True, True, False, True), length: int = 512):
+    import torch
+
+    from tierlm.bench.gate import LossyProbe
+
+    g = torch.Generator().manual_seed(seed)
+    return LossyProbe([torch.randn(n, vocab, generator=g) * 4], list(needles), length)
+
+
+def test_lossy_gate_passes_identical_logits_and_flags_flipped_argmaxes():
+    from tierlm.bench.gate import ConfigGate, lossy_compare
+
+    ref = _probe(0)
+    same = lossy_compare(ref, _probe(0))
+    assert not same.flagged and same.top1_agreement == 1.0 and same.kl_mean == 0.0 and same.positions == 200
+    flipped = _probe(0)
+    logits = flipped.logits[0]
+    top = logits.argmax(-1)
+    for i in range(0, 200, 20):  # 10 of 200 positions: the argmax moves to another token
+        logits[i, (top[i] + 1) % 50] = logits[i, top[i]] + 1.0
+    bad = lossy_compare(ref, flipped)
+    assert bad.top1_agreement == pytest.approx(0.95) and bad.flagged and "top1_agreement" in bad.reason
+    # a config gate decides by its lossy gate: exact diffs (here: all diverged) do not flag it
+    cg = ConfigGate("fp8", [[1]], vs_reference=compare("fp8", [[2]], [[1]]), lossy=same)
+    assert cg.mode.startswith("lossy") and not cg.flagged
+    cg.lossy = bad
+    assert cg.flagged and cg.reason.startswith("lossy gate:")
+
+
+def test_lossy_gate_flags_a_lost_passkey_and_says_when_none_fit():
+    from tierlm.bench.gate import lossy_compare
+
+    worse = lossy_compare(_probe(1), _probe(1, needles=(True, False, False, True)))
+    assert worse.flagged and "needle_drop@512" in worse.reason and worse.needle_candidate == 0.5
+    none = lossy_compare(_probe(1, needles=(), length=0), _probe(1, needles=(), length=0))
+    assert not none.flagged and none.needle_length == 0 and none.needle_reference is None

@@ -4,12 +4,13 @@
              per step: meta = <built from the schedule>; backend.prepare(meta, num_blocks)
              ctx = AttentionContext(meta, kv_storage, backend); model(input_ids, positions, ctx)
     model:   each attention layer calls ctx.forward(layer_idx, q, k, v, scale)
-             -> backend.write_kv(layer, k, v, meta); backend.attend(q, k, v, layer, meta, scale)
+             -> k, v = backend.write_kv(layer, k, v, meta); backend.attend(q, k, v, layer, meta, scale)
 
 A backend owns how K/V are written into a layer's storage and how the step's queries attend over the
 paged context; it never owns the KV tensors (kvcache.KVStorage does) and keeps no state between steps
-beyond what `prepare` derived for the current one. Later techniques plug in here: an FP8 KV format is a
-backend (or a format a backend reads) that quantizes in `write_kv` and dequantizes in `attend`; a sparse
+beyond what `prepare` derived for the current one. An FP8 KV format is a format the storage knows
+(LayerKV.write_slots quantizes on write, LayerKV.read_blocks dequantizes a gather); a backend either reads
+through those (torch) or reads the FP8 bytes in place (the cpu backend's native decode kernel). A sparse
 selector adds per-sequence block picks to the metadata that `attend` honours.
 
 Backends register in BACKENDS (name -> class). `select_backend("auto", ...)` takes the first registered
@@ -44,17 +45,18 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttentionMetadata, num_blocks: int) -> None:
         """Derive per-step state (indices, masks) once for all layers; stored in meta.backend_state."""
 
-    def write_kv(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-        """k, v: [T, Hkv, D] (the step's new tokens) -> their cache slots meta.slot_mapping: [T]."""
-        data = layer.data
-        _, nb, bs, h, d = data.shape
-        data.view(2, nb * bs, h, d).index_copy_(1, meta.slot_mapping, torch.stack((k, v)).to(data.dtype))
+    def write_kv(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [T, Hkv, D] (the step's new tokens) -> their cache slots meta.slot_mapping: [T] (quantized
+        there for FP8 formats). Returns k, v as the cache holds them (LayerKV.write_slots), which `attend`
+        gets: a lossy format is then the same whether a token is fresh or read back."""
+        return layer.write_slots(meta.slot_mapping, k, v)
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: AttentionMetadata,
                scale: float) -> torch.Tensor:
-        """q: [T, Hq, D] (decodes first) -> out [T, Hq, D]. k, v: [T, Hkv, D], the step's new K/V, already
-        written to `layer` by write_kv (a backend may use them directly instead of reading them back)."""
+        """q: [T, Hq, D] (decodes first) -> out [T, Hq, D]. k, v: [T, Hkv, D], the step's new K/V as
+        write_kv stored them (a backend may use them directly instead of reading them back)."""
 
 
 @dataclass
@@ -68,7 +70,7 @@ class AttentionContext:
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write layer `layer_idx`'s new K/V, then attend: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
         layer = self.kv[layer_idx]
-        self.backend.write_kv(layer, k, v, self.meta)
+        k, v = self.backend.write_kv(layer, k, v, self.meta)
         return self.backend.attend(q, k, v, layer, self.meta, scale)
 
 

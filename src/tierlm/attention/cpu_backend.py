@@ -1,8 +1,11 @@
-"""CpuBackend ("cpu"): fp32 on the CPU, the default there when the native kernels are built.
+"""CpuBackend ("cpu"): fp32 compute on the CPU over fp32 or FP8 KV, the default there when the native
+kernels are built.
 
-  decodes   tierlm.kernels.cpu.paged_decode: a C kernel walks each sequence's block table and reads its
-            K/V rows in place (flash-decoding style running softmax), no gather; a shape the kernel
-            declines (scratch too small) falls back to the torch backend's gather + SDPA
+  decodes   tierlm.kernels.cpu.paged_decode (fp32 KV) / paged_decode_fp8 (FP8 KV, its bytes widened in
+            registers with their scales, so a step reads about a quarter of the fp32 bytes): a C kernel
+            walks each sequence's block table and reads its K/V rows in place (flash-decoding style
+            running softmax), no gather; a shape the kernel declines (scratch too small) falls back to the
+            torch backend's gather + SDPA
   prefills  split in two parts that never need a mask, merged by their log-sum-exp:
 
                 keys:  | cached context [0, ctx) ............ | this chunk's own [ctx, seq_len) |
@@ -10,8 +13,10 @@
                 out  = (A * e^lseA + B * e^lseB) / (e^lseA + e^lseB)          (per query row, per head)
 
             A reads the context blocks in runs (one gather per run of at most RUN_TOKENS tokens, so the
-            scratch stays bounded whatever the context) and folds each run into a running (out, lse);
-            B uses the chunk's k/v as computed this step, so new tokens are never read back.
+            scratch stays bounded whatever the context; FP8 runs dequantized to fp32 by LayerKV.read_blocks)
+            and folds each run into a running (out, lse);
+            B uses the chunk's k/v as write_kv stored them this step (FP8: their dequantized values, so
+            the chunk sees what a later read would), never read back from the cache.
             Both go through torch's CPU flash-attention kernel (blocked GEMMs, ~90% of this machine's
             sgemm rate), which returns the log-sum-exp; the masked single SDPA the torch backend uses
             ran at ~60% of that rate here, and the chunk's mask cost memory traffic besides.
@@ -26,8 +31,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from tierlm.attention.backend import register_backend
-from tierlm.attention.metadata import AttentionMetadata
+from tierlm.attention.metadata import AttentionMetadata, kv_index
 from tierlm.attention.torch_backend import TorchPagedBackend
+from tierlm.core.registry import get_kv_format
 from tierlm.kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
@@ -63,8 +69,8 @@ class CpuBackend(TorchPagedBackend):
     def unsupported(cls, device, dtype, kv_format):
         if device.type != "cpu":
             return "it runs on the CPU only"
-        if dtype != torch.float32 or kv_format != "fp32":
-            return "it needs fp32 compute and fp32 KV"
+        if dtype != torch.float32 or not (kv_format == "fp32" or get_kv_format(kv_format).scaled):
+            return "it needs fp32 compute and fp32 or FP8 KV"
         if _flash_op() is None:
             return "this torch build lacks the CPU flash-attention op"
         if not cpu_kernels.usable(torch.zeros(1)):
@@ -78,7 +84,13 @@ class CpuBackend(TorchPagedBackend):
         parts = []
         nd = meta.num_decodes
         if nd:
-            o = cpu_kernels.paged_decode(q[:nd], layer.data, meta.decode_block_tables, meta.decode_seq_lens, scale)
+            if layer.scheme is None:
+                o = cpu_kernels.paged_decode(q[:nd], layer.data, meta.decode_block_tables, meta.decode_seq_lens, scale)
+            else:
+                sch = layer.scheme
+                o = cpu_kernels.paged_decode_fp8(
+                    q[:nd], layer.data, layer.scales if layer.scales is not None else layer.static_scales, sch.fp8,
+                    sch.scale_type, meta.decode_block_tables, meta.decode_seq_lens, scale)
             parts.append(o if o is not None else self._fallback_decode(q[:nd], layer, meta, scale))
         for row, q_len, seq_len, table in meta.prefill_rows():
             rows = slice(row, row + q_len)
@@ -107,13 +119,13 @@ class CpuBackend(TorchPagedBackend):
             # Part A, unmasked over the cached context: q rows [1, Hkv, G * q_len, D] (head h = kv * G + g).
             qa = q.view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * q_len, d)
             _, nb, bs, _, _ = layer.data.shape
-            blocks = layer.data.view(2, nb, bs, hkv, d)
             run_blocks = max(1, RUN_TOKENS // bs)
             for start in range(0, ctx, run_blocks * bs):
                 end = min(ctx, start + run_blocks * bs)
                 ids = table[start // bs: (end + bs - 1) // bs]
-                # kv: [2, n, bs, Hkv, D] -> [2, Hkv, end - start, D], contiguous for the flash kernel
-                kv = blocks.index_select(1, ids).view(2, -1, hkv, d)[:, : end - start].transpose(1, 2).contiguous()
+                # kv: [2 * n, bs, Hkv, D] (FP8 dequantized) -> [2, Hkv, end - start, D], contiguous for flash
+                kv = layer.read_blocks(kv_index(ids, nb)).view(2, -1, hkv, d)[:, : end - start]
+                kv = kv.transpose(1, 2).contiguous()
                 oa, la = attention_with_lse(qa, kv[0:1], kv[1:2], scale)  # [1, Hkv, G * q_len, D]
                 out, lse = merge_lse(out, lse, oa.reshape(1, hq, q_len, d), la.reshape(1, hq, q_len))
         return out[0].transpose(0, 1)  # [q_len, Hq, D]

@@ -1,5 +1,6 @@
-"""TorchPagedBackend ("torch"): gather + SDPA in plain PyTorch; runs on any device, dtype and unscaled
-KV format, and is the reference every other backend is tested against.
+"""TorchPagedBackend ("torch"): gather + SDPA in plain PyTorch; runs on any device, dtype and KV format
+(FP8 blocks are dequantized to fp32 as they are gathered: LayerKV.read_blocks), and is the reference every
+other backend is tested against.
 
 Per step (prepare): one gather index per decode batch and per prefill chunk (see metadata.kv_index), the
 decode key mask (padded block tables), and each chunk's causal mask over its context.
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 
 from tierlm.attention.backend import AttentionBackend, register_backend
 from tierlm.attention.metadata import AttentionMetadata, kv_index
-from tierlm.core.registry import get_kv_format
 
 if TYPE_CHECKING:
     from tierlm.kvcache.storage import LayerKV
@@ -47,12 +47,6 @@ class TorchStepState:
 class TorchPagedBackend(AttentionBackend):
     name = "torch"
     summary = "gather + SDPA in PyTorch (any device; the reference)"
-
-    @classmethod
-    def unsupported(cls, device, dtype, kv_format):
-        if get_kv_format(kv_format).scale_bytes:
-            return f"KV format {kv_format} carries scales, which this backend does not read"
-        return None
 
     def prepare(self, meta: AttentionMetadata, num_blocks: int) -> None:
         st = self._prepare_decodes(meta, num_blocks)
@@ -86,10 +80,9 @@ class TorchPagedBackend(AttentionBackend):
         """q: [Nd, Hq, D] -> [Nd, Hq, D] over each decode sequence's blocks."""
         st: TorchStepState = meta.backend_state
         nd, hq, d = q.shape
-        _, nb, bs, hkv, _ = layer.data.shape
-        blocks = layer.data.view(2 * nb, bs, hkv, d)
+        hkv = layer.data.shape[3]
         # kv: [2 * Nd * MB, bs, Hkv, D] -> [2, Nd, MB * bs, Hkv, D] -> k, v: [Nd, Hkv, MB * bs, D]
-        kv = blocks.index_select(0, st.decode_kv_index).view(2, nd, -1, hkv, d).transpose(2, 3)
+        kv = layer.read_blocks(st.decode_kv_index).view(2, nd, -1, hkv, d).transpose(2, 3)
         qd = q.view(nd, hkv, hq // hkv, d).to(kv.dtype)  # [Nd, Hkv, G, D]
         o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=st.decode_key_mask, scale=scale)
         return o.reshape(nd, hq, d).to(q.dtype)
@@ -98,10 +91,10 @@ class TorchPagedBackend(AttentionBackend):
                  scale: float) -> torch.Tensor:
         st: TorchStepState = meta.backend_state
         q_len, hq, d = q.shape
-        _, nb, bs, hkv, _ = layer.data.shape
+        hkv = layer.data.shape[3]
         g = hq // hkv
         # kv: [2, L, Hkv, D] -> k, v: [1, Hkv, L, D];  qp: [q_len, Hq, D] -> [1, Hkv, G * q_len, D]
-        kv = layer.data.view(2 * nb, bs, hkv, d).index_select(0, st.prefill_kv_indices[i])
+        kv = layer.read_blocks(st.prefill_kv_indices[i])
         kv = kv.view(2, -1, hkv, d)[:, :seq_len].transpose(1, 2)
         qp = q.view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * q_len, d).to(kv.dtype)
         if seq_len == q_len and g == 1:

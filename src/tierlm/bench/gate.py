@@ -26,9 +26,12 @@ So a chunk boundary off by one, a prefix hit on the wrong block, a preemption th
 eviction that leaves a stale hash or a tier load that writes KV into the wrong block all change greedy
 tokens here (a tiered config's gate runs with its tiers: configs.gate_engine_config). Each configuration's tokens are
 compared with the reference configuration's (baseline) and, when the transformers peer ran, with
-transformers' greedy tokens on the same prompts (a reference outside tierlm). A configuration whose
-divergent prompts exceed its tolerance (0 for exact features; the hook lossy formats such as FP8 KV will
-set) is flagged. The repeated-token check flags degenerate loops that a diff against a reference which
+transformers' greedy tokens on the same prompts (a reference outside tierlm). An exact configuration whose
+divergent prompts exceed its tolerance (0) is flagged. A lossy one (FP8 KV: BenchConfig.lossy) is gated in
+drift mode instead (LossyGate): the baseline's greedy gate replies are teacher-forced through both gate
+engines (LLMEngine.score: the decode path) and the config must meet `tierlm drift`'s thresholds on top-1
+agreement and KL, and answer passkey probes at least as well as the baseline; its exact diffs are reported,
+not gated. The gate table says which mode each config used. The repeated-token check flags degenerate loops that a diff against a reference which
 loops too would miss: a pattern of period 1..3 tokens that repeats for `min_run` tokens past its first
 occurrence; a config is flagged if it loops on more prompts than the reference does.
 """
@@ -238,6 +241,93 @@ def in_order(gate: GateSet, per_prompt: Sequence[Sequence[int]]) -> list[list[in
     return [list(per_prompt[i])[:gate.caps.get(i)] for i in gate.order]
 
 
+# ---- lossy configurations: drift thresholds instead of exact tokens --------------------------------------
+NEEDLE_LEN = 512  # passkey probes of the lossy gate: this many tokens, or what the gate engine's pool holds
+MIN_NEEDLE_LEN = 128  # below this no passkey probe fits (the needle check is then n/a)
+NEEDLES = 4
+NEEDLE_TOKENS = 8
+
+
+@dataclass
+class LossyProbe:
+    """What one gate engine produced on the lossy probe: teacher-forced logits of the reference's greedy
+    gate continuations (one [n, vocab] tensor per unique prompt) and passkey replies."""
+
+    logits: list
+    needle_correct: list[bool]
+    needle_length: int = 0  # 0: no passkey probe fit the gate engine
+
+@dataclass
+class LossyGate:
+    """A lossy configuration's gate (FP8 KV and the like): instead of exact tokens, the drift thresholds of
+    `tierlm drift` (drift/thresholds.py defaults) on what the gate can measure: top-1 agreement and KL
+    (reference || config) over the teacher-forced positions of the reference's greedy gate replies, and
+    passkey accuracy at NEEDLE_LEN tokens (config >= reference)."""
+
+    positions: int
+    top1_agreement: float
+    kl_mean: float
+    kl_p99: float
+    needle_length: int  # 0: no passkey probe fit the gate engine (check n/a)
+    needle_reference: float | None
+    needle_candidate: float | None
+    checks: list[dict]  # {"metric", "value", "threshold", "status"}
+    flagged: bool
+    reason: str
+
+
+def lossy_probe(engine, gate: GateSet, reference_tokens: Sequence[Sequence[int]]) -> LossyProbe:
+    """Run the probe on a gate engine: score each unique prompt's reference continuation (teacher forced,
+    decode path) and answer NEEDLES passkey prompts greedily."""
+    from tierlm.core.sampling_params import SamplingParams
+    from tierlm.drift.inputs import needle_found, needles
+
+    per_prompt: dict[int, list[int]] = {}
+    for i, toks in zip(gate.order, reference_tokens):
+        if toks and i not in per_prompt:
+            per_prompt[i] = list(toks)
+    idx = sorted(per_prompt)
+    logits = engine.score([list(gate.prompts[i]) for i in idx], [per_prompt[i] for i in idx])
+    length = min(NEEDLE_LEN, engine.max_model_len - 1)
+    if length < MIN_NEEDLE_LEN:
+        return LossyProbe(logits, [], 0)
+    probes = needles(engine.tokenizer, [length], NEEDLES, NEEDLE_TOKENS)
+    rids = [engine.add_request(list(n.prompt), SamplingParams(temperature=0.0, max_tokens=NEEDLE_TOKENS),
+                               request_id=f"needle-{k}") for k, n in enumerate(probes)]
+    done: dict[str, str] = {}
+    while len(done) < len(rids):
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].text
+    return LossyProbe(logits, [needle_found(n.key, done[r]) for n, r in zip(probes, rids)], length)
+
+
+def lossy_compare(reference: LossyProbe, candidate: LossyProbe, thresholds=None) -> LossyGate:
+    import torch
+
+    from tierlm.drift.metrics import kl_divergence, top1_matches
+    from tierlm.drift.thresholds import Thresholds
+
+    th = thresholds or Thresholds()
+    kl = torch.cat([kl_divergence(a, b) for a, b in zip(reference.logits, candidate.logits)])
+    agree = torch.cat([top1_matches(a, b) for a, b in zip(reference.logits, candidate.logits)])
+    top1 = float(agree.double().mean()) if agree.numel() else 1.0
+    kl_mean = float(kl.mean()) if kl.numel() else 0.0
+    kl_p99 = float(torch.quantile(kl, 0.99)) if kl.numel() else 0.0
+    needle = reference.needle_length if reference.needle_length == candidate.needle_length else 0
+    ref_acc = sum(reference.needle_correct) / len(reference.needle_correct) if needle else None
+    cand_acc = sum(candidate.needle_correct) / len(candidate.needle_correct) if needle else None
+    checks = [th.check("top1_agreement", top1), th.check("kl_mean", kl_mean), th.check("kl_p99", kl_p99),
+              th.check(f"needle_drop@{needle}", ref_acc - cand_acc if needle else None)]
+    failed = [c for c in checks if not c.passed]
+    return LossyGate(
+        positions=int(kl.numel()), top1_agreement=top1, kl_mean=kl_mean, kl_p99=kl_p99, needle_length=needle,
+        needle_reference=ref_acc, needle_candidate=cand_acc,
+        checks=[{"metric": c.metric, "value": c.value, "threshold": c.threshold_text, "status": c.status}
+                for c in checks],
+        flagged=bool(failed), reason="; ".join(c.describe() for c in failed) or "ok")
+
+
 @dataclass
 class ConfigGate:
     """A configuration's gate: against the reference configuration and, when it ran, against transformers.
@@ -252,15 +342,25 @@ class ConfigGate:
     vs_transformers: GateResult | None = None
     transformers_advisory: bool = False
     engine: dict = field(default_factory=dict)  # the gate engine's pool, step budget and what it exercised
+    lossy: LossyGate | None = None  # a lossy config: the drift-threshold gate that decides (exact diffs advisory)
+
+    @property
+    def mode(self) -> str:
+        return "lossy (drift thresholds)" if self.lossy is not None else "exact"
 
     def _gating(self) -> list[GateResult]:
+        if self.lossy is not None:
+            return []
         return [g for g in (self.vs_reference, None if self.transformers_advisory else self.vs_transformers)
                 if g is not None]
 
     @property
     def flagged(self) -> bool:
-        return any(g.flagged for g in self._gating())
+        return any(g.flagged for g in self._gating()) or (self.lossy is not None and self.lossy.flagged)
 
     @property
     def reason(self) -> str:
-        return "; ".join(g.reason for g in self._gating() if g.flagged) or "ok"
+        reasons = [g.reason for g in self._gating() if g.flagged]
+        if self.lossy is not None and self.lossy.flagged:
+            reasons.append(f"lossy gate: {self.lossy.reason}")
+        return "; ".join(reasons) or "ok"

@@ -178,6 +178,13 @@ def gate_rows(result: BenchResult) -> list[tuple[list[str], bool]]:
             if e.get("offloads"):
                 engine += f", {e['offloads']} offloads"
         vs_ref = "reference" if g.vs_reference is None and g.config == "baseline" else _gate_cell(g.vs_reference)
+        if g.lossy is not None:
+            lg = g.lossy
+            vs_ref = (f"lossy gate: top-1 {lg.top1_agreement:.3f}, KL mean {lg.kl_mean:.4f} / p99 {lg.kl_p99:.3f} "
+                      f"over {lg.positions} positions, "
+                      + (f"passkey@{lg.needle_length} {lg.needle_candidate:.2f} (baseline {lg.needle_reference:.2f})"
+                         if lg.needle_length else "passkey n/a (pool too small)")
+                      + f"; exact diff (advisory): {vs_ref}")
         vs_tf = _gate_cell(g.vs_transformers) + (" (advisory: not fp32)" if g.transformers_advisory else "")
         rows.append(([g.config, vs_ref, vs_tf, engine,
                       f"FLAGGED: {g.reason}" if g.flagged else "ok"], g.flagged))

@@ -154,7 +154,10 @@ def render_markdown(result: BenchResult, plots: list[Path], plot_note: str | Non
             "public-domain text, chunked across many steps; shared prefixes hit across waves; a pool small enough "
             "to preempt and evict; passages that push every earlier prefix off the device, then the long prompts "
             "again, which a tiered configuration loads back from its tiers), against the baseline and against "
-            "transformers.", ""]
+            "transformers. A lossy configuration (FP8 KV) is gated in drift mode instead: the baseline's greedy "
+            "gate replies teacher-forced through its gate engine must meet `tierlm drift`'s thresholds (top-1 "
+            "agreement >= 0.99, KL mean <= 0.01 and p99 <= 0.1 nats, passkey accuracy >= the baseline's); its "
+            "exact diff is shown but advisory.", ""]
     out += _md_table(GATE_HEAD, [[_red(c) for c in cells] if flagged else cells for cells, flagged in gate_rows(result)])
     out += ["", "## Every run", ""]
     out += _md_table(DETAIL_HEAD, _detail_rows(result))

@@ -100,23 +100,52 @@ def dtype_name(torch_dtype: torch.dtype) -> str:
 class KVFormat:
     """How one KV element is stored.
 
-    `scale_bytes` bytes of scale accompany every `scale_group` values (0 / 0 for unscaled formats).
-    `storage` is the torch dtype attribute the device cache is allocated in. `implemented=False`
-    marks a planned format: its sizes are known (for `tierlm info` and memory planning) but no kernel
-    reads or writes it yet, so asking for its torch dtype raises.
+    Unscaled formats (fp32, bf16, fp16) store values as they are. FP8 formats (`fp8` = "e4m3" or "e5m2")
+    store one byte per value plus scales (tierlm.quant.fp8): per token and KV head, one scale per
+    `scale_group` values (0: one per head) of `scale_bytes` bytes (4: fp32, 1: UE8M0); a `static` format
+    stores no per-token scales (one calibrated fp32 scale per layer, K/V and head, held outside the blocks).
+    `storage` is the torch dtype attribute the device cache is allocated in. `implemented=False` marks a
+    planned format: its sizes are known but no kernel reads or writes it yet, so asking for its torch
+    dtype raises.
     """
 
     name: str
     element_bytes: int
     storage: str
     scale_bytes: int = 0
-    scale_group: int = 0
+    scale_group: int = 0  # values per scale; 0 with scale_bytes > 0: one scale per head
     implemented: bool = True
+    fp8: str = ""  # "e4m3" | "e5m2" for FP8 formats
+    static: bool = False
+
+    @property
+    def scaled(self) -> bool:
+        return bool(self.fp8)
+
+    def scales_per_head(self, head_dim: int) -> int:
+        if not self.scale_bytes:
+            return 0
+        return math.ceil(head_dim / self.scale_group) if self.scale_group else 1
 
     def bytes_per_head(self, head_dim: int) -> int:
-        """Bytes for one head's K (or V) vector of `head_dim` values, scales included."""
-        scales = math.ceil(head_dim / self.scale_group) if self.scale_group else 0
-        return head_dim * self.element_bytes + scales * self.scale_bytes
+        """Bytes for one head's K (or V) vector of `head_dim` values, per-token scales included."""
+        return head_dim * self.element_bytes + self.scales_per_head(head_dim) * self.scale_bytes
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """InvalidParameterError when the scale group does not divide head_dim (groups never span heads)."""
+        if self.scale_group and head_dim % self.scale_group:
+            raise InvalidParameterError(
+                f"KV format {self.name}: scale group {self.scale_group} does not divide head_dim {head_dim}",
+                f"use a format whose group divides {head_dim}, or {self.name.split('_g')[0]} (one scale per head)")
+
+    def scheme(self):
+        """The tierlm.quant.fp8.Fp8Scheme of an FP8 format (None for unscaled formats)."""
+        if not self.fp8:
+            return None
+        from tierlm.quant.fp8 import Fp8Scheme
+
+        return Fp8Scheme(fp8=self.fp8, group=self.scale_group or None,
+                         scale_type="ue8m0" if self.scale_bytes == 1 else "fp32", static=self.static)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,16 +160,28 @@ class KVFormat:
         return getattr(torch, self.storage)
 
 
-# fp8 entries: one 1-byte UE8M0 (power-of-two) scale per 64 values (+1/64), or the `_fp32scale` variants
-# with one fp32 scale per 64 values (+4/64).
+def _fp8_formats() -> list[KVFormat]:
+    """fp8_<type>[_g<G>][_ue8m0] and fp8_<type>_static, for e4m3 and e5m2:
+        fp8_e4m3             per token and head, one fp32 scale (+4 bytes per head)
+        fp8_e4m3_ue8m0       per token and head, one power-of-two scale byte (+1)
+        fp8_e4m3_g64         per token, one fp32 scale per 64 values (+4 per 64)
+        fp8_e4m3_g64_ue8m0   ... UE8M0 (+1 per 64); g128 likewise
+        fp8_e4m3_static      one calibrated fp32 scale per layer, K/V and head (+0 per token)"""
+    out = []
+    for t, storage in (("e4m3", "float8_e4m3fn"), ("e5m2", "float8_e5m2")):
+        for group in (0, 64, 128):
+            for scale_bytes, suffix in ((4, ""), (1, "_ue8m0")):
+                name = f"fp8_{t}" + (f"_g{group}" if group else "") + suffix
+                out.append(KVFormat(name, 1, storage, scale_bytes=scale_bytes, scale_group=group, fp8=t))
+        out.append(KVFormat(f"fp8_{t}_static", 1, storage, fp8=t, static=True))
+    return out
+
+
 KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
     KVFormat("fp32", 4, "float32"),
     KVFormat("bf16", 2, "bfloat16"),
     KVFormat("fp16", 2, "float16"),
-    KVFormat("fp8_e4m3", 1, "float8_e4m3fn", scale_bytes=1, scale_group=64, implemented=False),
-    KVFormat("fp8_e5m2", 1, "float8_e5m2", scale_bytes=1, scale_group=64, implemented=False),
-    KVFormat("fp8_e4m3_fp32scale", 1, "float8_e4m3fn", scale_bytes=4, scale_group=64, implemented=False),
-    KVFormat("fp8_e5m2_fp32scale", 1, "float8_e5m2", scale_bytes=4, scale_group=64, implemented=False),
+    *_fp8_formats(),
 )}
 
 

@@ -48,6 +48,10 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     stop_reason: str | int | None = None
+    # Teacher forcing (LLMEngine.score): the output tokens are these instead of sampled ones, and each
+    # step's logits row for this request is appended to logits_sink (fp32, on the CPU).
+    forced_token_ids: list[int] | None = None
+    logits_sink: list | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,9 +20,11 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True, hash_seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                 scheduling_policy: str = "fcfs", attention_backend: str = "auto", tiers: TierConfig | None = None):
+                 scheduling_policy: str = "fcfs", attention_backend: str = "auto", tiers: TierConfig | None = None,
+                 kv_format: str | None = None, kv_scales: str | None = None):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
-                            enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed)
+                            enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed, kv_format=kv_format,
+                            kv_scales_path=kv_scales)
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy)
         self._init(LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,

@@ -13,11 +13,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from tierlm.attention import select_backend
-from tierlm.config import EngineConfig
+from tierlm.config import CacheConfig, EngineConfig
 from tierlm.core.errors import InvalidParameterError, PromptTooLongError
 from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from tierlm.core.registry import dtype_name, get_dtype
@@ -141,9 +142,11 @@ class LLMEngine:
         # settings), the compute dtype, the KV format, the tenant. KV in a shared lower tier never crosses
         # these. (The device and attention backend change the last bits of K/V, not their meaning: KV moved
         # between them is reused like KV recomputed there.)
-        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute, kv_format,
-                      cc.tenant_salt)
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
+        self.kv_scales = self._static_kv_scales(cc) if self.kv_spec.format.static else None
+        kv_key = kv_format if self.kv_scales is None else f"{kv_format}@{self.kv_scales.digest}"
+        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute, kv_key,
+                      cc.tenant_salt)
         self.tiers = self._build_tiers(config, extra_keys)
         self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys,
                                  tiers=self.tiers)
@@ -158,6 +161,18 @@ class LLMEngine:
         self.last_step: StepSummary | None = None  # None until a step computes something
         for text in config.tiers.pinned_prefixes:
             self.pin_prefix(text)
+
+    def _static_kv_scales(self, cc: CacheConfig):
+        """A static FP8 format's calibrated scales (quant/calibration.py), set on every layer."""
+        from tierlm.quant.calibration import ModelIdentity, default_path, load_scales
+
+        identity = ModelIdentity(self.model_config.model_id, self.weights_digest, self.model_config_digest)
+        path = Path(cc.kv_scales_path).expanduser() if cc.kv_scales_path else default_path(identity)
+        kv_scales = load_scales(path, identity, self.kv_spec.num_layers, self.kv_spec.num_kv_heads)
+        per_layer = kv_scales.scales(self.kv_spec.format.scheme().type.max).to(self.device)
+        for layer, s in zip(self.kv_storage.layers, per_layer):
+            layer.static_scales = s.clone()
+        return kv_scales
 
     def _build_tiers(self, config: EngineConfig, extra_keys: tuple) -> TierController | None:
         """The lower KV tiers, or None when none is configured. An entry's identity names everything its KV
@@ -251,6 +266,28 @@ class LLMEngine:
         self.counters["prompt_tokens"] += len(ids)
         return request_id
 
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced logits of each continuation, computed the way generation computes them: the
+        prompt is prefilled, then every continuation token is fed back as a decode step reading the KV
+        cache (so a lossy KV format shows its effect on each position). Returns per pair a [len(cont), vocab]
+        fp32 tensor whose row i is the distribution over continuation[i] given prompt + continuation[:i].
+        Runs the engine until these requests finish: call it on an engine with nothing else in flight."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() runs its own requests to completion: the engine has others in flight")
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+        if any(not cont for cont in continuations):
+            raise InvalidParameterError("an empty continuation has nothing to score", "give at least one token")
+        sinks: list[list[torch.Tensor]] = []
+        for prompt, cont in zip(prompts, continuations):
+            rid = self.add_request(list(prompt), SamplingParams(temperature=0.0, max_tokens=len(cont), ignore_eos=True))
+            req = self.groups[rid].seqs[0].request
+            req.forced_token_ids, req.logits_sink = list(cont), []
+            sinks.append(req.logits_sink)
+        while self.has_unfinished_requests():
+            self.step()
+        return [torch.stack(rows) for rows in sinks]
+
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
         if group is None:
@@ -287,7 +324,11 @@ class LLMEngine:
         touched: dict[str, _Group] = {}
         if reqs:
             now = time.monotonic()
-            for req, tok, lps in zip(reqs, sampled.token_ids, sampled.logprobs):
+            for row, (req, tok, lps) in enumerate(zip(reqs, sampled.token_ids, sampled.logprobs)):
+                if req.forced_token_ids is not None:  # teacher forcing (score): keep the logits, force the token
+                    if req.logits_sink is not None:
+                        req.logits_sink.append(logits[row].detach().float().cpu())
+                    tok = req.forced_token_ids[len(req.output_token_ids)]
                 group = self._seq_to_group[req.request_id]
                 seq = next(s for s in group.seqs if s.request is req)
                 self._append_token(seq, tok, lps, now)

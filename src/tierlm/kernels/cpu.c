@@ -1,6 +1,6 @@
-/* tierlm's native CPU kernels (fp32), built at first use by tierlm/kernels/cpu.py and loaded with ctypes.
+/* tierlm's native CPU kernels, built at first use by tierlm/kernels/cpu.py and loaded with ctypes.
  *
- * 1. Paged decode attention: each decode query reads its sequence's K/V blocks in place.
+ * 1. Paged decode attention (fp32 KV): each decode query reads its sequence's K/V blocks in place.
  *
  * The PyTorch path gathers every sequence's blocks into a dense [Nd, L, Hkv, D] copy and then calls
  * SDPA; for one query token per sequence that copy and SDPA's setup cost more than the arithmetic.
@@ -13,7 +13,21 @@
  * q and out [Nd, Hq, D] contiguous with Hq = Hkv * G (query head h uses KV head h / G);
  * block_tables [Nd, max_blocks] int64; seq_lens [Nd] int64 (context length including the new token).
  *
- * 2. Fused residual add + RMSNorm (one pass instead of torch's add, pow, mean, rsqrt, mul, mul).
+ * 2. Paged decode attention over an FP8 KV cache (tierlm_paged_decode_fp8), reading the FP8 bytes in
+ * place: the same walk and the same fp32 math as 1., but each token's K (then V) row of Hkv * D bytes
+ * is first widened into a small fp32 row buffer, dequantization scales applied, and every query head of
+ * the KV head is scored against (accumulates) that buffer. A step reads a quarter of the fp32 bytes
+ * (plus the scales). data: [2, num_blocks, block_size, Hkv, D] bytes, e4m3 (float8_e4m3fn) or e5m2
+ * (float8_e5m2); value = fp8(byte) * scale, one scale per (K/V, block, token, KV head, group of D /
+ * groups consecutive values), at scales + kv*s_kv + block*s_blk + tok*s_tok + head*s_head + group
+ * (elements): per-token scales are [2, num_blocks, block_size, Hkv, groups]; static (calibrated) ones
+ * [2, Hkv] with s_blk = s_tok = 0. Scales are fp32 or UE8M0 (one byte e: 2^(e - 127)).
+ * Widening: e5m2 is the high byte of an IEEE fp16; e4m3 maps onto fp16 bits ((b & 0x80) << 8) |
+ * ((b & 0x7f) << 7), which is the value times 2^-8 (subnormals included; the 2^8 is folded into the
+ * scale); fp16 -> fp32 with _mm512_cvtph_ps (AVX-512F, 16 at a time), _mm256_cvtph_ps (F16C, 8 at a
+ * time), else a 256-entry table per format built when the library is loaded.
+ *
+ * 3. Fused residual add + RMSNorm (one pass instead of torch's add, pow, mean, rsqrt, mul, mul).
  *
  * Built at first use by tierlm.kernels.cpu with the system C compiler (-O3 -march=native
  * -fopenmp) and loaded with ctypes; OpenMP resolves to the runtime torch already loaded, so the kernel
@@ -22,6 +36,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || (defined(__F16C__) && defined(__AVX2__))
+#include <immintrin.h>
+#endif
 
 #define MAX_STACK_FLOATS 16384
 
@@ -120,6 +138,419 @@ int tierlm_paged_decode_f32(const float *q, const float *kv_cache, const int64_t
         else
             one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, d, g, scale, on, scratch);
     }
+    return 0;
+}
+
+/* ---- FP8 KV cache ------------------------------------------------------------------------------------
+ * NaN encodings are not handled: the quantizer clamps to the format's max, so they never occur. e4m3's
+ * NaNs (0x7f, 0xff) widen to +-480 here (torch: NaN); e5m2's inf/NaN widen to inf/NaN, as in torch. */
+enum { FP8_E4M3 = 0, FP8_E5M2 = 1 };
+enum { SCALE_F32 = 0, SCALE_UE8M0 = 1 };
+
+/* The fp16 bit pattern a byte maps to: e5m2 exactly; e4m3 as its value times 2^-8. */
+static inline uint16_t fp8_half_bits(uint8_t b, int kind) {
+    return kind == FP8_E5M2 ? (uint16_t)(b << 8) : (uint16_t)(((b & 0x80) << 8) | ((b & 0x7f) << 7));
+}
+
+/* Portable fp16 -> fp32 (normals, subnormals, zeros, inf, NaN). */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else {
+        float f = (float)man * 0x1p-24f; /* subnormal (or zero): exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* fp8 byte -> the fp32 the vector paths produce (e4m3 times 2^-8), per format; filled at load time. */
+static float fp8_table[2][256];
+
+__attribute__((constructor)) static void fp8_table_init(void) {
+    for (int k = 0; k < 2; k++)
+        for (int b = 0; b < 256; b++) fp8_table[k][b] = half_to_float(fp8_half_bits((uint8_t)b, k));
+}
+
+#if defined(__AVX512F__)
+/* 16 bytes -> 16 floats (e4m3: times 2^-8). e5m2: the byte is the high byte of the fp16. e4m3: sign-extend
+ * to 16 bits, shift left 7 and keep 0xbf80, which is ((b & 0x80) << 8) | ((b & 0x7f) << 7) in 3 ops. */
+static inline __attribute__((always_inline)) __m512 widen16(const uint8_t *src, int kind) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)src);
+    __m256i h;
+    if (kind == FP8_E5M2)
+        h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);
+    else
+        h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16((short)0xbf80));
+    return _mm512_cvtph_ps(h);
+}
+#endif
+
+/* dst[i] = fp8(src[i]) * s for i < n, where s already holds the folded 2^8 for e4m3: 16 (AVX-512F) or 8
+ * (F16C) at a time, the table for the rest. Used by the portable row kernel and tierlm_fp8_widen. */
+static inline __attribute__((always_inline)) void widen(float *dst, const uint8_t *src, int64_t n, int kind,
+                                                       float s) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_mul_ps(widen16(src + i, kind), vs));
+#elif defined(__F16C__) && defined(__AVX2__)
+    const __m256 vs = _mm256_set1_ps(s);
+    for (; i + 8 <= n; i += 8) {
+        const __m128i b = _mm_loadl_epi64((const __m128i *)(src + i));
+        __m128i h; /* as widen16 */
+        if (kind == FP8_E5M2)
+            h = _mm_slli_epi16(_mm_cvtepu8_epi16(b), 8);
+        else
+            h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16((short)0xbf80));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), vs));
+    }
+#endif
+    const float *table = fp8_table[kind];
+    for (; i < n; i++) dst[i] = table[src[i]] * s;
+}
+
+/* One scale, as a float; the e4m3 fold (2^8) is applied by the caller. UE8M0 e in 0..254 (255, NaN in
+ * the format, comes out as inf; the quantizer never writes it). */
+static inline __attribute__((always_inline)) float load_scale(const void *scales, int64_t idx, int kind) {
+    if (kind == SCALE_F32) return ((const float *)scales)[idx];
+    const uint32_t e = ((const uint8_t *)scales)[idx];
+    const uint32_t bits = e ? e << 23 : 0x00400000u; /* e = 0: 2^-127, a subnormal */
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Widen one token's row (Hkv heads x D values) of K or V into buf, applying its scales. */
+static inline __attribute__((always_inline)) void widen_row(float *buf, const uint8_t *row, const void *sc,
+                                                           int64_t hkv, int64_t d, int64_t groups,
+                                                           int64_t s_head, int fp8_kind, int scale_kind,
+                                                           float fold) {
+    const int64_t gs = d / groups;
+    for (int64_t kh = 0; kh < hkv; kh++)
+        for (int64_t gi = 0; gi < groups; gi++) {
+            const int64_t off = kh * d + gi * gs;
+            widen(buf + off, row + off, gs, fp8_kind, load_scale(sc, kh * s_head + gi, scale_kind) * fold);
+        }
+}
+
+/* Whether the AVX-512 sequence kernel takes this head dim and group count. */
+static inline int fp8_vector_path(int64_t d, int64_t groups) {
+#if defined(__AVX512F__)
+    return d % 16 == 0 && d <= 16 * 16 && (d / groups) % 16 == 0;
+#else
+    (void)d, (void)groups;
+    return 0;
+#endif
+}
+
+typedef struct {
+    const void *scales;
+    int64_t groups, s_kv, s_blk, s_tok, s_head;
+} fp8_scales;
+
+/* one_sequence over FP8 bytes (the portable path): the same loops and running softmax, each token's K or V
+ * row widened into rowbuf first. */
+static inline __attribute__((always_inline)) void one_sequence_fp8(
+    const float *q, const uint8_t *data, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
+    int64_t len, int64_t num_blocks, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
+    float *scratch) {
+    const int64_t hq = hkv * g;
+    const float fold = fp8_kind == FP8_E4M3 ? 256.0f : 1.0f;
+    float *rowbuf = scratch;      /* [hkv, d] the current token's widened K or V row (64-byte aligned) */
+    float *s = rowbuf + hkv * d;  /* [hq, bs] scores of the current block */
+    float *m = s + hq * bs;       /* [hq] running max */
+    float *l = m + hq;            /* [hq] running sum */
+    float *acc = l + hq;          /* [hq, d] running numerator */
+    const int64_t row = hkv * d;  /* bytes between consecutive tokens of a block */
+    const int64_t block = bs * row;
+    const uint8_t *k_base = data, *v_base = data + num_blocks * block;
+    const char *k_sc = (const char *)sc.scales;
+    const int64_t esz = scale_kind == SCALE_F32 ? 4 : 1;
+    const char *v_sc = k_sc + sc.s_kv * esz;
+    for (int64_t j = 0; j < hq; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    for (int64_t x = 0; x < hq * d; x++) acc[x] = 0.0f;
+    const int64_t nblocks = (len + bs - 1) / bs;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
+        const uint8_t *kb = k_base + table[b] * block;
+        const uint8_t *vb = v_base + table[b] * block;
+        const int64_t sb = table[b] * sc.s_blk * esz;
+        for (int64_t t = 0; t < n_tok; t++) {
+            widen_row(rowbuf, kb + t * row, k_sc + sb + t * sc.s_tok * esz, hkv, d, sc.groups, sc.s_head,
+                      fp8_kind, scale_kind, fold);
+            for (int64_t h = 0; h < hq; h++) {
+                const float *qh = q + h * d;
+                const float *kh = rowbuf + (h / g) * d;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t x = 0; x < d; x++) dot += qh[x] * kh[x];
+                s[h * bs + t] = dot * scale;
+            }
+        }
+        for (int64_t h = 0; h < hq; h++) {
+            float *sh = s + h * bs;
+            float bmax = -INFINITY;
+            for (int64_t t = 0; t < n_tok; t++) bmax = sh[t] > bmax ? sh[t] : bmax;
+            const float new_m = bmax > m[h] ? bmax : m[h];
+            const float corr = expf(m[h] - new_m); /* 0 on the first block (m = -inf) */
+            float bsum = 0.0f;
+#pragma omp simd reduction(+ : bsum)
+            for (int64_t t = 0; t < n_tok; t++) {
+                const float p = expf(sh[t] - new_m);
+                sh[t] = p;
+                bsum += p;
+            }
+            l[h] = l[h] * corr + bsum;
+            m[h] = new_m;
+            float *ah = acc + h * d;
+#pragma omp simd
+            for (int64_t x = 0; x < d; x++) ah[x] *= corr;
+        }
+        for (int64_t t = 0; t < n_tok; t++) {
+            widen_row(rowbuf, vb + t * row, v_sc + sb + t * sc.s_tok * esz, hkv, d, sc.groups, sc.s_head,
+                      fp8_kind, scale_kind, fold);
+            for (int64_t h = 0; h < hq; h++) {
+                const float p = s[h * bs + t];
+                const float *vh = rowbuf + (h / g) * d;
+                float *ah = acc + h * d;
+#pragma omp simd
+                for (int64_t x = 0; x < d; x++) ah[x] += p * vh[x];
+            }
+        }
+    }
+    for (int64_t h = 0; h < hq; h++) {
+        const float inv = 1.0f / l[h];
+        for (int64_t x = 0; x < d; x++) out[h * d + x] = acc[h * d + x] * inv;
+    }
+}
+
+#if defined(__AVX512F__)
+/* r[i] = sum of the 16 lanes of v[i]: a transposing tree (45 ops for 16 sums instead of ~8 each). */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: (v0[0]+v0[2], v1[0]+v1[2], v0[1]+v0[3], v1[1]+v1[3]) */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: that lane's sums of v[4i .. 4i+3] */
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) /* lanes (b0 L0+L1, b0 L2+L3, b1 L0+L1, b1 L2+L3) */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+#define TILE 16
+#define MAX_CHUNKS 16 /* d <= 256 on this path */
+
+/* Widen one KV head's rows of up to TILE tokens (K or V) into buf [TILE, d], scales applied. */
+static inline __attribute__((always_inline)) void widen_tile(float *buf, const uint8_t *rows, int64_t row,
+                                                            const char *sc, int64_t s_tok_bytes, int64_t nt,
+                                                            int64_t d, int64_t gs, int64_t groups, int fp8_kind,
+                                                            int scale_kind, float fold) {
+    for (int64_t t = 0; t < nt; t++) {
+        const uint8_t *src = rows + t * row;
+        const char *st = sc + t * s_tok_bytes;
+        float *dst = buf + t * d;
+        for (int64_t gi = 0; gi < groups; gi++) {
+            const __m512 vs = _mm512_set1_ps(load_scale(st, gi, scale_kind) * fold);
+            for (int64_t x = gi * gs; x < (gi + 1) * gs; x += 16)
+                _mm512_store_ps(dst + x, _mm512_mul_ps(widen16(src + x, fp8_kind), vs));
+        }
+    }
+}
+
+/* one_sequence_fp8 on AVX-512 (d and the group size multiples of 16): per block, for each tile of up to 16
+ * tokens and each KV head, the tile's rows are widened once into an aligned buffer; each query head of the
+ * KV head then takes 16 FMA dot products (q held in registers) reduced together by hsum16, and for V its
+ * accumulator stays in registers over the tile. Same running softmax as one_sequence. */
+static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
+    const float *q, const uint8_t *data, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
+    int64_t len, int64_t num_blocks, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
+    float *scratch) {
+    const int64_t hq = hkv * g, nc = d / 16, gs = d / sc.groups;
+    const int64_t bsp = (bs + TILE - 1) / TILE * TILE;
+    const float fold = fp8_kind == FP8_E4M3 ? 256.0f : 1.0f;
+    float *buf = scratch;       /* [TILE, d] one KV head's widened rows of a tile (64-byte aligned) */
+    float *s = buf + TILE * d;  /* [hq, bsp] scores of the current block (64-byte aligned: d % 16 == 0) */
+    float *acc = s + hq * bsp;  /* [hq, d] running numerator */
+    float *m = acc + hq * d;    /* [hq] running max */
+    float *l = m + hq;          /* [hq] running sum */
+    const int64_t row = hkv * d, block = bs * row;
+    const int64_t esz = scale_kind == SCALE_F32 ? 4 : 1;
+    const char *k_sc = (const char *)sc.scales, *v_sc = k_sc + sc.s_kv * esz;
+    const uint8_t *k_base = data, *v_base = data + num_blocks * block;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < hq; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    for (int64_t x = 0; x < hq * d; x++) acc[x] = 0.0f;
+    const int64_t nblocks = (len + bs - 1) / bs;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
+        const uint8_t *kb = k_base + table[b] * block, *vb = v_base + table[b] * block;
+        const int64_t sb = table[b] * sc.s_blk * esz;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += TILE) {
+            const int64_t nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
+            for (int64_t kh = 0; kh < hkv; kh++) {
+                widen_tile(buf, kb + t0 * row + kh * d, row, k_sc + sb + (t0 * sc.s_tok + kh * sc.s_head) * esz,
+                           sc.s_tok * esz, nt, d, gs, sc.groups, fp8_kind, scale_kind, fold);
+                for (int64_t j = 0; j < g; j++) {
+                    const int64_t h = kh * g + j;
+                    __m512 qv[MAX_CHUNKS], part[TILE];
+                    for (int64_t c = 0; c < nc; c++) qv[c] = _mm512_loadu_ps(q + h * d + c * 16);
+                    for (int64_t t = 0; t < TILE; t++) {
+                        __m512 a = _mm512_setzero_ps();
+                        if (t < nt)
+                            for (int64_t c = 0; c < nc; c++)
+                                a = _mm512_fmadd_ps(qv[c], _mm512_load_ps(buf + t * d + c * 16), a);
+                        part[t] = a;
+                    }
+                    _mm512_store_ps(s + h * bsp + t0, _mm512_mul_ps(hsum16(part), vscale));
+                }
+            }
+        }
+        for (int64_t h = 0; h < hq; h++) {
+            float *sh = s + h * bsp;
+            float bmax = -INFINITY;
+            for (int64_t t = 0; t < n_tok; t++) bmax = sh[t] > bmax ? sh[t] : bmax;
+            const float new_m = bmax > m[h] ? bmax : m[h];
+            const float corr = expf(m[h] - new_m); /* 0 on the first block (m = -inf) */
+            float bsum = 0.0f;
+#pragma omp simd reduction(+ : bsum)
+            for (int64_t t = 0; t < n_tok; t++) {
+                const float p = expf(sh[t] - new_m);
+                sh[t] = p;
+                bsum += p;
+            }
+            l[h] = l[h] * corr + bsum;
+            m[h] = new_m;
+            float *ah = acc + h * d;
+#pragma omp simd
+            for (int64_t x = 0; x < d; x++) ah[x] *= corr;
+        }
+        for (int64_t t0 = 0; t0 < n_tok; t0 += TILE) {
+            const int64_t nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
+            for (int64_t kh = 0; kh < hkv; kh++) {
+                widen_tile(buf, vb + t0 * row + kh * d, row, v_sc + sb + (t0 * sc.s_tok + kh * sc.s_head) * esz,
+                           sc.s_tok * esz, nt, d, gs, sc.groups, fp8_kind, scale_kind, fold);
+                for (int64_t j = 0; j < g; j++) {
+                    const int64_t h = kh * g + j;
+                    __m512 av[MAX_CHUNKS];
+                    for (int64_t c = 0; c < nc; c++) av[c] = _mm512_load_ps(acc + h * d + c * 16);
+                    for (int64_t t = 0; t < nt; t++) {
+                        const __m512 p = _mm512_set1_ps(s[h * bsp + t0 + t]);
+                        for (int64_t c = 0; c < nc; c++)
+                            av[c] = _mm512_fmadd_ps(p, _mm512_load_ps(buf + t * d + c * 16), av[c]);
+                    }
+                    for (int64_t c = 0; c < nc; c++) _mm512_store_ps(acc + h * d + c * 16, av[c]);
+                }
+            }
+        }
+    }
+    for (int64_t h = 0; h < hq; h++) {
+        const float inv = 1.0f / l[h];
+        for (int64_t x = 0; x < d; x++) out[h * d + x] = acc[h * d + x] * inv;
+    }
+}
+#endif
+
+/* One sequence, dispatched to a kernel instance with a constant format (it sits in the innermost widening
+ * loop) and, on the vector path, a constant head dim for 64 and 128; the scale kind (read once per group)
+ * stays a runtime value, and so does everything on the portable row path, which keeps the build small.
+ * The dispatch sits inside the parallel loop because GCC outlines an OpenMP region before inlining:
+ * constants passed to a function holding the region would not reach its body. */
+static inline __attribute__((always_inline)) void one_sequence_fp8_any(
+    int vec, const float *q, const uint8_t *data, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
+    int64_t len, int64_t num_blocks, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
+    float *scratch) {
+#if defined(__AVX512F__)
+#define FP8_VEC(FK, D) \
+    one_sequence_fp8_avx512(q, data, sc, FK, scale_kind, table, len, num_blocks, bs, hkv, D, g, scale, out, scratch)
+#define FP8_VEC_D(FK)         \
+    do {                      \
+        if (d == 64)          \
+            FP8_VEC(FK, 64);  \
+        else if (d == 128)    \
+            FP8_VEC(FK, 128); \
+        else                  \
+            FP8_VEC(FK, d);   \
+    } while (0)
+    if (vec) {
+        if (fp8_kind == FP8_E4M3)
+            FP8_VEC_D(FP8_E4M3);
+        else
+            FP8_VEC_D(FP8_E5M2);
+        return;
+    }
+#undef FP8_VEC_D
+#undef FP8_VEC
+#else
+    (void)vec;
+#endif
+    one_sequence_fp8(q, data, sc, fp8_kind, scale_kind, table, len, num_blocks, bs, hkv, d, g, scale, out, scratch);
+}
+
+/* Returns 0 on success, 1 if the per-sequence scratch would not fit (the caller falls back), 2 for
+ * arguments it does not take (unknown format or scale kind, groups not dividing d, hq not a multiple of
+ * hkv). */
+int tierlm_paged_decode_fp8(const float *q, const uint8_t *data, const void *scales, int scale_kind, int fp8_kind,
+                            int64_t groups, int64_t s_kv, int64_t s_blk, int64_t s_tok, int64_t s_head,
+                            const int64_t *block_tables, const int64_t *seq_lens, float *out, int64_t nd, int64_t hq,
+                            int64_t hkv, int64_t d, int64_t num_blocks, int64_t bs, int64_t max_blocks,
+                            float scale) {
+    if ((fp8_kind != FP8_E4M3 && fp8_kind != FP8_E5M2) || (scale_kind != SCALE_F32 && scale_kind != SCALE_UE8M0) ||
+        groups < 1 || d % groups || hkv < 1 || hq % hkv)
+        return 2;
+    /* the larger of the two sequence kernels' scratch: [hkv, d] or [16, d] row buffer, scores of a block
+     * padded to 16, running max and sum, accumulators */
+    const int64_t need = (hkv > 16 ? hkv : 16) * d + hq * ((bs + 15) / 16 * 16) + 2 * hq + hq * d;
+    if (need > MAX_STACK_FLOATS) return 1;
+    const fp8_scales sc = {scales, groups, s_kv, s_blk, s_tok, s_head};
+    const int64_t g = hq / hkv;
+    const int vec = fp8_vector_path(d, groups);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t n = 0; n < nd; n++) {
+        float scratch[MAX_STACK_FLOATS] __attribute__((aligned(64)));
+        one_sequence_fp8_any(vec, q + n * hq * d, data, sc, fp8_kind, scale_kind, block_tables + n * max_blocks,
+                             seq_lens[n], num_blocks, bs, hkv, d, g, scale, out + n * hq * d, scratch);
+    }
+    return 0;
+}
+
+/* Values the widening converts per vector instruction: 16 (AVX-512F), 8 (F16C), 1 (the table). */
+int tierlm_fp8_vector_width(void) {
+#if defined(__AVX512F__)
+    return 16;
+#elif defined(__F16C__) && defined(__AVX2__)
+    return 8;
+#else
+    return 1;
+#endif
+}
+
+/* The kernel's widening, exposed for the self-check and tests: dst[i] = fp8(src[i]) * scale (the true
+ * value; 16 / 8 at a time on the vector paths, the table for the rest). Returns 2 for an unknown format. */
+int tierlm_fp8_widen(const uint8_t *src, float *dst, int64_t n, int fp8_kind, float scale) {
+    if (fp8_kind == FP8_E4M3)
+        widen(dst, src, n, FP8_E4M3, scale * 256.0f);
+    else if (fp8_kind == FP8_E5M2)
+        widen(dst, src, n, FP8_E5M2, scale);
+    else
+        return 2;
     return 0;
 }
 

@@ -1,14 +1,21 @@
 """Native CPU kernels (cpu.c): built once with the system C compiler, loaded with ctypes, self-checked, or not used.
 
     paged_decode(q, kv_cache, block_tables, seq_lens, scale)   decode attention reading K/V blocks in place
+    paged_decode_fp8(q, data, scales, fp8, scale_type,         the same over an FP8 KV cache (e4m3 / e5m2
+                     block_tables, seq_lens, scale)             bytes, fp32 / UE8M0 scales), read in place
     add_rms_norm(x, residual, weight, eps)                      fused residual add + RMSNorm
 
-Both take fp32 CPU tensors; callers ask `usable(*tensors)` first and otherwise run their PyTorch path,
-which stays the reference (the tests compare the two). The shared library is compiled at first use
-($CC, else cc, else gcc; -O3 -march=native -fopenmp) into `<cache root>/kernels/` (the root converted
-models use: $TIERLM_CACHE_DIR or the user cache dir), named by a hash of the source, flags, compiler and
-CPU, written to a temp file and renamed, so concurrent first uses cannot load a half-written file. No
-compiler, a failed build or a failed self-check: the PyTorch paths are used, logged once.
+They take fp32 CPU tensors (the FP8 kernel: an fp32 q and a 1-byte data tensor); callers ask
+`usable(*tensors)` (`usable_fp8(q, data)`) first and otherwise run their PyTorch path, which stays the
+reference (`reference_decode`, `reference_decode_fp8`; the tests compare the two). The FP8 kernel widens
+each token's K / V row to fp32 once (bit tricks onto fp16, then the AVX-512 / F16C conversion, else a
+table), applies its fp32 or UE8M0 scales (per token and group, or static per layer and head), and runs
+the fp32 kernel's running softmax; on AVX-512 it works in 16-token tiles with FMA dot products reduced 16
+at a time. The shared library is compiled at first use ($CC, else cc, else gcc; -O3 -march=native
+-fopenmp) into `<cache root>/kernels/` (the root converted models use: $TIERLM_CACHE_DIR or the user
+cache dir), named by a hash of the source, flags, compiler and CPU, written to a temp file and renamed, so
+concurrent first uses cannot load a half-written file. No compiler, a failed build or a failed self-check:
+the PyTorch paths are used, logged once.
 TIERLM_CPU_KERNELS=0 turns the kernels off.
 """
 from __future__ import annotations
@@ -33,7 +40,7 @@ SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LIBS = ["-lmvec", "-lm"]
 ENV_SWITCH = "TIERLM_CPU_KERNELS"
-_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
 def _cpu_signature() -> str:
@@ -110,15 +117,27 @@ def _load() -> ctypes.CDLL | None:
         log.warning("building tierlm's CPU kernels failed (%s); using the PyTorch paths", detail)
         return None
     _status["library"] = str(path)
-    lib.tierlm_paged_decode_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
-    lib.tierlm_paged_decode_f32.restype = ctypes.c_int
-    lib.tierlm_add_rms_norm_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F32]
-    lib.tierlm_add_rms_norm_f32.restype = None
+    _declare(lib)
     if not _self_check(lib):
         _status["reason"] = "self-check against the PyTorch definitions failed"
         log.warning("tierlm's CPU kernels failed their self-check; using the PyTorch paths")
         return None
     return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures, for ctypes."""
+    lib.tierlm_paged_decode_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
+    lib.tierlm_paged_decode_f32.restype = ctypes.c_int
+    lib.tierlm_paged_decode_fp8.argtypes = [_P, _P, _P, _INT, _INT, _I64, _I64, _I64, _I64, _I64, _P, _P, _P,
+                                            _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
+    lib.tierlm_paged_decode_fp8.restype = ctypes.c_int
+    lib.tierlm_fp8_widen.argtypes = [_P, _P, _I64, _INT, _F32]
+    lib.tierlm_fp8_widen.restype = ctypes.c_int
+    lib.tierlm_add_rms_norm_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F32]
+    lib.tierlm_add_rms_norm_f32.restype = None
+    lib.tierlm_fp8_vector_width.argtypes = []
+    lib.tierlm_fp8_vector_width.restype = ctypes.c_int
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -159,6 +178,156 @@ def reference_decode(q, kv_cache, block_tables, seq_lens, scale) -> torch.Tensor
     return torch.stack(outs)
 
 
+# ---- decode attention over an FP8 KV cache -------------------------------------------------------------
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+_FP8_KIND = {"e4m3": 0, "e5m2": 1}
+_SCALE_KIND = {"fp32": 0, "ue8m0": 1}
+
+
+def usable_fp8(q: torch.Tensor, data: torch.Tensor) -> bool:
+    """True when q is fp32 on the CPU, data is a 1-byte (FP8 or uint8) CPU tensor and the kernels are built."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and data.device.type == "cpu"
+            and data.element_size() == 1 and _library() is not None)
+
+
+def _fp8_bytes(data: torch.Tensor, fp8: str) -> torch.Tensor:
+    if fp8 not in FP8_DTYPES:
+        raise ValueError(f"fp8 must be one of {sorted(FP8_DTYPES)}, not {fp8!r}")
+    if data.dtype.is_floating_point and data.dtype != FP8_DTYPES[fp8]:
+        raise ValueError(f"data is {data.dtype}, not the {fp8} format")
+    if data.element_size() != 1:
+        raise ValueError(f"data must hold one byte per value, not {data.dtype}")
+    return data.view(torch.uint8)
+
+
+def _scale_layout(scales: torch.Tensor, scale_type: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int, tuple]:
+    """(scales as float32 / uint8, groups, (s_kv, s_blk, s_tok, s_head)) in elements, checked against the
+    data's shape [2, nb, bs, Hkv, D]: per token [2, nb, bs, Hkv, G], or static [2, Hkv] (G = 1)."""
+    if scale_type == "fp32":
+        if scales.dtype != torch.float32:
+            raise ValueError(f"fp32 scales must be float32, not {scales.dtype}")
+    elif scale_type == "ue8m0":
+        if scales.element_size() != 1:
+            raise ValueError(f"ue8m0 scales must be one byte each, not {scales.dtype}")
+        scales = scales.view(torch.uint8)
+    else:
+        raise ValueError(f"scale_type must be 'fp32' or 'ue8m0', not {scale_type!r}")
+    _, nb, bs, hkv, d = shape
+    if scales.dim() == 5:
+        groups = scales.shape[-1]
+        if tuple(scales.shape) != (2, nb, bs, hkv, groups) or d % groups:
+            raise ValueError(f"per-token scales {tuple(scales.shape)} do not fit data {shape}")
+        if scales.stride(-1) != 1:
+            scales = scales.contiguous()
+        s_kv, s_blk, s_tok, s_head, _ = scales.stride()
+        return scales, groups, (s_kv, s_blk, s_tok, s_head)
+    if scales.dim() == 2:
+        if tuple(scales.shape) != (2, hkv):
+            raise ValueError(f"static scales {tuple(scales.shape)} do not fit data {shape} (want [2, {hkv}])")
+        return scales, 1, (scales.stride(0), 0, 0, scales.stride(1))
+    raise ValueError(f"scales must be [2, nb, bs, Hkv, G] (per token) or [2, Hkv] (static), not {tuple(scales.shape)}")
+
+
+def paged_decode_fp8(q: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, fp8: str, scale_type: str,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """q: [Nd, Hq, D] fp32 -> out [Nd, Hq, D]; None when the shape does not fit the kernel (use the torch path).
+
+    data: one layer's FP8 cache [2, num_blocks, block_size, Hkv, D] (float8_e4m3fn / float8_e5m2, or its
+    bytes as uint8); fp8: "e4m3" or "e5m2". scales: per token [2, num_blocks, block_size, Hkv, G] (G groups
+    of D / G values per head) or static [2, Hkv]; scale_type "fp32" (float32) or "ue8m0" (uint8 e, 2^(e-127)).
+    block_tables, seq_lens, scale: as `paged_decode`."""
+    lib = _library()
+    raw = _fp8_bytes(data, fp8).contiguous()
+    scales, groups, strides = _scale_layout(scales, scale_type, tuple(raw.shape))
+    q = q.contiguous()
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    nd, hq, d = q.shape
+    _, nb, bs, hkv, _ = raw.shape
+    if (d != raw.shape[4] or hq % hkv or q.dtype != torch.float32 or block_tables.dtype != torch.int64
+            or seq_lens.dtype != torch.int64 or block_tables.shape[0] != nd or tuple(seq_lens.shape) != (nd,)):
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype}, data {tuple(raw.shape)}, block_tables "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype}, seq_lens {tuple(seq_lens.shape)} "
+                         f"{seq_lens.dtype} do not fit together (fp32 q, int64 tables and lengths)")
+    out = torch.empty_like(q)
+    rc = lib.tierlm_paged_decode_fp8(q.data_ptr(), raw.data_ptr(), scales.data_ptr(), _SCALE_KIND[scale_type],
+                                     _FP8_KIND[fp8], groups, *strides, block_tables.data_ptr(), seq_lens.data_ptr(),
+                                     out.data_ptr(), nd, hq, hkv, d, nb, bs, block_tables.shape[1], float(scale))
+    return None if rc else out
+
+
+def dequantize_fp8(data: torch.Tensor, scales: torch.Tensor, fp8: str, scale_type: str) -> torch.Tensor:
+    """The fp32 cache [2, nb, bs, Hkv, D] an FP8 one stands for (torch's float8 -> float32 conversion)."""
+    raw = _fp8_bytes(data, fp8)
+    scales, groups, _ = _scale_layout(scales, scale_type, tuple(raw.shape))
+    x = raw.view(FP8_DTYPES[fp8]).to(torch.float32)
+    s = scales.to(torch.float32) if scale_type == "fp32" else torch.exp2(scales.to(torch.float32) - 127)
+    if s.dim() == 2:
+        s = s[:, None, None, :, None]
+    two, nb, bs, hkv, d = x.shape
+    return (x.view(two, nb, bs, hkv, groups, d // groups) * s.unsqueeze(-1)).view(two, nb, bs, hkv, d)
+
+
+def reference_decode_fp8(q, data, scales, fp8, scale_type, block_tables, seq_lens, scale) -> torch.Tensor:
+    """The definition the FP8 kernel must match: each sequence's blocks gathered and dequantized, then
+    `reference_decode`."""
+    used = torch.unique(block_tables)
+    remap = torch.zeros(data.shape[1], dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    raw = _fp8_bytes(data, fp8)
+    scales, _, _ = _scale_layout(scales, scale_type, tuple(raw.shape))  # float32 or uint8, indexable
+    kv = dequantize_fp8(raw[:, used], scales[:, used] if scales.dim() == 5 else scales, fp8, scale_type)
+    return reference_decode(q, kv, remap[block_tables], seq_lens, scale)
+
+
+def _fp8_widen(lib: ctypes.CDLL, src: torch.Tensor, fp8: str, scale: float = 1.0) -> torch.Tensor:
+    """The kernel's widening of the bytes src (uint8, 1-D): fp8(src) * scale."""
+    src = src.contiguous()
+    out = torch.empty(src.numel(), dtype=torch.float32)
+    lib.tierlm_fp8_widen(src.data_ptr(), out.data_ptr(), src.numel(), _FP8_KIND[fp8], float(scale))
+    return out
+
+
+def fp8_widen(src: torch.Tensor, fp8: str, scale: float = 1.0) -> torch.Tensor:
+    """The native kernel's FP8 -> fp32 widening of uint8 bytes (for tests; needs the built library).
+    NaN encodings are not handled: e4m3's 0x7f / 0xff come out as +-480 (torch: NaN)."""
+    return _fp8_widen(_library(), _fp8_bytes(src, fp8).reshape(-1), fp8, scale)
+
+
+def _fp8_widening_ok(lib: ctypes.CDLL) -> bool:
+    """Every byte of both formats widens to torch's float32 value (e4m3's two NaN encodings excepted), both
+    through the vector path (256 bytes) and the table tail (runs of 7)."""
+    every = torch.arange(256, dtype=torch.uint8)
+    for fp8, dtype in FP8_DTYPES.items():
+        want = every.view(dtype).to(torch.float32)
+        finite = ~want.isnan()
+        for got in (_fp8_widen(lib, every, fp8),
+                    torch.cat([_fp8_widen(lib, part, fp8) for part in every.split(7)])):
+            if not torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32)):
+                return False
+            if fp8 == "e5m2" and not got[~finite].isnan().all():
+                return False
+    return True
+
+
+def _fp8_case(kv: torch.Tensor, fp8: str, scale_type: str, groups: int | None):
+    """Quantize an fp32 cache: per-token scales with `groups` groups, or static [2, Hkv] ones (groups None)."""
+    two, nb, bs, hkv, d = kv.shape
+    fmax = FP8_MAX[fp8]
+    x = kv.view(two, nb, bs, hkv, groups or 1, -1)
+    amax = x.abs().amax(-1) if groups else kv.abs().amax((1, 2, 4)).view(2, 1, 1, hkv, 1)
+    s = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    if scale_type == "ue8m0":
+        e = torch.ceil(torch.log2(s)).clamp(-127, 127)
+        s, stored = torch.exp2(e), (e + 127).to(torch.uint8)
+    else:
+        stored = s
+    q8 = (x / s.unsqueeze(-1)).clamp(-fmax, fmax).to(FP8_DTYPES[fp8]).view(torch.uint8).view(kv.shape)
+    if not groups:
+        stored = stored.view(2, hkv).contiguous()
+    return q8, stored.contiguous()
+
+
 # ---- RMSNorm -------------------------------------------------------------------------------------------
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +358,21 @@ def _self_check(lib: ctypes.CDLL) -> bool:
     rc = lib.tierlm_paged_decode_f32(q.data_ptr(), kv.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
                                      3, hq, hkv, d, nb, bs, 3, 0.25)
     ok = rc == 0 and torch.allclose(out, reference_decode(q, kv, tables, lens, 0.25), atol=1e-5, rtol=1e-5)
+    ok = ok and _fp8_widening_ok(lib)
+    # FP8: both formats, both scale kinds, per-token and static scales; D = 16 with groups of 8 (the row
+    # kernel) and of 16, and D = 64 (the vector kernel's runtime-D and constant-D instances)
+    kv64, q64 = torch.randn(2, nb, bs, 1, 64, generator=g), torch.randn(3, 2, 64, generator=g)
+    for fp8, scale_type, groups, (kvc, qc) in (("e4m3", "fp32", 2, (kv, q)), ("e5m2", "ue8m0", 1, (kv, q)),
+                                               ("e4m3", "ue8m0", None, (kv, q)), ("e5m2", "fp32", None, (kv, q)),
+                                               ("e4m3", "fp32", 1, (kv64, q64))):
+        data, scales = _fp8_case(kvc, fp8, scale_type, groups)
+        sc, sgroups, strides = _scale_layout(scales, scale_type, tuple(data.shape))
+        o = torch.empty_like(qc)
+        rc = lib.tierlm_paged_decode_fp8(qc.data_ptr(), data.data_ptr(), sc.data_ptr(), _SCALE_KIND[scale_type],
+                                         _FP8_KIND[fp8], sgroups, *strides, tables.data_ptr(), lens.data_ptr(),
+                                         o.data_ptr(), 3, qc.shape[1], kvc.shape[3], kvc.shape[4], nb, bs, 3, 0.25)
+        want = reference_decode_fp8(qc, data, scales, fp8, scale_type, tables, lens, 0.25)
+        ok = ok and rc == 0 and torch.allclose(o, want, atol=1e-5, rtol=1e-5)
     x, r, w = (torch.randn(5, 24, generator=g) for _ in range(3))
     y, s = torch.empty_like(x), torch.empty_like(x)
     lib.tierlm_add_rms_norm_f32(x.data_ptr(), r.data_ptr(), w[0].contiguous().data_ptr(), y.data_ptr(), s.data_ptr(),

@@ -1,16 +1,16 @@
 """KV-cache memory arithmetic: exact bytes per token and per block for every KV format.
 
 Every byte count in the engine comes from here; the formats themselves are entries of the one
-registry (tierlm.core.registry.KV_FORMATS), so a new KV format (FP8 with per-group scales) changes one
-registry entry and nothing else.
+registry (tierlm.core.registry.KV_FORMATS), so a new KV format changes one registry entry and nothing else.
 
 Layout counted by `KVSpec.bytes_per_token` (one token, all layers):
 
     2 (K and V) x num_layers x num_kv_heads x per_head_bytes
-    per_head_bytes = head_dim x element_bytes + ceil(head_dim / scale_group) x scale_bytes
+    per_head_bytes = head_dim x element_bytes + scales_per_head x scale_bytes
+    scales_per_head = head_dim / scale_group (grouped FP8), 1 (one scale per head), 0 (unscaled or static)
 
-Scales are counted per head (a scale group never spans two heads), so the count stays exact
-when head_dim is not a multiple of the group size.
+A scale group never spans two heads: a group size that does not divide head_dim is refused. Static FP8
+scales (one per layer, K/V and head) are not per token, so they add nothing here.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class KVSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(f"KVSpec.{name} must be a positive integer, got {value!r}")
-        get_kv_format(self.kv_format)
+        get_kv_format(self.kv_format).check_head_dim(self.head_dim)
 
     @classmethod
     def from_model(cls, model_config: ModelConfig, kv_format: str, block_size: int = 16) -> KVSpec:

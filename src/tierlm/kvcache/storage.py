@@ -3,8 +3,10 @@
 One `LayerKV` per layer, allocated once from the KVSpec:
 
     data        [2 (K, V), num_blocks, block_size, Hkv, D]  in the format's storage dtype
-    scales      None for unscaled formats (fp32, bf16, fp16); scaled formats (FP8) add
-                [2, num_blocks, block_size, Hkv, groups] fp32/ue8m0 scales here
+    scales      None for unscaled formats (fp32, bf16, fp16) and static FP8; FP8 with per-token scales adds
+                [2, num_blocks, block_size, Hkv, groups] scales here (fp32, or uint8 UE8M0 exponents)
+    static_scales  static FP8 only: [2, Hkv] fp32, one calibrated scale per K/V and head for the layer
+                (not per block, so not one of `parts()`; the format's identity names the calibration)
     block_meta  per-block metadata by name, dim 0 = block id, e.g. Quest's key_min / key_max
                 [num_blocks, Hkv, D] (filled by the component that registers them)
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierlm.kvcache.spec import KVSpec
+from tierlm.quant.fp8 import Fp8Scheme, dequantize_kv_rows, quantize_kv
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -45,6 +48,40 @@ class LayerKV:
     data: torch.Tensor
     scales: torch.Tensor | None = None
     block_meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    static_scales: torch.Tensor | None = None  # static FP8: [2, Hkv] fp32 per layer (not per block)
+    scheme: Fp8Scheme | None = None  # FP8 formats: how data and scales are read (tierlm.quant.fp8)
+
+    def read_blocks(self, index: torch.Tensor) -> torch.Tensor:
+        """K/V blocks by an index into the [2 * num_blocks] view (K blocks, then V blocks: attention's
+        metadata.kv_index) -> [len(index), block_size, Hkv, D] in a dtype attention computes in: the stored
+        values as they are, or FP8 dequantized to fp32 with its scales (the reference dequantization)."""
+        _, nb, bs, h, d = self.data.shape
+        rows = _raw(self.data).view(2 * nb, bs, h, d).index_select(0, index)
+        if self.scheme is None:
+            return rows
+        scales = None
+        if self.scales is not None:
+            scales = self.scales.view(2 * nb, bs, h, -1).index_select(0, index)
+        return dequantize_kv_rows(rows, scales, self.scheme, self.static_scales, index >= nb)
+
+    def write_slots(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the K/V of T new tokens ([T, Hkv, D] each) at cache slots [T] (block * block_size + offset),
+        quantizing on the way in for FP8 formats. Returns (k, v) as the cache now holds them (FP8: their
+        dequantized values, fp32), so attention over the new tokens sees exactly what a later read of the
+        cache will: outputs then never depend on whether a token was just computed or read back (chunk
+        borders, prefix-cache and tier hits)."""
+        _, nb, bs, h, d = self.data.shape
+        kv = torch.stack((k, v))
+        if self.scheme is None:
+            self.data.view(2, nb * bs, h, d).index_copy_(1, slots, kv.to(self.data.dtype))
+            return k, v
+        data, scales = quantize_kv(kv, self.scheme, self.static_scales)
+        _raw(self.data).view(2, nb * bs, h, d).index_copy_(1, slots, data)
+        if scales is not None:
+            self.scales.view(2, nb * bs, h, -1).index_copy_(1, slots, scales)
+        held = dequantize_kv_rows(data, scales, self.scheme, self.static_scales,
+                                  torch.tensor([False, True], device=data.device))
+        return held[0], held[1]
 
     def parts(self) -> dict[str, tuple[torch.Tensor, int]]:
         """name -> (tensor, its block dim), for every tensor that holds per-block state."""
@@ -70,9 +107,18 @@ class KVStorage:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        # Zero-filled: padded key positions are masked out, but 0 * NaN would still poison the output.
-        self.layers = [LayerKV(torch.zeros(shape, dtype=spec.torch_dtype, device=self.device))
+        fmt = spec.format
+        scheme = fmt.scheme()
+        groups = fmt.scales_per_head(spec.head_dim)
+        # Zero-filled: padded key positions are masked out, but 0 * NaN would still poison the output
+        # (FP8 zero bytes are 0.0; zero scales dequantize them to 0.0 too).
+        self.layers = [LayerKV(torch.zeros(shape, dtype=spec.torch_dtype, device=self.device),
+                               scales=torch.zeros((*shape[:4], groups), dtype=scheme.scale_dtype, device=self.device)
+                               if groups else None, scheme=scheme)
                        for _ in range(spec.num_layers)]
+        if fmt.static:  # calibrated per layer (engine: load_static_scales); NaN until then, so a miss shows
+            for layer in self.layers:
+                layer.static_scales = torch.full((2, spec.num_kv_heads), float("nan"), device=self.device)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -1,0 +1,116 @@
+"""Decode speed by KV format at long contexts: the FP8 decode target of the FP8-KV work (>= 1.5x fp32 at 8K
+on CPU), with fp32 and bf16 in the same run. Default model, one process, sides alternating rep by rep.
+
+    .venv/bin/python scripts/kv_decode.py [--contexts 4096 8192] [--batch 8] [--formats fp32 bf16 fp8_e4m3]
+                                          [--steps 16] [--reps 3] [--json out.json]
+
+For each context C, one engine per format (prefix caching off, the engine's default attention backend for
+that format: on CPU `cpu` for fp32 and FP8 (native in-place decode kernels), `torch` for bf16, which the
+native kernels do not read), each holding `batch` running sequences of C - 1 prompt tokens (distinct
+passages of the shipped public-domain text; prefilled untimed). Then, rep by rep, each side in turn
+(rotating order) runs `steps` decode steps at batch `batch`; a row gives each side's median ms per step and
+decode tok/s, and each format / fp32 as the median of the per-rep ratios (each rep's sides ran back to
+back) with min and max. Bytes per step = weights read + batch x context x KV bytes/token, so the table
+also says how many bytes each format moves. After timing, every side's greedy tokens are diffed against
+fp32's (FP8 is lossy: a divergence is reported, not an error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from tierlm.bench.memory import weight_bytes
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.core.sampling_params import SamplingParams
+from tierlm.engine.llm_engine import LLMEngine
+
+TEXT = (Path(__file__).parents[1] / "src/tierlm/bench/data/midsummer_act1.txt").read_text()
+
+
+def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    while len(ids) < length + 64 * n:
+        ids = ids + ids
+    return [ids[64 * i: 64 * i + length] for i in range(n)]  # distinct windows (no shared prefix)
+
+
+def step(eng: LLMEngine, done: dict[str, list[int]]) -> None:
+    for out in eng.step():
+        if out.finished:
+            done[out.request_id] = list(out.outputs[0].token_ids)
+
+
+def build(fmt: str, blocks: int) -> LLMEngine:
+    return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=blocks, kv_format=fmt, enable_prefix_caching=False),
+                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "fp8_e4m3"])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    rows = []
+    for ctx in a.contexts:
+        new = 2 + a.steps * a.reps
+        blocks = a.batch * -(-(ctx + new) // 16) + 4
+        sides: dict[str, LLMEngine] = {}
+        done: dict[str, dict[str, list[int]]] = {}
+        for fmt in a.formats:
+            eng = build(fmt, blocks)
+            ctx_eff = min(ctx, eng.max_model_len - new) - 1
+            t0 = time.perf_counter()
+            done[fmt] = {}
+            for i, p in enumerate(prompts(eng.tokenizer, a.batch, ctx_eff)):
+                eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True), request_id=str(i))
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running + list(eng.scheduler.waiting)):
+                step(eng, done[fmt])  # prefill (untimed): until every sequence decodes
+            step(eng, done[fmt])  # first decode step (warm)
+            print(f"{ctx_eff}-token context, {fmt}: {a.batch} sequences prefilled in {time.perf_counter() - t0:.0f} s "
+                  f"({eng.attention_backend.name} backend, {eng.kv_spec.bytes_per_token:,} KV bytes/token)", flush=True)
+            sides[fmt] = eng
+        times: dict[str, list[float]] = {f: [] for f in sides}
+        names = list(sides)
+        for rep in range(a.reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for fmt in order:
+                eng = sides[fmt]
+                t0 = time.perf_counter()
+                for _ in range(a.steps):
+                    step(eng, done[fmt])
+                    assert eng.last_step.decode_tokens == a.batch and eng.last_step.prefill_tokens == 0
+                times[fmt].append((time.perf_counter() - t0) / a.steps)
+        for fmt, eng in sides.items():
+            while eng.has_unfinished_requests():
+                step(eng, done[fmt])
+        base = names[0]
+        for fmt in names:
+            eng = sides[fmt]
+            same = sum(done[fmt][i] == done[base][i] for i in done[base])
+            ms = statistics.median(times[fmt]) * 1e3
+            ratios = [b / t for b, t in zip(times[base], times[fmt])]
+            w = weight_bytes(eng.model)[1]
+            moved = w + a.batch * ctx_eff * eng.kv_spec.bytes_per_token
+            row = {"context": ctx_eff, "batch": a.batch, "kv_format": fmt, "backend": eng.attention_backend.name,
+                   "ms_per_step": ms, "decode_tok_s": a.batch / (ms / 1e3), f"speedup_vs_{base}": statistics.median(ratios),
+                   "speedup_min": min(ratios), "speedup_max": max(ratios), "bytes_per_step": moved,
+                   "kv_bytes_per_token": eng.kv_spec.bytes_per_token, f"greedy_same_as_{base}": same}
+            rows.append(row)
+            print(f"  {fmt:<16} {eng.attention_backend.name:<6} {ms:8.1f} ms/step  {row['decode_tok_s']:7.1f} tok/s  "
+                  f"x{row[f'speedup_vs_{base}']:.2f} vs {base} [{min(ratios):.2f}..{max(ratios):.2f}]  "
+                  f"{moved / 2**20:8.1f} MiB/step  greedy {same}/{len(done[base])} same as {base}", flush=True)
+        sides.clear()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,11 +8,13 @@ For each context C, one engine per format (prefix caching off, the engine's defa
 that format: on CPU `cpu` for fp32 and FP8 (native in-place decode kernels), `torch` for bf16, which the
 native kernels do not read), each holding `batch` running sequences of C - 1 prompt tokens (distinct
 passages of the shipped public-domain text; prefilled untimed). Then, rep by rep, each side in turn
-(rotating order) runs `steps` decode steps at batch `batch`; a row gives each side's median ms per step and
+(rotating order) runs `steps` decode steps at batch `batch` (every step checked to be decode-only at that
+batch); a row gives each side's median ms per step and
 decode tok/s, and each format / fp32 as the median of the per-rep ratios (each rep's sides ran back to
 back) with min and max. Bytes per step = weights read + batch x context x KV bytes/token, so the table
 also says how many bytes each format moves. After timing, every side's greedy tokens are diffed against
-fp32's (FP8 is lossy: a divergence is reported, not an error).
+fp32's over the tokens both made (FP8 is lossy: a divergence is reported, not an error). The context is
+C minus a headroom for the tokens sequences make while the others prefill (the table says the exact one).
 """
 from __future__ import annotations
 
@@ -59,7 +61,10 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for ctx in a.contexts:
-        new = 2 + a.steps * a.reps
+        # Sequences get their first token at different steps (prefill is chunked, 512 tokens a step) and
+        # decode while the others prefill, so each may make up to batch x chunks-per-prompt tokens before
+        # timing starts: that is the headroom max_tokens (and the context cap) leaves.
+        new = a.batch * -(-ctx // 512) + 2 + a.steps * a.reps
         blocks = a.batch * -(-(ctx + new) // 16) + 4
         sides: dict[str, LLMEngine] = {}
         done: dict[str, dict[str, list[int]]] = {}
@@ -85,15 +90,18 @@ def main() -> None:
                 t0 = time.perf_counter()
                 for _ in range(a.steps):
                     step(eng, done[fmt])
-                    assert eng.last_step.decode_tokens == a.batch and eng.last_step.prefill_tokens == 0
+                    s = eng.last_step
+                    assert s.decode_tokens == a.batch and s.prefill_tokens == 0, (fmt, s)
                 times[fmt].append((time.perf_counter() - t0) / a.steps)
-        for fmt, eng in sides.items():
-            while eng.has_unfinished_requests():
-                step(eng, done[fmt])
+        for fmt, eng in sides.items():  # the tokens so far, then stop (the headroom is not needed)
+            for rid, group in list(eng.groups.items()):
+                done[fmt][rid] = list(group.seqs[0].request.output_token_ids)
+                eng.abort_request(rid)
         base = names[0]
         for fmt in names:
             eng = sides[fmt]
-            same = sum(done[fmt][i] == done[base][i] for i in done[base])
+            n = min(len(t) for t in [*done[fmt].values(), *done[base].values()])  # same length on both sides
+            same = sum(done[fmt][i][:n] == done[base][i][:n] for i in done[base])
             ms = statistics.median(times[fmt]) * 1e3
             ratios = [b / t for b, t in zip(times[base], times[fmt])]
             w = weight_bytes(eng.model)[1]

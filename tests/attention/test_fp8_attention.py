@@ -18,20 +18,12 @@ from tierlm.attention import BACKENDS, AttentionContext, AttentionMetadata
 from tierlm.core.registry import get_kv_format
 from tierlm.kvcache import KVSpec, KVStorage
 from tierlm.quant.fp8 import dequantize_kv_rows
+from helpers.attention import dense_reference
 
 CPU = torch.device("cpu")
 FORMATS = ["fp8_e4m3", "fp8_e4m3_ue8m0", "fp8_e5m2", "fp8_e4m3_g64", "fp8_e5m2_g64_ue8m0", "fp8_e4m3_static"]
 # fp32-reference bound on max |out - ref| / max |ref| per FP8 type (random normal K/V, scales per token)
 LOOSE = {"e4m3": 0.08, "e5m2": 0.2}
-
-
-def dense_reference(q, k, v, ctx, scale):
-    """q: [Q, Hq, D] at positions ctx..ctx+Q-1; k, v: [L, Hkv, D] -> [Q, Hq, D] (causal, fp32)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    scores = torch.einsum("qhd,lhd->hql", q, k) * scale
-    mask = torch.arange(k.shape[0])[None, :] <= (ctx + torch.arange(q.shape[0]))[:, None]
-    return torch.einsum("hql,lhd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
 def _backends():

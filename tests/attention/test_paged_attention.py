@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tierlm.attention import BACKENDS, AttentionContext, AttentionMetadata, cpu_backend, select_backend
 from tierlm.kvcache import KVSpec, KVStorage
+from helpers.attention import dense_reference
 
 CPU = torch.device("cpu")
 
@@ -20,18 +21,6 @@ def backend(request):
     if reason is not None:
         pytest.skip(f"backend {request.param} cannot run here: {reason}")
     return cls()
-
-
-def dense_reference(q, k, v, ctx, scale):
-    """q: [Q, Hq, D] at positions ctx..ctx+Q-1; k, v: [L, Hkv, D] -> [Q, Hq, D]."""
-    g = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(g, dim=1)
-    v = v.repeat_interleave(g, dim=1)
-    scores = torch.einsum("qhd,lhd->hql", q, k) * scale
-    L = k.shape[0]
-    mask = torch.arange(L)[None, :] <= (ctx + torch.arange(q.shape[0]))[:, None]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v)
 
 
 def run_case(backend, decode_lens, prefills, hkv, g, seed, bs=4, d=8, nb=64):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierlm.kvcache.spec import KVSpec
-from tierlm.quant.fp8 import Fp8Scheme, dequantize_kv_rows, quantize_kv
+from tierlm.quant.fp8 import Fp8Scheme, dequantize, dequantize_kv_rows, quantize_kv
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,11 @@ class LayerKV:
         _raw(self.data).view(2, nb * bs, h, d).index_copy_(1, slots, data)
         if scales is not None:
             self.scales.view(2, nb * bs, h, -1).index_copy_(1, slots, scales)
-        held = dequantize_kv_rows(data, scales, self.scheme, self.static_scales,
-                                  torch.tensor([False, True], device=data.device))
+        if scales is not None:
+            held = dequantize(data, scales, self.scheme)
+        else:  # static: row 0 is K, row 1 is V
+            held = dequantize_kv_rows(data, None, self.scheme, self.static_scales,
+                                      torch.tensor([False, True], device=data.device))
         return held[0], held[1]
 
     def parts(self) -> dict[str, tuple[torch.Tensor, int]]:

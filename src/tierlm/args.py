@@ -8,8 +8,8 @@ import argparse
 import dataclasses
 import re
 
-from tierlm.config import (PREEMPTION_MODES, TIER_POLICIES, WRITE_POLICIES, CacheConfig, EngineConfig,
-                           SchedulerConfig, TierConfig)
+from tierlm.config import (PREEMPTION_MODES, TIER_POLICIES, WRITE_POLICIES, CacheConfig, DriftGuardConfig,
+                           EngineConfig, SchedulerConfig, TierConfig)
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.registry import DTYPE_CHOICES, implemented_kv_formats
 
@@ -171,6 +171,40 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto",
                    help="auto (cpu where it runs, else torch) | cpu (native decode, fp32 CPU) | torch (gather + SDPA)")
     add_tier_args(p)
+    add_drift_guard_args(p)
+
+
+def add_drift_guard_args(p: argparse.ArgumentParser) -> None:
+    d = DriftGuardConfig()
+    g = p.add_argument_group("drift guard (runtime rollback of a lossy KV format)")
+    g.add_argument("--drift-guard", type=float, default=0.0, metavar="FRACTION",
+                   help="shadow-score this share of finished requests against a reference forward in the compute "
+                        "dtype, off the hot path; on drift, new requests switch to the safe KV format (default 0: off)")
+    g.add_argument("--drift-guard-max-kl", type=float, default=d.max_kl_mean, metavar="NATS",
+                   help=f"trip above this mean KL per token over the window (default {d.max_kl_mean})")
+    g.add_argument("--drift-guard-min-top1", type=float, default=d.min_top1_agreement, metavar="RATE",
+                   help=f"trip below this top-1 agreement over the window (default {d.min_top1_agreement})")
+    g.add_argument("--drift-guard-window", type=int, default=d.window_tokens, metavar="TOKENS",
+                   help=f"scored tokens the decision looks at (default {d.window_tokens}; decided from "
+                        f"{d.min_tokens} on)")
+    g.add_argument("--drift-state", default=None, metavar="PATH",
+                   help="where a trip is remembered across restarts (default: the user cache dir)")
+    g.add_argument("--drift-rearm", action="store_true",
+                   help="forget a remembered trip at start: serve the configured KV format again")
+
+
+def drift_guard_config(args: argparse.Namespace) -> DriftGuardConfig:
+    fraction = getattr(args, "drift_guard", 0.0) or 0.0
+    if not fraction:
+        if getattr(args, "drift_rearm", False):
+            raise InvalidParameterError("--drift-rearm re-arms the drift guard, which is off",
+                                        "add --drift-guard FRACTION")
+        return DriftGuardConfig()
+    window = args.drift_guard_window
+    return DriftGuardConfig(fraction=fraction, max_kl_mean=args.drift_guard_max_kl,
+                            min_top1_agreement=args.drift_guard_min_top1, window_tokens=window,
+                            min_tokens=min(DriftGuardConfig.min_tokens, window), state_path=args.drift_state,
+                            rearm=args.drift_rearm)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -184,4 +218,4 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         cache=cache, scheduler=sched, tiers=tier_config(args),
-                        attention_backend=args.attention_backend)
+                        attention_backend=args.attention_backend, drift_guard=drift_guard_config(args))

@@ -161,6 +161,49 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DriftGuardConfig:
+    """Runtime rollback of a lossy KV format (engine/drift_guard.py). A share `fraction` of finished requests
+    is shadow-scored off the hot path: the candidate's top-k log-probabilities, kept while it generated,
+    against a teacher-forced reference forward over the same tokens in the safe format (the compute dtype).
+    When the rolling window of the last `window_tokens` scored tokens (decided from `min_tokens` on) has a
+    mean KL above `max_kl_mean` or a top-1 agreement below `min_top1_agreement`, new requests run in the safe
+    format until re-armed; the trip is remembered in `state_path` (default: the user cache dir) across restarts.
+
+    Defaults: the drift check's offline limits (top-1 0.99, KL 0.01) judge a format before it ships; these
+    judge a deployed one on live text, where one disagreement in ten or a tenth of a nat per token on average
+    is not rounding any more (healthy FP8 on the default model: top-1 ~0.95, KL ~0.005)."""
+
+    fraction: float = 0.0  # 0: off
+    max_kl_mean: float = 0.1
+    min_top1_agreement: float = 0.9
+    window_tokens: int = 1024
+    min_tokens: int = 256
+    top_k: int = 32  # candidate log-probs kept per token (KL is computed over these and the rest as one bucket)
+    max_pending: int = 8  # requests waiting for the reference; more are dropped (counted), never block the engine
+    max_seq_tokens: int = 4096  # longer requests are not scored (the reference forward's KV lives apart)
+    state_path: str | None = None
+    rearm: bool = False  # forget a remembered trip at start
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise InvalidParameterError(f"drift guard fraction {self.fraction} is not in [0, 1]",
+                                        "give the share of finished requests to shadow-score, e.g. 0.05")
+        if self.max_kl_mean < 0 or not 0.0 <= self.min_top1_agreement <= 1.0:
+            raise InvalidParameterError("drift guard limits out of range",
+                                        "use max_kl_mean >= 0 and min_top1_agreement in [0, 1]")
+        if min(self.window_tokens, self.min_tokens, self.top_k, self.max_pending, self.max_seq_tokens) < 1:
+            raise InvalidParameterError("drift guard window, min_tokens, top_k, max_pending and max_seq_tokens "
+                                        "must be >= 1", "use positive sizes")
+        if self.min_tokens > self.window_tokens:
+            raise InvalidParameterError(f"drift guard min_tokens {self.min_tokens} > window {self.window_tokens}",
+                                        "use a window at least as large as min_tokens")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None or "default": the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # "auto" | "fp32" | "bf16"
@@ -170,6 +213,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
     attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
+    drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

@@ -1,11 +1,13 @@
 """`tierlm bench --configs fp8` end to end on the default model: the FP8 config runs with a quarter of fp32's
 KV bytes per token, its gate runs in lossy (drift-threshold) mode with measured positions, and its runs'
-exact diffs are reported but never flag it."""
+exact diffs are reported but never flag it; an FP8 write path with a broken scale is flagged by that gate
+(which is what lets the fp8 config's figures count)."""
 from __future__ import annotations
 
 import json
 
 from helpers.bench_cli import run
+from helpers.engine_bugs import fp8_scale_one_exponent_off
 
 
 def test_tiny_fp8_run_is_gated_in_lossy_mode(tmp_path, monkeypatch):
@@ -27,3 +29,20 @@ def test_tiny_fp8_run_is_gated_in_lossy_mode(tmp_path, monkeypatch):
     fp8_run = next(r for r in doc["runs"] if r["config"] == "fp8")
     assert not fp8_run["check"]["flagged"]
     assert "lossy gate: top-1" in (out / "report.md").read_text()
+
+
+def test_lossy_gate_flags_an_fp8_kv_with_a_broken_scale(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERLM_CACHE_DIR", str(tmp_path / "cache"))
+    fp8_scale_one_exponent_off(monkeypatch)
+    out = tmp_path / "out"
+    rc = run(["--workload", "fixed:n=1,isl=32,osl=4", "--configs", "fp8", "--reps", "1", "--warmup", "0",
+              "--gate-prompts", "2", "--gate-tokens", "8", "--gate-long-len", "96", "--no-peer", "--no-plots",
+              "--out", str(out), "--json", str(out / "r.json")])
+    doc = json.loads((out / "r.json").read_text())
+    gates = {g["config"]: g for g in doc["gates"]}
+    assert not gates["baseline"]["flagged"]  # fp32 KV never quantizes: the bug is not on its way
+    fp8 = gates["fp8"]
+    assert fp8["flagged"] and fp8["reason"].startswith("lossy gate:"), fp8
+    failed = {c["metric"] for c in fp8["lossy"]["checks"] if c["status"] == "FAIL"}
+    assert {"top1_agreement", "kl_mean"} <= failed, fp8["lossy"]["checks"]
+    assert rc == 1 and doc["flagged"]

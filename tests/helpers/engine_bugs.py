@@ -45,3 +45,17 @@ def tier_load_into_next_block(monkeypatch):
             real(self, ids[1:], list(payloads)[:-1])
 
     monkeypatch.setattr(TierController, "_scatter", broken)
+
+
+def fp8_scale_one_exponent_off(monkeypatch):
+    """The FP8 KV write path stores every scale one power of two too large (a UE8M0 exponent off by one):
+    every K/V value reads back twice what was written, on every attention path."""
+    import tierlm.kvcache.storage as storage
+
+    real = storage.quantize_kv
+
+    def broken(kv, scheme, static_scales=None):
+        data, scales = real(kv, scheme, static_scales)
+        return data, (None if scales is None else scales * 2)
+
+    monkeypatch.setattr(storage, "quantize_kv", broken)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tierlm.core.errors import InvalidParameterError
 from tierlm.server import command
 
 
@@ -39,6 +40,19 @@ def test_flags(monkeypatch):
     assert e.model is None and e.dtype == "fp32" and e.cache.memory_bytes == 512 << 20
     assert not e.cache.enable_prefix_caching and e.scheduler.max_num_seqs == 8
     assert e.scheduler.max_num_batched_tokens == 256
+
+
+def test_drift_guard_flags():
+    assert not command.engine_config(parse([])).drift_guard.enabled
+    e = command.engine_config(parse(["--kv-format", "fp8_e4m3", "--drift-guard", "0.05", "--drift-guard-max-kl",
+                                      "0.2", "--drift-guard-min-top1", "0.8", "--drift-guard-window", "128",
+                                      "--drift-state", "/tmp/s.json", "--drift-rearm"])).drift_guard
+    assert (e.fraction, e.max_kl_mean, e.min_top1_agreement, e.window_tokens, e.min_tokens, e.state_path, e.rearm) \
+        == (0.05, 0.2, 0.8, 128, 128, "/tmp/s.json", True)
+    with pytest.raises(InvalidParameterError, match="add --drift-guard"):
+        command.engine_config(parse(["--drift-rearm"]))
+    with pytest.raises(InvalidParameterError, match="fraction"):
+        command.engine_config(parse(["--drift-guard", "2"]))
 
 
 def test_bad_policy_is_a_usage_error():

@@ -52,6 +52,9 @@ class Request:
     # step's logits row for this request is appended to logits_sink (fp32, on the CPU).
     forced_token_ids: list[int] | None = None
     logits_sink: list | None = None
+    # Drift guard (engine/drift_guard.py): chosen for shadow scoring, each sampled-from logits row leaves its
+    # top-k log-probabilities here as ([k] values, [k] token ids) on the CPU.
+    shadow: list | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

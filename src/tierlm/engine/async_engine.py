@@ -194,6 +194,17 @@ class AsyncEngine:
                 self._cond.notify()
             return True
 
+    async def rearm_drift_guard(self) -> bool:
+        """Clear a drift-guard trip on the loop thread (LLMEngine.rearm_drift_guard); returns whether it was
+        tripped. The KV format switches back once the running requests drain."""
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._commands.append(("rearm", fut))
+            self._cond.notify()
+        return await asyncio.wrap_future(fut)
+
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until no command is pending and the engine has no unfinished request (tests)."""
         with self._cond:
@@ -214,7 +225,7 @@ class AsyncEngine:
                 self._commands.clear()
             dead = EngineDeadError(f"the engine loop crashed: {e}")
             for cmd in pending:
-                if cmd[0] == "add" and cmd[-1].set_running_or_notify_cancel():
+                if cmd[0] in ("add", "rearm") and cmd[-1].set_running_or_notify_cancel():
                     cmd[-1].set_exception(dead)
             self._fail_all(dead)
         finally:
@@ -249,7 +260,7 @@ class AsyncEngine:
             pending = list(self._commands)
             self._commands.clear()
         for cmd in pending:
-            if cmd[0] == "add" and cmd[-1].set_running_or_notify_cancel():
+            if cmd[0] in ("add", "rearm") and cmd[-1].set_running_or_notify_cancel():
                 cmd[-1].set_exception(dead)
         self._fail_all(dead)
         with self._cond:
@@ -258,6 +269,14 @@ class AsyncEngine:
     def _run_command(self, cmd: tuple) -> None:
         if cmd[0] == "abort":
             self.engine.abort_request(cmd[1])
+            return
+        if cmd[0] == "rearm":
+            fut = cmd[1]
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(self.engine.rearm_drift_guard())
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
             return
         _, rid, prompt, params, priority, fut = cmd
         if not fut.set_running_or_notify_cancel():

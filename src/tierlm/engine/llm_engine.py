@@ -21,7 +21,7 @@ from tierlm.attention import select_backend
 from tierlm.config import CacheConfig, EngineConfig
 from tierlm.core.errors import InvalidParameterError, PromptTooLongError
 from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
-from tierlm.core.registry import dtype_name, get_dtype
+from tierlm.core.registry import dtype_name, get_dtype, get_kv_format
 from tierlm.core.request import Request, RequestStatus
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.engine.detokenizer import IncrementalDetokenizer
@@ -124,13 +124,51 @@ class LLMEngine:
         del ckpt
         self.load_seconds = time.perf_counter() - t0
 
+        self.model_max_len = self.max_model_len  # before any cap by the KV pool's size
+        # The KV byte budget, kept when the drift guard switches format (fewer blocks of a wider format).
+        spec = KVSpec.from_model(self.model_config, kv_format, cc.block_size)
+        self.kv_budget_bytes = (cc.num_blocks * spec.page_size_bytes if cc.num_blocks
+                                else cc.memory_bytes or self._default_kv_bytes(spec))
+        self.candidate_kv_format = kv_format  # what the config asks for
+        self.safe_kv_format = compute  # what the drift guard falls back to
+        self._backends = {kv_format: self.attention_backend}
+        self._candidate_scales = self._static_kv_scales(cc) if get_kv_format(kv_format).static else None
+        self.drift_guard = self._build_drift_guard() if config.drift_guard.enabled else None
+        self.scheduler: Scheduler | None = None
+        self._build_kv(self.safe_kv_format if self.drift_guard is not None and self.drift_guard.tripped else kv_format)
+        self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
+        self.groups: dict[str, _Group] = {}
+        self._seq_to_group: dict[str, _Group] = {}
+        self._ids = itertools.count()
+        # computed_tokens: tokens run through the model (prefix-cache hits are not computed).
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0}
+        self.last_step: StepSummary | None = None  # None until a step computes something
+
+    def _static_kv_scales(self, cc: CacheConfig):
+        """A static FP8 format's calibrated scales (quant/calibration.py): a clear error when missing or made
+        for another model."""
+        from tierlm.quant.calibration import ModelIdentity, default_path, load_scales
+
+        identity = ModelIdentity(self.model_config.model_id, self.weights_digest, self.model_config_digest)
+        path = Path(cc.kv_scales_path).expanduser() if cc.kv_scales_path else default_path(identity)
+        return load_scales(path, identity, self.model_config.num_layers, self.model_config.num_kv_heads)
+
+    def _build_kv(self, kv_format: str) -> None:
+        """The device KV pool in `kv_format` within the KV byte budget, and what hangs on it: the lower tiers,
+        the block manager, the runner, the scheduler's manager. Called at construction, and when the drift
+        guard switches format (with nothing running)."""
+        cc, compute = self.config.cache, dtype_name(self.dtype)
+        if kv_format not in self._backends:
+            self._backends[kv_format] = select_backend(self.config.attention_backend, self.device, self.dtype, kv_format)
+        self.attention_backend = self._backends[kv_format]
+        self.kv_format = kv_format
         self.kv_spec = KVSpec.from_model(self.model_config, kv_format, cc.block_size)
-        num_blocks = cc.num_blocks or self.kv_spec.num_blocks_for_budget(cc.memory_bytes or self._default_kv_bytes())
+        num_blocks = self.kv_spec.num_blocks_for_budget(self.kv_budget_bytes)
         if num_blocks < 1:
             raise InvalidParameterError("the KV memory budget holds no block", "raise the KV cache memory budget")
         # One sequence can never hold more KV than the whole pool: cap the context there, and say so now
         # rather than stopping requests early with no word of why.
-        self.context_limit = ""  # why max_model_len is below the model's context, if it is
+        self.max_model_len, self.context_limit = self.model_max_len, ""  # context_limit: why it is capped, if it is
         pool_tokens = num_blocks * cc.block_size
         if pool_tokens < self.max_model_len:
             self.context_limit = f"the KV cache holds {pool_tokens} tokens"
@@ -139,40 +177,43 @@ class LLMEngine:
                         cc.block_size, self.max_model_len, pool_tokens)
             self.max_model_len = pool_tokens
         # What a block's KV means besides its tokens: which model (name, weight bytes, shape and RoPE/norm
-        # settings), the compute dtype, the KV format, the tenant. KV in a shared lower tier never crosses
-        # these. (The device and attention backend change the last bits of K/V, not their meaning: KV moved
-        # between them is reused like KV recomputed there.)
+        # settings), the compute dtype, the KV format (static: with its scales), the tenant. KV in a shared
+        # lower tier never crosses these. (The device and attention backend change the last bits of K/V, not
+        # their meaning: KV moved between them is reused like KV recomputed there.)
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
-        self.kv_scales = self._static_kv_scales(cc) if self.kv_spec.format.static else None
-        kv_key = kv_format if self.kv_scales is None else f"{kv_format}@{self.kv_scales.digest}"
-        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute, kv_key,
-                      cc.tenant_salt)
-        self.tiers = self._build_tiers(config, extra_keys)
+        self.kv_scales = self._candidate_scales if self.kv_spec.format.static else None
+        if self.kv_scales is not None:
+            per_layer = self.kv_scales.scales(self.kv_spec.format.scheme().type.max).to(self.device)
+            for layer, sc in zip(self.kv_storage.layers, per_layer):
+                layer.static_scales = sc.clone()
+        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute,
+                      self._kv_key(kv_format), cc.tenant_salt)
+        self.tiers = self._build_tiers(self.config, extra_keys)
         self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys,
                                  tiers=self.tiers)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        else:
+            self.scheduler.kv = self.kv
         self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device)
-        self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
-        self.groups: dict[str, _Group] = {}
-        self._seq_to_group: dict[str, _Group] = {}
-        self._ids = itertools.count()
-        # computed_tokens: tokens run through the model (prefix-cache hits are not computed).
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0}
-        self.last_step: StepSummary | None = None  # None until a step computes something
-        for text in config.tiers.pinned_prefixes:
+        for text in self.config.tiers.pinned_prefixes:
             self.pin_prefix(text)
 
-    def _static_kv_scales(self, cc: CacheConfig):
-        """A static FP8 format's calibrated scales (quant/calibration.py), set on every layer."""
-        from tierlm.quant.calibration import ModelIdentity, default_path, load_scales
+    def _kv_key(self, kv_format: str) -> str:
+        """The KV format as block hashes, tier entries and the drift guard name it (static: @ its scales)."""
+        if kv_format == self.candidate_kv_format and self._candidate_scales is not None:
+            return f"{kv_format}@{self._candidate_scales.digest}"
+        return kv_format
 
-        identity = ModelIdentity(self.model_config.model_id, self.weights_digest, self.model_config_digest)
-        path = Path(cc.kv_scales_path).expanduser() if cc.kv_scales_path else default_path(identity)
-        kv_scales = load_scales(path, identity, self.kv_spec.num_layers, self.kv_spec.num_kv_heads)
-        per_layer = kv_scales.scales(self.kv_spec.format.scheme().type.max).to(self.device)
-        for layer, s in zip(self.kv_storage.layers, per_layer):
-            layer.static_scales = s.clone()
-        return kv_scales
+    def _build_drift_guard(self):
+        from tierlm.engine.drift_guard import DriftGuard, ReferenceScorer
+
+        identity = {"model": self.model_config.model_id, "weights": self.weights_digest,
+                    "config": self.model_config_digest, "compute": dtype_name(self.dtype),
+                    "kv": self._kv_key(self.candidate_kv_format)}
+        scorer = ReferenceScorer(self.model, self.model_config, self.safe_kv_format, self.config.cache.block_size,
+                                 self.device, self.dtype, self.config.attention_backend)
+        return DriftGuard(self.config.drift_guard, scorer, identity, self.device)
 
     def _build_tiers(self, config: EngineConfig, extra_keys: tuple) -> TierController | None:
         """The lower KV tiers, or None when none is configured. An entry's identity names everything its KV
@@ -200,12 +241,14 @@ class LLMEngine:
 
     def close(self) -> None:
         """Write what only memory holds (cached device blocks, host-tier entries) to the disk and Redis tiers,
-        finish queued tier writes and stop the tier threads. A no-op without tiers; safe to call twice."""
+        finish queued tier writes and stop the tier threads and the drift guard's worker. Safe to call twice."""
+        if self.drift_guard is not None:
+            self.drift_guard.close()
         if self.tiers is not None:
             self.tiers.persist([self.kv._ref(b) for b in self.kv.pool.cached.values()])
             self.tiers.close()
 
-    def _default_kv_bytes(self) -> int:
+    def _default_kv_bytes(self, spec: KVSpec) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             # Memory torch's caching allocator holds but no tensor uses (e.g. an earlier engine's freed KV
@@ -213,7 +256,6 @@ class LLMEngine:
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             # No more than every sequence at full context can use: on a large GPU with a small model, half
             # the free memory would be millions of blocks (a Python object each) that no step can reach.
-            spec = self.kv_spec
             seqs = self.config.scheduler.max_num_seqs
             most = seqs * spec.blocks_per_sequence(self.max_model_len) * spec.page_size_bytes
             return min(int(free * DEFAULT_CUDA_KV_FRACTION), most)
@@ -259,6 +301,8 @@ class LLMEngine:
             seq_id = seq_ids[i]
             req = Request(seq_id, list(ids), p, prompt=text, priority=priority, cache_salt=cache_salt)
             detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
+            if i == 0 and self.drift_guard is not None and self.drift_guard.want():
+                req.shadow = []
             group.seqs.append(_Sequence(req, detok, [] if p.logprobs is not None else None))
             self._seq_to_group[seq_id] = group
             self.scheduler.add(req)
@@ -282,7 +326,7 @@ class LLMEngine:
         for prompt, cont in zip(prompts, continuations):
             rid = self.add_request(list(prompt), SamplingParams(temperature=0.0, max_tokens=len(cont), ignore_eos=True))
             req = self.groups[rid].seqs[0].request
-            req.forced_token_ids, req.logits_sink = list(cont), []
+            req.forced_token_ids, req.logits_sink, req.shadow = list(cont), [], None
             sinks.append(req.logits_sink)
         while self.has_unfinished_requests():
             self.step()
@@ -302,6 +346,8 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.drift_guard is not None:
+            self._follow_drift_guard()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self.last_step = None
@@ -323,6 +369,10 @@ class LLMEngine:
         self.counters["computed_tokens"] += sched.num_batched_tokens
         touched: dict[str, _Group] = {}
         if reqs:
+            if self.drift_guard is not None:
+                t_capture = time.perf_counter()
+                self._capture_shadow(logits, reqs)
+                self.drift_guard.counters["engine_seconds"] += time.perf_counter() - t_capture
             now = time.monotonic()
             for row, (req, tok, lps) in enumerate(zip(reqs, sampled.token_ids, sampled.logprobs)):
                 if req.forced_token_ids is not None:  # teacher forcing (score): keep the logits, force the token
@@ -365,6 +415,63 @@ class LLMEngine:
             req.finished_time = now
             self.scheduler.finish(req, status)
             self._release(req)
+            if req.shadow is not None:
+                t_submit = time.perf_counter()
+                self._submit_shadow(req)
+                self.drift_guard.counters["engine_seconds"] += time.perf_counter() - t_submit
+
+    # ---- drift guard ---------------------------------------------------------------------------
+    def _capture_shadow(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Keep the top-k log-probabilities of the rows that shadow-scored requests sample from."""
+        rows = [i for i, r in enumerate(reqs) if r.shadow is not None]
+        if not rows:
+            return
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)
+        values, ids = lp.topk(min(self.config.drift_guard.top_k, lp.shape[-1]), dim=-1)
+        values, ids = values.cpu(), ids.cpu()
+        for j, i in enumerate(rows):
+            reqs[i].shadow.append((values[j], ids[j]))
+
+    def _submit_shadow(self, req: Request) -> None:
+        from tierlm.engine.drift_guard import ShadowJob
+
+        rows, req.shadow = req.shadow, None
+        if len(rows) != len(req.output_token_ids):  # never expected; a mismatched job would score nonsense
+            log.warning("drift guard: request %s kept %d rows for %d tokens; not scored", req.request_id,
+                        len(rows), len(req.output_token_ids))
+            return
+        self.drift_guard.submit(ShadowJob(req.request_id, list(req.prompt_token_ids), list(req.output_token_ids),
+                                          torch.stack([v for v, _ in rows]), torch.stack([i for _, i in rows])))
+
+    def _follow_drift_guard(self) -> None:
+        """Run the KV format the guard wants: the safe one while tripped, else the candidate. A switch waits
+        until nothing runs (waiting requests stay waiting meanwhile), then rebuilds the KV pool."""
+        want = self.safe_kv_format if self.drift_guard.tripped else self.candidate_kv_format
+        if want == self.kv_format:
+            self.scheduler.admitting = True
+            return
+        self.scheduler.admitting = False
+        if self.scheduler.running or self.scheduler.loading:
+            return
+        log.warning("drift guard: switching the KV cache from %s to %s (%d requests waiting)", self.kv_format, want,
+                    len(self.scheduler.waiting))
+        if self.tiers is not None:
+            self.tiers.close()
+        self.kv_storage = self.kv = self.runner = None  # the old pool is freed before the new one is allocated
+        self._build_kv(want)
+        self.scheduler.admitting = True
+        for req in [r for r in self.scheduler.waiting if r.num_tokens >= self.max_model_len]:
+            log.warning("drift guard: request %s (%d tokens) no longer fits the %s KV pool; aborted", req.request_id,
+                        req.num_tokens, want)
+            group = self._seq_to_group.get(req.request_id)
+            self.abort_request(group.request_id if group is not None else req.request_id)
+
+    def rearm_drift_guard(self) -> bool:
+        """Clear a drift-guard trip: new requests use the candidate KV format again (after the running ones
+        drain). Returns whether it was tripped. Call on the engine's thread (AsyncEngine.rearm_drift_guard)."""
+        if self.drift_guard is None:
+            raise InvalidParameterError("the drift guard is off", "enable it (--drift-guard FRACTION) first")
+        return self.drift_guard.rearm()
 
     def _release(self, req: Request) -> None:
         self.sampler.forget(req.request_id)

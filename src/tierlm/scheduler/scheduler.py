@@ -80,6 +80,7 @@ class Scheduler:
         self.loading: list[Request] = []  # admitted, waiting for a lower-tier load
         self.num_preemptions = 0
         self.num_offloads = 0  # preemptions whose blocks were offloaded to host memory
+        self.admitting = True  # False: waiting requests stay waiting (the engine drains to switch KV format)
 
     # ---- queue verbs ---------------------------------------------------------------------------
     def _key(self, r: Request) -> tuple:
@@ -137,7 +138,7 @@ class Scheduler:
                 budget -= n
 
         # 2. Waiting requests, in queue order, while they fit.
-        while (self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs
+        while (self.admitting and self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs
                and not out.preempted):
             req = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)

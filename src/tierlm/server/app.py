@@ -1,7 +1,8 @@
 """build_app: the FastAPI app of `tierlm serve` around one AsyncEngine.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
-/v1/* needs an API key when keys are configured; /health and /metrics never do. The lifespan starts
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, and
+POST /admin/drift/rearm (clear a drift-guard trip, engine/drift_guard.py). /v1/* needs an API key when keys
+are configured; /admin/* always needs one (403 when none is configured); /health and /metrics never do. The lifespan starts
 the engine loop; on shutdown the server first stops accepting (uvicorn closes the listener, the gate
 answers 503 to new API requests on open connections), lets in-flight requests finish, then stops the
 engine loop.
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 
 import tierlm
 from tierlm.engine.async_engine import AsyncEngine
-from tierlm.server.errors import install_error_handlers
+from tierlm.server.errors import APIError, install_error_handlers
 from tierlm.server.gate import RequestGate, ServerState
 from tierlm.server.metrics import ServerMetrics
 from tierlm.server.prompt_policy import build_policies
@@ -97,10 +98,33 @@ def build_app(aengine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                        "capacity_bytes": t.get("capacity_bytes", 0)}
                 for name, t in aengine.engine.tier_stats().items()}
 
+    def drift_health() -> dict | None:
+        """The drift guard's state (absent when it is off). A trip does not fail the health check: the server
+        still serves, in the safe KV format."""
+        eng = aengine.engine
+        if eng.drift_guard is None:
+            return None
+        st = eng.drift_guard.status()
+        return {"tripped": st["tripped"], "reason": st["reason"], "candidate_kv_format": eng.candidate_kv_format,
+                "safe_kv_format": eng.safe_kv_format, "active_kv_format": eng.kv_format, "window": st["window"],
+                "scored_requests": st["scored_requests"]}
+
+    @app.post("/admin/drift/rearm", responses={401: _ERRORS[401], 403: {"model": ErrorEnvelope,
+                                                                        "description": "no API key configured"}})
+    async def rearm_drift_guard():
+        if aengine.engine.drift_guard is None:
+            raise APIError(400, "the drift guard is off: start the server with --drift-guard FRACTION",
+                           code="drift_guard_off")
+        was = await aengine.rearm_drift_guard()
+        return {"rearmed": True, "was_tripped": was, "kv_format": aengine.engine.candidate_kv_format}
+
     @app.get("/health")
     async def health():
         tiers = tier_health()
         extra = {"tiers": tiers} if tiers else {}
+        drift = drift_health()
+        if drift is not None:
+            extra["drift"] = drift
         if aengine.is_running and not state.draining:
             return {"status": "ok", **extra}
         return JSONResponse({"status": "unavailable", **extra}, status_code=503)

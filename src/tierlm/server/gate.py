@@ -1,7 +1,8 @@
 """RequestGate: ASGI middleware in front of every route.
 
 In order: count the response status per endpoint (metrics); refuse new API requests while the server
-drains for shutdown (503); check the API key on /v1/* when keys are configured (401); read the body
+drains for shutdown (503); check the API key on /v1/* when keys are configured (401); refuse /admin/*
+unless keys are configured (403) and the request carries one (401); read the body
 up to max_body_bytes (413 past it) and replay it to the app, after which `receive` is the server's own,
 so routes can still wait for the client's disconnect.
 """
@@ -51,6 +52,15 @@ class RequestGate:
         if api and self.state.draining:
             return await self._refuse(scope, receive, send, APIError(
                 503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"}))
+        if path.startswith("/admin/"):
+            if not self._keys:
+                return await self._refuse(scope, receive, send, APIError(
+                    403, "admin routes need an API key: start the server with --api-key KEY (or TIERLM_API_KEYS)",
+                    code="admin_needs_api_key"))
+            if not self._authorized(scope):
+                return await self._refuse(scope, receive, send, APIError(
+                    401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"}))
         if api and self._keys and not self._authorized(scope):
             return await self._refuse(scope, receive, send, APIError(
                 401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",

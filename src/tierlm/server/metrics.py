@@ -19,7 +19,7 @@ from tierlm.kvcache.tiers.base import LATENCY_BUCKETS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/admin/drift/rearm")
 
 
 class _EngineCollector:
@@ -59,6 +59,25 @@ class _EngineCollector:
         yield counter("tierlm_engine_step_errors", "engine steps that raised", a.num_step_errors)
         yield counter("tierlm_summary_cache_hits", "prompt summaries served from the cache", self.summarizer.hits)
         yield counter("tierlm_summary_cache_misses", "prompt summaries generated", self.summarizer.misses)
+        guard = getattr(eng, "drift_guard", None)
+        if guard is not None:
+            st = guard.status()
+            yield gauge("tierlm_drift_guard_tripped", "1 while the drift guard has switched new requests to the "
+                        "safe KV format (until re-armed)", float(st["tripped"]))
+            yield gauge("tierlm_drift_guard_safe_format_active", "1 while the KV pool runs the safe format",
+                        float(eng.kv_format != eng.candidate_kv_format))
+            w = st["window"]
+            yield gauge("tierlm_drift_window_kl_mean", "mean KL(reference || served) per token over the "
+                        "guard's window (top-k buckets)", w["kl_mean"] if w["kl_mean"] is not None else float("nan"))
+            yield gauge("tierlm_drift_window_top1_agreement", "top-1 agreement with the reference over the "
+                        "guard's window", w["top1_agreement"] if w["top1_agreement"] is not None else float("nan"))
+            yield gauge("tierlm_drift_window_tokens", "scored tokens in the guard's window", w["tokens"])
+            yield counter("tierlm_drift_scored_tokens", "output tokens shadow-scored against the reference",
+                          st["scored_tokens"])
+            yield counter("tierlm_drift_scored_requests", "requests shadow-scored", st["scored_requests"])
+            yield counter("tierlm_drift_dropped_requests", "chosen requests not scored (queue full or too long)",
+                          st["dropped_queue_full"] + st["skipped_too_long"])
+            yield counter("tierlm_drift_guard_trips", "times the drift guard tripped", st["trips"])
 
 
 # name, help, key in one tier's stats dict: per-tier counters, then gauges

@@ -90,19 +90,22 @@ def main() -> None:
         worker_share = sum(s["worker_cpu_seconds"] for s in shares) / wall
         scored = sum(s["scored_tokens"] for s in shares)
         per_token = sum(s["worker_cpu_seconds"] for s in shares) / max(scored, 1)
+        per_request = sum(s["worker_cpu_seconds"] for s in shares) / max(sum(s["scored_requests"] for s in shares), 1)
         st = guard.status()
         print(f"\n{w.spec}, {a.kv_format}, guard fraction {a.fraction}, concurrency {a.concurrency}: guarded / plain "
               f"output tok/s median {med:.3f} over {len(pairs)} pairs [{min(ratios):.3f}..{max(ratios):.3f}]; "
               f"greedy mismatches {mismatches}\nthe guard's own time: capture on the engine thread "
               f"{eng_share * 100:.3f}% of wall time; scoring worker {worker_share * 100:.2f}% of one core "
-              f"({per_token * 1e3:.2f} ms CPU per scored token); window KL {st['window']['kl_mean']}, top-1 "
+              f"({per_request:.2f} s CPU per scored request, {per_token * 1e3:.1f} ms per scored output token: the reference "
+              f"prefills prompt and output); window KL {st['window']['kl_mean']}, top-1 "
               f"{st['window']['top1_agreement']}, tripped {st['tripped']}")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"workload": w.spec, "kv_format": a.kv_format, "fraction": a.fraction, "pairs": pairs,
                            "median_ratio": med, "mismatches": mismatches, "guard": shares,
                            "engine_thread_fraction": eng_share, "worker_cpu_fraction": worker_share,
-                           "worker_cpu_seconds_per_token": per_token, "status": st}, f, indent=1)
+                           "worker_cpu_seconds_per_token": per_token,
+                           "worker_cpu_seconds_per_request": per_request, "status": st}, f, indent=1)
     finally:
         for eng in sides.values():
             eng.close()

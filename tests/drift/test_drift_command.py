@@ -39,6 +39,7 @@ def test_same_config_passes_with_zero_kl(same_config_run):
     doc = json.loads(paths["json"].read_text())
     h = doc["results"]["held_out"]
     assert h["kl"] == {"mean": 0.0, "p99": 0.0, "max": 0.0} and h["top1_agreement"] == 1.0
+    assert h["top1_agreement_decisive"] == 1.0 and 0 < h["decisive_share"] <= 1 and "leads by >= 0.1 nat" in out
     assert h["perplexity"]["delta"] == 0.0 and h["positions"] == 2 * 16
     assert doc["results"]["greedy"]["exact_match"] == 1.0
     assert doc["results"]["safety"]["agreement"] == 1.0 and doc["results"]["safety"]["agreement_under_load"] == 1.0

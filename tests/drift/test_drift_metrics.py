@@ -44,6 +44,12 @@ def test_kl_handles_masked_vocab_entries():
     assert metrics.kl_divergence(cand, ref).item() == math.inf  # q(1) = 0 where p(1) > 0
 
 
+def test_top1_margin_is_the_log_ratio_of_the_two_likeliest_tokens():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, -5.0], [1.0, 3.5, 3.0]])
+    torch.testing.assert_close(metrics.top1_margin(logits), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    assert metrics.top1_margin(torch.zeros(2, 1)).isinf().all()
+
+
 def test_bucketed_kl_is_the_full_kl_with_all_tokens_and_a_lower_bound_with_fewer():
     torch.manual_seed(1)
     ref, cand = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3

@@ -7,6 +7,9 @@ Definitions (reference = p, candidate = q; logits rows are positions, columns th
                       of the logits in fp64 (full vocabulary). Terms with p(v) = 0 contribute 0; rounding
                       noise below 0 is clamped to 0, so identical logits give exactly 0.
     top1_agreement    fraction of positions whose argmax is the same token on both sides.
+    top1_margin       per position, the reference's top-1 minus top-2 log-probability (nats): how decided it
+                      was. top1_agreement over positions with a margin >= DECISIVE_MARGIN separates flips of
+                      near ties (where any numeric change flips, bf16 included) from changed decisions.
     bucketed_kl       KL(p || q) over the candidate's top-k tokens plus one bucket for the rest of the vocabulary,
                       from the candidate's top-k log-probabilities alone (what the runtime guard keeps while
                       generating). Merging tokens never raises a KL, so this is a lower bound of the full one,
@@ -46,6 +49,17 @@ def kl_divergence(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.
 def top1_matches(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
     """[N, V] x 2 -> [N] bool: the argmax token is the same on both sides."""
     return ref_logits.argmax(-1) == cand_logits.argmax(-1)
+
+
+DECISIVE_MARGIN = 0.1  # nats: the reference's top token at least ~10.5% likelier than its runner-up
+
+
+def top1_margin(ref_logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N] fp64: log p(top-1) - log p(top-2) of each row (inf for a one-token vocabulary)."""
+    if ref_logits.shape[-1] < 2:
+        return torch.full(ref_logits.shape[:1], math.inf, dtype=torch.float64)
+    top2 = log_probs(ref_logits).topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
 
 
 def top1_agreement(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> float:

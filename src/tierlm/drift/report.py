@@ -32,6 +32,9 @@ def table_rows(results: dict, checks: list[Check]) -> list[tuple[str, str, str, 
     h = results["held_out"]
     if h:
         row(f"top-1 agreement ({h['positions']} positions)", 1.0, h["top1_agreement"], "top1_agreement")
+        if "top1_agreement_decisive" in h:
+            row(f"  where the reference leads by >= {h['decisive_margin']:g} nat ({100 * h['decisive_share']:.0f}%)",
+                1.0, h["top1_agreement_decisive"], "top1_agreement_decisive")
         row("KL(ref||cand) mean, nats", 0.0, h["kl"]["mean"], "kl_mean")
         row("KL p99", 0.0, h["kl"]["p99"], "kl_p99")
         row("KL max", 0.0, h["kl"]["max"], "kl_max")

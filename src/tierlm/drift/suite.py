@@ -146,6 +146,7 @@ def compare_held_out(inputs: SuiteInputs, ref: SideRun, cand: SideRun) -> dict:
         return {}
     kls = [metrics.kl_divergence(r, c) for r, c in zip(ref.logits, cand.logits)]  # per passage [C]
     matches = torch.cat([metrics.top1_matches(r, c) for r, c in zip(ref.logits, cand.logits)])
+    decisive = torch.cat([metrics.top1_margin(r) for r in ref.logits]) >= metrics.DECISIVE_MARGIN
     targets = [p.continuation for p in inputs.passages]
     ppl_ref = metrics.perplexity(ref.logits, targets)
     ppl_cand = metrics.perplexity(cand.logits, targets)
@@ -154,6 +155,8 @@ def compare_held_out(inputs: SuiteInputs, ref: SideRun, cand: SideRun) -> dict:
             "kl_by_position": stacked.mean(0).tolist(), "kl_by_position_max": stacked.max(0).values.tolist(),
             "kl_by_passage": stacked.mean(1).tolist(), "top1_agreement": float(matches.double().mean()),
             "top1_disagreements": int((~matches).sum()),
+            "top1_agreement_decisive": float(matches[decisive].double().mean()) if decisive.any() else 1.0,
+            "decisive_share": float(decisive.double().mean()), "decisive_margin": metrics.DECISIVE_MARGIN,
             "perplexity": {"reference": ppl_ref, "candidate": ppl_cand,
                            "delta": metrics.relative_change(ppl_ref, ppl_cand)}}
 
@@ -223,7 +226,8 @@ def measured(results: dict) -> dict[str, float | None]:
     h, s, g = results["held_out"], results["safety"], results["greedy"]
     out: dict[str, float | None] = {}
     if h:
-        out.update(top1_agreement=h["top1_agreement"], kl_mean=h["kl"]["mean"], kl_p99=h["kl"]["p99"],
+        out.update(top1_agreement=h["top1_agreement"], top1_agreement_decisive=h["top1_agreement_decisive"],
+                   kl_mean=h["kl"]["mean"], kl_p99=h["kl"]["p99"],
                    kl_max=h["kl"]["max"], ppl_delta=abs(h["perplexity"]["delta"]))
     if g:
         out["greedy_exact_match"] = g["exact_match"]

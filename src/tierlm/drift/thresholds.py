@@ -8,6 +8,9 @@ Defaults (what a KV format or backend change may cost before we call it drift):
 
     min_top1_agreement   0.99   greedy decoding follows the argmax; 1 flip in 100 positions is where exact
                                 greedy equality on 50-token replies stops being the common case.
+    min_top1_agreement_decisive None  advisory: top-1 agreement where the reference's top token leads by
+                                >= 0.1 nat (drift.metrics.DECISIVE_MARGIN): tells flips of near ties apart
+                                from changed decisions; the gate stays on all positions.
     max_kl_mean          0.01   nats per token: 1 % of a nat on average is well below the gap between
                                 neighbouring model sizes, and far above fp32-vs-fp32 noise (0).
     max_kl_p99           0.1    the tail: a lossy format may smear a few positions, but a p99 above 0.1 nat
@@ -52,6 +55,7 @@ from tierlm.core.errors import InvalidParameterError
 @dataclass(frozen=True)
 class Thresholds:
     min_top1_agreement: float | None = 0.99
+    min_top1_agreement_decisive: float | None = None
     max_kl_mean: float | None = 0.01
     max_kl_p99: float | None = 0.1
     max_kl_max: float | None = None
@@ -82,6 +86,7 @@ class Thresholds:
 # accuracy - candidate accuracy at one length, ppl_delta the |relative| perplexity change.
 METRICS: dict[str, tuple[str, str]] = {
     "top1_agreement": ("min_top1_agreement", "min"),
+    "top1_agreement_decisive": ("min_top1_agreement_decisive", "min"),
     "kl_mean": ("max_kl_mean", "max"),
     "kl_p99": ("max_kl_p99", "max"),
     "kl_max": ("max_kl_max", "max"),

@@ -283,3 +283,27 @@ def test_portable_builds_widen_and_decode_the_same(tmp_path, extra, width):
         assert rc == 0
         torch.testing.assert_close(out, K.reference_decode_fp8(q, data, scales, fp8, scale_type, tables, lens, 0.125),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2_g64", "fp8_e4m3_ue8m0", "fp8_e4m3_static"])
+def test_native_widening_reads_blocks_exactly_as_the_reference(kv_format):
+    """The cpu backend's prefill reads cached FP8 context with the kernel's widening: bit-for-bit the values
+    of the reference dequantization (LayerKV.read_blocks without it), every scale layout."""
+    from tierlm.core.registry import get_kv_format
+    from tierlm.kvcache import KVSpec, KVStorage
+    from tierlm.config import ModelConfig
+
+    if not K.usable(torch.zeros(1)):
+        pytest.skip(f"native kernels not in use: {K.status()['reason']}")
+    cfg = ModelConfig("llama", 32, 64, 128, 1, 4, 2, 128, 256)
+    layer = KVStorage(KVSpec.from_model(cfg, kv_format, 4), 8, "cpu")[0]
+    if layer.static_scales is not None:
+        layer.static_scales = torch.tensor([[0.05, 0.02], [0.01, 0.03]])
+    torch.manual_seed(0)
+    k, v = torch.randn(32, 2, 128) * 3, torch.randn(32, 2, 128)
+    layer.write_slots(torch.randperm(32), k, v)
+    index = torch.tensor([3, 0, 7, 8 + 3, 8 + 5, 8])
+    widen = lambda raw: K.widen_fp8_rows(raw, get_kv_format(kv_format).scheme().fp8)  # noqa: E731
+    ref, fast = layer.read_blocks(index), layer.read_blocks(index, widen)
+    assert ref.dtype == fast.dtype == torch.float32 and torch.equal(ref, fast)
+    assert ref.abs().sum() > 0

@@ -26,6 +26,8 @@ repeat); part B, causal, repeats the chunk's K/V G times (q_len rows only) so ea
 """
 from __future__ import annotations
 
+import functools
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -120,11 +122,13 @@ class CpuBackend(TorchPagedBackend):
             qa = q.view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * q_len, d)
             _, nb, bs, _, _ = layer.data.shape
             run_blocks = max(1, RUN_TOKENS // bs)
+            # FP8: the native kernel widens the bytes (~9x torch's float8 -> float32 here); same values
+            widen = None if layer.scheme is None else functools.partial(cpu_kernels.widen_fp8_rows, fp8=layer.scheme.fp8)
             for start in range(0, ctx, run_blocks * bs):
                 end = min(ctx, start + run_blocks * bs)
                 ids = table[start // bs: (end + bs - 1) // bs]
                 # kv: [2 * n, bs, Hkv, D] (FP8 dequantized) -> [2, Hkv, end - start, D], contiguous for flash
-                kv = layer.read_blocks(kv_index(ids, nb)).view(2, -1, hkv, d)[:, : end - start]
+                kv = layer.read_blocks(kv_index(ids, nb), widen).view(2, -1, hkv, d)[:, : end - start]
                 kv = kv.transpose(1, 2).contiguous()
                 oa, la = attention_with_lse(qa, kv[0:1], kv[1:2], scale)  # [1, Hkv, G * q_len, D]
                 out, lse = merge_lse(out, lse, oa.reshape(1, hq, q_len, d), la.reshape(1, hq, q_len))

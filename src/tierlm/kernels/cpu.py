@@ -288,6 +288,12 @@ def _fp8_widen(lib: ctypes.CDLL, src: torch.Tensor, fp8: str, scale: float = 1.0
     return out
 
 
+def widen_fp8_rows(raw: torch.Tensor, fp8: str) -> torch.Tensor:
+    """uint8 FP8 bytes of any shape -> fp32 of the same shape, by the native kernel (the library must be in
+    use: `usable`). Bytes tierlm writes never hold e4m3's NaN encodings (quantize saturates at +-448)."""
+    return _fp8_widen(_library(), raw.reshape(-1), fp8).view(raw.shape)
+
+
 def fp8_widen(src: torch.Tensor, fp8: str, scale: float = 1.0) -> torch.Tensor:
     """The native kernel's FP8 -> fp32 widening of uint8 bytes (for tests; needs the built library).
     NaN encodings are not handled: e4m3's 0x7f / 0xff come out as +-480 (torch: NaN)."""

@@ -51,10 +51,11 @@ class LayerKV:
     static_scales: torch.Tensor | None = None  # static FP8: [2, Hkv] fp32 per layer (not per block)
     scheme: Fp8Scheme | None = None  # FP8 formats: how data and scales are read (tierlm.quant.fp8)
 
-    def read_blocks(self, index: torch.Tensor) -> torch.Tensor:
+    def read_blocks(self, index: torch.Tensor, widen=None) -> torch.Tensor:
         """K/V blocks by an index into the [2 * num_blocks] view (K blocks, then V blocks: attention's
         metadata.kv_index) -> [len(index), block_size, Hkv, D] in a dtype attention computes in: the stored
-        values as they are, or FP8 dequantized to fp32 with its scales (the reference dequantization)."""
+        values as they are, or FP8 dequantized to fp32 with its scales (the reference dequantization;
+        `widen`, a faster FP8 -> fp32 conversion of the bytes, see quant.fp8._widen)."""
         _, nb, bs, h, d = self.data.shape
         rows = _raw(self.data).view(2 * nb, bs, h, d).index_select(0, index)
         if self.scheme is None:
@@ -62,7 +63,7 @@ class LayerKV:
         scales = None
         if self.scales is not None:
             scales = self.scales.view(2 * nb, bs, h, -1).index_select(0, index)
-        return dequantize_kv_rows(rows, scales, self.scheme, self.static_scales, index >= nb)
+        return dequantize_kv_rows(rows, scales, self.scheme, self.static_scales, index >= nb, widen)
 
     def write_slots(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the K/V of T new tokens ([T, Hkv, D] each) at cache slots [T] (block * block_size + offset),

@@ -138,16 +138,25 @@ def quantize(x: torch.Tensor, scheme: Fp8Scheme, scales: torch.Tensor | None = N
     return data, stored
 
 
-def dequantize(data: torch.Tensor, scales: torch.Tensor, scheme: Fp8Scheme) -> torch.Tensor:
+def _widen(data: torch.Tensor, scheme: Fp8Scheme, widen=None) -> torch.Tensor:
+    """FP8 data (or its uint8 view) -> a new fp32 tensor of its values: torch's conversion, or `widen`
+    (uint8 -> fp32 of the same shape, e.g. the native CPU kernel's, ~9x faster here)."""
+    if widen is not None:
+        x = widen(data if data.dtype == torch.uint8 else data.view(torch.uint8))
+    else:
+        x = (data.view(scheme.type.dtype) if data.dtype == torch.uint8 else data).float()
+    return x.contiguous()  # the callers scale it in place through reshaped views
+
+
+def dequantize(data: torch.Tensor, scales: torch.Tensor, scheme: Fp8Scheme, widen=None) -> torch.Tensor:
     """FP8 data [..., H, D] (or its uint8 view) and stored scales -> fp32 [..., H, D].
-    Dynamic: scales [..., H, G]; static: scales [H]."""
-    if data.dtype == torch.uint8:
-        data = data.view(scheme.type.dtype)
-    x = data.float()
+    Dynamic: scales [..., H, G]; static: scales [H]. `widen`: see _widen."""
+    x = _widen(data, scheme, widen)
     if scheme.static:
-        return x * scales.float().reshape(*([1] * (x.dim() - 2)), -1, 1)
+        return x.mul_(scales.float().reshape(*([1] * (x.dim() - 2)), -1, 1))
     g = scales.shape[-1]
-    return (_grouped(x, g) * decode_scales(scales, scheme).unsqueeze(-1)).reshape(x.shape)
+    _grouped(x, g).mul_(decode_scales(scales, scheme).unsqueeze(-1))
+    return x
 
 
 def widen_table(fp8: str) -> torch.Tensor:
@@ -171,12 +180,11 @@ def quantize_kv(kv: torch.Tensor, scheme: Fp8Scheme, static_scales: torch.Tensor
 
 
 def dequantize_kv_rows(data: torch.Tensor, scales: torch.Tensor | None, scheme: Fp8Scheme,
-                       static_scales: torch.Tensor | None = None, is_v: torch.Tensor | None = None) -> torch.Tensor:
+                       static_scales: torch.Tensor | None = None, is_v: torch.Tensor | None = None,
+                       widen=None) -> torch.Tensor:
     """Gathered cache rows -> fp32. data [N, ..., H, D] (FP8 or uint8); per-token scales [N, ..., H, G];
-    static: static_scales [2, H] and is_v [N] (bool: row n holds V, else K)."""
-    if data.dtype == torch.uint8:
-        data = data.view(scheme.type.dtype)
+    static: static_scales [2, H] and is_v [N] (bool: row n holds V, else K). `widen`: see _widen."""
     if scheme.static:
         s = static_scales.float()[is_v.long()]  # [N, H]
-        return data.float() * s.reshape(s.shape[0], *([1] * (data.dim() - 3)), s.shape[1], 1)
-    return dequantize(data, scales, scheme)
+        return _widen(data, scheme, widen).mul_(s.reshape(s.shape[0], *([1] * (data.dim() - 3)), s.shape[1], 1))
+    return dequantize(data, scales, scheme, widen)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.engine_bugs import broken_static_kv_scales
 
 from tierlm import LLM, SamplingParams
 from tierlm.config import DriftGuardConfig
 from tierlm.core.errors import InvalidParameterError
-from tierlm.engine.drift_guard import DriftGuard, JobScore
-from tierlm.quant.calibration import KVScales, ModelIdentity
+from tierlm.engine.drift_guard import DriftGuard, JobScore, ShadowJob
 
 TEXT = (Path(__file__).parents[2] / "src/tierlm/bench/data/midsummer_act1.txt").read_text()
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -34,10 +34,7 @@ def fp32_llm():
 @pytest.fixture(scope="module")
 def broken_scales(fp32_llm, tmp_path_factory) -> Path:
     """Static FP8 scales 1000x too small for this model: almost every K/V value saturates at +-448."""
-    e = fp32_llm.engine
-    identity = ModelIdentity(e.model_config.model_id, e.weights_digest, e.model_config_digest)
-    typical = torch.tensor([10.0, 2.0]).view(1, 2, 1).expand(e.model_config.num_layers, 2, e.model_config.num_kv_heads)
-    return KVScales(identity, (typical * 1e-3).contiguous(), tokens=1).save(tmp_path_factory.mktemp("s") / "s.json")
+    return broken_static_kv_scales(fp32_llm.engine, tmp_path_factory.mktemp("s") / "s.json")
 
 
 def guard_config(tmp_path: Path, **kw) -> DriftGuardConfig:
@@ -217,3 +214,37 @@ def test_bad_guard_configs_name_the_fix(kw, match):
 def test_rearm_without_a_guard_is_a_clear_error(fp32_llm):
     with pytest.raises(InvalidParameterError, match="drift guard is off"):
         fp32_llm.engine.rearm_drift_guard()
+
+
+def test_the_worker_runs_one_thread_and_leaves_the_process_thread_count_alone(tmp_path):
+    """The worker scores with one intra-op thread, and its torch.set_num_threads(1) does not become the count
+    of threads started later (an engine loop started after the guard would run single-threaded)."""
+    import threading
+
+    class CountingScorer:  # records the thread count its scoring sees
+        seen: list[int] = []
+
+        def score(self, job):
+            self.seen.append(torch.get_num_threads())
+            return JobScore(len(job.output_ids), 0.0, len(job.output_ids))
+
+    before = torch.get_num_threads()
+    scorer = CountingScorer()
+    g = DriftGuard(DriftGuardConfig(fraction=1.0, state_path=str(tmp_path / "s.json")), scorer, {"m": 1},
+                   torch.device("cpu"))
+    try:
+        seen = {}
+
+        def probe():
+            torch.ones(1 << 16).sum()
+            seen["new"] = torch.get_num_threads()
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == before and seen["new"] == before
+        job = ShadowJob("r", [1, 2], [3], torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long))
+        assert g.submit(job) and g.wait_idle(30)
+        assert scorer.seen == [1] and g.counters["scored_tokens"] == 1
+    finally:
+        g.close()

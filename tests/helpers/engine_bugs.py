@@ -59,3 +59,16 @@ def fp8_scale_one_exponent_off(monkeypatch):
         return data, (None if scales is None else scales * 2)
 
     monkeypatch.setattr(storage, "quantize_kv", broken)
+
+
+def broken_static_kv_scales(engine, path):
+    """A calibration file for `engine`'s model (static FP8 KV) whose scales are 1000x too small: almost every
+    K/V value saturates at +-448 (|K| ~ 10, |V| ~ 2 on the default model). Returns the saved path."""
+    import torch
+
+    from tierlm.quant.calibration import KVScales, ModelIdentity
+
+    cfg = engine.model_config
+    identity = ModelIdentity(cfg.model_id, engine.weights_digest, engine.model_config_digest)
+    typical = torch.tensor([10.0, 2.0]).view(1, 2, 1).expand(cfg.num_layers, 2, cfg.num_kv_heads)
+    return KVScales(identity, (typical * 1e-3).contiguous(), tokens=1).save(path)

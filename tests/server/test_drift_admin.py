@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
+from helpers.engine_bugs import broken_static_kv_scales
 from server_testing import assert_envelope, openai_client, running_server
 
 from tierlm.config import CacheConfig, DriftGuardConfig, EngineConfig
 from tierlm.engine.llm_engine import LLMEngine
-from tierlm.quant.calibration import KVScales, ModelIdentity
 from tierlm.server.server_config import ServerConfig
 
 KEY = "drift-admin-key"
@@ -20,10 +19,7 @@ KEY = "drift-admin-key"
 @pytest.fixture(scope="module")
 def broken_engine(server_engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drift")
-    e = server_engine
-    identity = ModelIdentity(e.model_config.model_id, e.weights_digest, e.model_config_digest)
-    typical = torch.tensor([10.0, 2.0]).view(1, 2, 1).expand(e.model_config.num_layers, 2, e.model_config.num_kv_heads)
-    scales = KVScales(identity, (typical * 1e-3).contiguous(), tokens=1).save(tmp / "scales.json")
+    scales = broken_static_kv_scales(server_engine, tmp / "scales.json")
     engine = LLMEngine(EngineConfig(
         cache=CacheConfig(num_blocks=256, kv_format="fp8_e4m3_static", kv_scales_path=str(scales)),
         drift_guard=DriftGuardConfig(fraction=1.0, min_tokens=32, window_tokens=256,

@@ -147,8 +147,14 @@ class DriftGuard:
             self.path.unlink()
             log.info("drift guard: forgot the remembered trip in %s (--drift-rearm)", self.path)
         self._load_state()
+        threads = torch.get_num_threads()
+        self._configured = threading.Event()
         self._thread = threading.Thread(target=self._work, name="tierlm-drift-guard", daemon=True)
         self._thread.start()
+        if device.type == "cpu" and self._configured.wait(30):
+            # torch.set_num_threads(1) on the worker also set the default that threads started later take:
+            # put it back from this thread (whose own count it leaves as it was).
+            torch.set_num_threads(threads)
 
     # ---- engine thread ---------------------------------------------------------------------------------
     def want(self) -> bool:
@@ -181,11 +187,15 @@ class DriftGuard:
     # ---- worker thread -----------------------------------------------------------------------------
     def _work(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(1)  # this thread's intra-op pool only; the engine thread keeps its own
+            # One intra-op thread for this thread only: run one parallel op first, so torch's once-per-thread
+            # thread-count init is done and does not undo the 1 when the constructor restores the default.
+            torch.ones(1 << 16).sum()
+            torch.set_num_threads(1)
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             except (AttributeError, OSError):
                 pass
+        self._configured.set()
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
             job = self._queue.get()

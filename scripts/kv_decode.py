@@ -4,6 +4,9 @@ on CPU), with fp32 and bf16 in the same run. Default model, one process, sides a
     .venv/bin/python scripts/kv_decode.py [--contexts 4096 8192] [--batch 8] [--formats fp32 bf16 fp8_e4m3]
                                           [--steps 16] [--reps 3] [--json out.json]
 
+A side may add sparse decoding with the Quest selector: `fp8_e4m3+quest:1024` reads 1,024 KV tokens per
+sequence in every sparse layer (the first two layers stay dense); its bytes per step count what it reads.
+
 For each context C, one engine per format (prefix caching off, the engine's default attention backend for
 that format: on CPU `cpu` for fp32 and FP8 (native in-place decode kernels), `torch` for bf16, which the
 native kernels do not read), each holding `batch` running sequences of C - 1 prompt tokens (distinct
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 from tierlm.bench.memory import weight_bytes
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.engine.llm_engine import LLMEngine
 
@@ -45,9 +48,22 @@ def step(eng: LLMEngine, done: dict[str, list[int]]) -> None:
             done[out.request_id] = list(out.outputs[0].token_ids)
 
 
-def build(fmt: str, blocks: int) -> LLMEngine:
+def build(side: str, blocks: int) -> LLMEngine:
+    """A side "FORMAT" or "FORMAT+quest:BUDGET"."""
+    fmt, _, budget = side.partition("+quest:")
+    sparse = SparseConfig(selector="quest", budget_tokens=int(budget)) if budget else SparseConfig()
     return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=blocks, kv_format=fmt, enable_prefix_caching=False),
-                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512)))
+                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
+                                  sparse=sparse))
+
+
+def kv_tokens_read(eng: LLMEngine, ctx: int) -> float:
+    """KV tokens one decode step reads per sequence, averaged over the layers (sparse layers read the budget)."""
+    sp, layers = eng.config.sparse, eng.model_config.num_layers
+    if not sp.enabled:
+        return ctx
+    dense = min(sp.dense_layers, layers)
+    return (dense * ctx + (layers - dense) * min(ctx, sp.budget_tokens)) / layers
 
 
 def main() -> None:
@@ -105,7 +121,7 @@ def main() -> None:
             ms = statistics.median(times[fmt]) * 1e3
             ratios = [b / t for b, t in zip(times[base], times[fmt])]
             w = weight_bytes(eng.model)[1]
-            moved = w + a.batch * ctx_eff * eng.kv_spec.bytes_per_token
+            moved = w + a.batch * kv_tokens_read(eng, ctx_eff) * eng.kv_spec.bytes_per_token
             row = {"context": ctx_eff, "batch": a.batch, "kv_format": fmt, "backend": eng.attention_backend.name,
                    "ms_per_step": ms, "decode_tok_s": a.batch / (ms / 1e3), f"speedup_vs_{base}": statistics.median(ratios),
                    "speedup_min": min(ratios), "speedup_max": max(ratios), "bytes_per_step": moved,

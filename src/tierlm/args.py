@@ -8,8 +8,8 @@ import argparse
 import dataclasses
 import re
 
-from tierlm.config import (PREEMPTION_MODES, TIER_POLICIES, WRITE_POLICIES, CacheConfig, DriftGuardConfig,
-                           EngineConfig, SchedulerConfig, TierConfig)
+from tierlm.config import (PREEMPTION_MODES, SPARSE_SELECTORS, TIER_POLICIES, WRITE_POLICIES, CacheConfig,
+                           DriftGuardConfig, EngineConfig, SchedulerConfig, SparseConfig, TierConfig)
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.registry import DTYPE_CHOICES, implemented_kv_formats
 
@@ -171,7 +171,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto",
                    help="auto (cpu where it runs, else torch) | cpu (native decode, fp32 CPU) | torch (gather + SDPA)")
     add_tier_args(p)
+    add_sparse_args(p)
     add_drift_guard_args(p)
+
+
+def add_sparse_args(p: argparse.ArgumentParser) -> None:
+    d = SparseConfig()
+    g = p.add_argument_group("sparse decoding (which KV blocks a decode step reads)")
+    g.add_argument("--sparse", default="dense", choices=SPARSE_SELECTORS,
+                   help="dense (every block) | quest (per-block key bounds pick the blocks; prefill stays dense)")
+    g.add_argument("--sparse-budget", type=int, default=d.budget_tokens, metavar="TOKENS",
+                   help=f"KV tokens a sparse decode step reads per sequence and layer (default {d.budget_tokens})")
+    g.add_argument("--sparse-sink", type=int, default=d.sink_tokens, metavar="TOKENS",
+                   help=f"first tokens always read (default {d.sink_tokens})")
+    g.add_argument("--sparse-window", type=int, default=d.window_tokens, metavar="TOKENS",
+                   help=f"last tokens always read (default {d.window_tokens})")
+    g.add_argument("--sparse-dense-layers", type=int, default=d.dense_layers, metavar="N",
+                   help=f"the first N layers read every block (default {d.dense_layers})")
+
+
+def sparse_config(args: argparse.Namespace) -> SparseConfig:
+    if getattr(args, "sparse", "dense") == "dense":
+        return SparseConfig()
+    return SparseConfig(selector=args.sparse, budget_tokens=args.sparse_budget, sink_tokens=args.sparse_sink,
+                        window_tokens=args.sparse_window, dense_layers=args.sparse_dense_layers)
 
 
 def add_drift_guard_args(p: argparse.ArgumentParser) -> None:
@@ -218,4 +241,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         cache=cache, scheduler=sched, tiers=tier_config(args),
-                        attention_backend=args.attention_backend, drift_guard=drift_guard_config(args))
+                        attention_backend=args.attention_backend, drift_guard=drift_guard_config(args),
+                        sparse=sparse_config(args))

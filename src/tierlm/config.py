@@ -161,6 +161,39 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SparseConfig:
+    """Sparse decoding (attention/sparse.py): which KV blocks a decode step reads. `selector` "dense" reads all;
+    "quest" reads the first `sink_tokens`, the last `window_tokens` and the blocks between whose per-block key
+    bounds score best against the query, `budget_tokens` in all (a context within it is read whole: dense).
+    The first `dense_layers` layers and every prefill chunk stay dense."""
+
+    selector: str = "dense"  # "dense" | "quest"
+    budget_tokens: int = 1024
+    sink_tokens: int = 16
+    window_tokens: int = 64
+    dense_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.selector not in SPARSE_SELECTORS:
+            raise InvalidParameterError(f"unknown sparse selector {self.selector!r}",
+                                        f"use one of {', '.join(SPARSE_SELECTORS)}")
+        if min(self.budget_tokens, self.window_tokens) < 1 or min(self.sink_tokens, self.dense_layers) < 0:
+            raise InvalidParameterError("sparse budget and window must be >= 1, sink and dense layers >= 0",
+                                        "use positive sizes")
+        if self.selector != "dense" and self.budget_tokens < self.sink_tokens + self.window_tokens:
+            raise InvalidParameterError(
+                f"sparse budget {self.budget_tokens} tokens is below sink {self.sink_tokens} + window "
+                f"{self.window_tokens}", "raise --sparse-budget or lower --sparse-sink / --sparse-window")
+
+    @property
+    def enabled(self) -> bool:
+        return self.selector != "dense"
+
+
+SPARSE_SELECTORS = ("dense", "quest")
+
+
+@dataclass(frozen=True)
 class DriftGuardConfig:
     """Runtime rollback of a lossy KV format (engine/drift_guard.py). A share `fraction` of finished requests
     is shadow-scored off the hot path: the candidate's top-k log-probabilities, kept while it generated,
@@ -214,6 +247,7 @@ class EngineConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
     drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

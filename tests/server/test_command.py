@@ -55,6 +55,17 @@ def test_drift_guard_flags():
         command.engine_config(parse(["--drift-guard", "2"]))
 
 
+def test_sparse_flags():
+    assert not command.engine_config(parse([])).sparse.enabled
+    e = command.engine_config(parse(["--sparse", "quest", "--sparse-budget", "512", "--sparse-sink", "32",
+                                      "--sparse-window", "128", "--sparse-dense-layers", "3"])).sparse
+    assert (e.selector, e.budget_tokens, e.sink_tokens, e.window_tokens, e.dense_layers) == ("quest", 512, 32, 128, 3)
+    with pytest.raises(InvalidParameterError, match="sparse-budget"):
+        command.engine_config(parse(["--sparse", "quest", "--sparse-budget", "64"]))
+    with pytest.raises(SystemExit):
+        parse(["--sparse", "nsa"])
+
+
 def test_bad_policy_is_a_usage_error():
     with pytest.raises(SystemExit):
         parse(["--prompt-policy", "shrink"])

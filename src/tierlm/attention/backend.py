@@ -18,6 +18,7 @@ backend, in PREFERENCE order, whose `unsupported(...)` returns None.
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -52,6 +53,12 @@ class AttentionBackend(ABC):
         gets: a lossy format is then the same whether a token is fresh or read back."""
         return layer.write_slots(meta.slot_mapping, k, v)
 
+    def with_decode_tables(self, meta: AttentionMetadata, tables: torch.Tensor, lens: torch.Tensor,
+                           num_blocks: int) -> AttentionMetadata:
+        """`meta` with other decode block tables and lengths (a sparse selector's picks for one layer), the
+        prefill part and its derived state kept."""
+        return dataclasses.replace(meta, decode_block_tables=tables, decode_seq_lens=lens, backend_state=None)
+
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: AttentionMetadata,
                scale: float) -> torch.Tensor:
@@ -66,12 +73,25 @@ class AttentionContext:
     meta: AttentionMetadata
     kv: KVStorage
     backend: AttentionBackend
+    selector: object = None  # attention.sparse.QuestSelector, or None (dense)
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Write layer `layer_idx`'s new K/V, then attend: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        """Write layer `layer_idx`'s new K/V, then attend: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. With
+        a sparse selector, the layer's decode rows read only the blocks it picks."""
         layer = self.kv[layer_idx]
-        k, v = self.backend.write_kv(layer, k, v, self.meta)
-        return self.backend.attend(q, k, v, layer, self.meta, scale)
+        meta = self.meta
+        k, v = self.backend.write_kv(layer, k, v, meta)
+        sel = self.selector
+        if sel is not None and sel.applies(layer_idx):
+            from tierlm.attention.sparse import update_key_bounds
+
+            update_key_bounds(layer, meta.slot_mapping, k, meta.block_size)
+            if meta.num_decodes:
+                picks = sel.select(q[: meta.num_decodes], layer, meta.decode_block_tables, meta.decode_seq_lens,
+                                   scale)
+                if picks.block_tables is not meta.decode_block_tables:
+                    meta = self.backend.with_decode_tables(meta, picks.block_tables, picks.seq_lens, self.kv.num_blocks)
+        return self.backend.attend(q, k, v, layer, meta, scale)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {}

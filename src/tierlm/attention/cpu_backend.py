@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierlm.attention.backend import register_backend
+from tierlm.attention.backend import AttentionBackend, register_backend
 from tierlm.attention.metadata import AttentionMetadata, kv_index
 from tierlm.attention.torch_backend import TorchPagedBackend
 from tierlm.core.registry import get_kv_format
@@ -81,6 +81,9 @@ class CpuBackend(TorchPagedBackend):
 
     def prepare(self, meta: AttentionMetadata, num_blocks: int) -> None:
         meta.backend_state = None  # the kernel reads block tables as they are; see _fallback_decode
+
+    def with_decode_tables(self, meta, tables, lens, num_blocks):
+        return AttentionBackend.with_decode_tables(self, meta, tables, lens, num_blocks)  # no derived state
 
     def attend(self, q, k, v, layer: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         parts = []

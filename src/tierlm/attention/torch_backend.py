@@ -68,6 +68,16 @@ class TorchPagedBackend(AttentionBackend):
             st.decode_key_mask = (torch.arange(mb * bs, device=lens.device)[None, :] < lens[:, None]).view(nd, 1, 1, -1)
         return st
 
+    def with_decode_tables(self, meta: AttentionMetadata, tables: torch.Tensor, lens: torch.Tensor,
+                           num_blocks: int) -> AttentionMetadata:
+        new = super().with_decode_tables(meta, tables, lens, num_blocks)
+        st = self._prepare_decodes(new, num_blocks)
+        old: TorchStepState = meta.backend_state
+        st.prefill_kv_indices, st.prefill_masks, st._masks_by_group = (
+            old.prefill_kv_indices, old.prefill_masks, old._masks_by_group)
+        new.backend_state = st
+        return new
+
     def attend(self, q, k, v, layer: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         parts = []  # each [rows, Hq, D], in row order; one part (the common case) is returned as is
         if meta.num_decodes:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from tierlm.config import CacheConfig, DriftGuardConfig, EngineConfig, SchedulerConfig, TierConfig
+from tierlm.config import CacheConfig, DriftGuardConfig, EngineConfig, SchedulerConfig, SparseConfig, TierConfig
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.outputs import RequestOutput
 from tierlm.core.sampling_params import SamplingParams
@@ -22,7 +22,7 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", attention_backend: str = "auto", tiers: TierConfig | None = None,
                  kv_format: str | None = None, kv_scales: str | None = None,
-                 drift_guard: DriftGuardConfig | None = None):
+                 drift_guard: DriftGuardConfig | None = None, sparse: SparseConfig | None = None):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed, kv_format=kv_format,
                             kv_scales_path=kv_scales)
@@ -31,7 +31,8 @@ class LLM:
         self._init(LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
                                           cache=cache, scheduler=sched, attention_backend=attention_backend,
                                           tiers=tiers or TierConfig(),
-                                          drift_guard=drift_guard or DriftGuardConfig())))
+                                          drift_guard=drift_guard or DriftGuardConfig(),
+                                          sparse=sparse or SparseConfig())))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tierlm.attention import select_backend
+from tierlm.attention.sparse import add_quest_meta, build_selector
 from tierlm.config import CacheConfig, EngineConfig
 from tierlm.core.errors import InvalidParameterError, PromptTooLongError
 from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
@@ -181,6 +182,9 @@ class LLMEngine:
         # lower tier never crosses these. (The device and attention backend change the last bits of K/V, not
         # their meaning: KV moved between them is reused like KV recomputed there.)
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
+        self.selector = build_selector(self.config.sparse, cc.block_size)
+        if self.selector is not None:
+            add_quest_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part
         self.kv_scales = self._candidate_scales if self.kv_spec.format.static else None
         if self.kv_scales is not None:
             per_layer = self.kv_scales.scales(self.kv_spec.format.scheme().type.max).to(self.device)
@@ -195,7 +199,7 @@ class LLMEngine:
             self.scheduler = Scheduler(self.config.scheduler, self.kv)
         else:
             self.scheduler.kv = self.kv
-        self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device, self.selector)
         for text in self.config.tiers.pinned_prefixes:
             self.pin_prefix(text)
 

@@ -18,7 +18,9 @@ from tierlm.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVStorage, backend: AttentionBackend, device: torch.device):
+    def __init__(self, model: CausalLM, kv: KVStorage, backend: AttentionBackend, device: torch.device,
+                 selector=None):
+        self.selector = selector  # attention.sparse selector (None: dense)
         self.model = model
         self.kv = kv
         self.backend = backend
@@ -82,7 +84,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[Request]]:
         """Run one step. Returns (logits [N, vocab] fp32 for the N requests that sample, those requests)."""
         input_ids, positions, meta, rows, reqs = self._prepare(out)
-        hidden = self.model(input_ids, positions, AttentionContext(meta, self.kv, self.backend))
+        hidden = self.model(input_ids, positions, AttentionContext(meta, self.kv, self.backend, self.selector))
         if not rows:
             return None, []
         return self.model.compute_logits(hidden[rows]), reqs

@@ -1,0 +1,139 @@
+"""Sparse decoding: block selectors that pick, per decode sequence and layer, the KV blocks attention reads.
+
+`dense` reads every block (no selector). `quest` (Tang et al., 2024; training-free, any model) keeps per
+block and KV head the per-channel min and max of the keys as they are stored (LayerKV.block_meta
+"key_min" / "key_max", updated as tokens are written, so they move with the block through the prefix
+cache and the tiers), and bounds a query's logit against any key of block j by
+
+    u_h(j) = sum_c max(q_hc * min_jc, q_hc * max_jc)          (query head h, its KV head's min / max)
+
+A decode sequence keeps its first `sink_tokens` (attention sinks), its last `window_tokens` (the recent
+window, which holds the partial last block) and, of the blocks between, the best by
+
+    s(j) = log sum_h exp(scale * (u_h(j) - max_j' u_h(j')))
+
+the bound on block j's attention weight relative to each query head's best block, summed over the heads
+(one block table serves all heads of a sequence): a block that is the best for one head scores >= 0, one
+that is near the best for several heads scores higher. The budget `budget_tokens` counts every
+read block; a context within it reads all blocks in order, so it equals dense exactly. The first
+`dense_layers` layers always read everything, and prefill chunks stay dense.
+
+The picks become a compacted block table per sequence (sink, picked blocks in position order, window) and
+its length; the backends' decode paths run on it unchanged (the native CPU kernels read the picked FP8 or
+fp32 blocks in place), since attention over cached keys does not depend on where a block sits in the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from tierlm.config import SparseConfig
+from tierlm.core.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from tierlm.kvcache.storage import KVStorage, LayerKV
+
+META = ("key_min", "key_max")
+
+
+def add_quest_meta(storage: KVStorage) -> None:
+    """Per-block key bounds [num_blocks, Hkv, D] (fp32) in every layer."""
+    shape = (storage.spec.num_kv_heads, storage.spec.head_dim)
+    for name in META:
+        storage.add_block_meta(name, shape, torch.float32)
+
+
+def update_key_bounds(layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+    """Fold the keys just written (k [T, Hkv, D] as stored, at slots [T]) into their blocks' bounds. A block's
+    first slot (offset 0) starts its bounds afresh: a block is always written from its first token on, so
+    stale bounds from its previous owner never survive."""
+    lo, hi = layer.block_meta["key_min"], layer.block_meta["key_max"]
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    kf = k.to(lo.dtype)
+    first = (slots % block_size) == 0
+    if bool(first.any()):
+        lo.index_copy_(0, blocks[first], kf[first])
+        hi.index_copy_(0, blocks[first], kf[first])
+    idx = blocks.view(-1, 1, 1).expand_as(kf)
+    lo.scatter_reduce_(0, idx, kf, reduce="amin", include_self=True)
+    hi.scatter_reduce_(0, idx, kf, reduce="amax", include_self=True)
+
+
+def quest_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+    """q [N, Hq, D]; key_min / key_max [N, MB, Hkv, D] (each sequence's blocks) -> the upper bounds
+    u [N, MB, Hq] of q . k over each block's keys."""
+    n, hq, d = q.shape
+    hkv = key_min.shape[2]
+    qg = q.float().view(n, 1, hkv, hq // hkv, d)  # [N, 1, Hkv, G, D]
+    lo, hi = key_min.unsqueeze(3), key_max.unsqueeze(3)  # [N, MB, Hkv, 1, D]
+    return torch.maximum(qg * lo, qg * hi).sum(-1).reshape(n, key_min.shape[1], hq)
+
+
+@dataclass
+class Picks:
+    block_tables: torch.Tensor  # [N, K] int64 (padded with 0 past each row's blocks)
+    seq_lens: torch.Tensor  # [N] int64: tokens the compacted table holds
+
+
+class QuestSelector:
+    name = "quest"
+
+    def __init__(self, config: SparseConfig, block_size: int):
+        self.config = config
+        self.block_size = block_size
+        bs = block_size
+        self.sink_blocks = -(-config.sink_tokens // bs) if config.sink_tokens else 0
+        self.window_blocks = max(1, -(-config.window_tokens // bs))  # always the partial last block
+        self.budget_blocks = config.budget_tokens // bs
+        if self.budget_blocks < self.sink_blocks + self.window_blocks:
+            raise InvalidParameterError(
+                f"a sparse budget of {config.budget_tokens} tokens is {self.budget_blocks} blocks of {bs}, fewer than "
+                f"the {self.sink_blocks} sink + {self.window_blocks} window blocks it must keep",
+                "raise --sparse-budget or lower --sparse-sink / --sparse-window")
+
+    def applies(self, layer_idx: int) -> bool:
+        return layer_idx >= self.config.dense_layers
+
+    def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
+               scale: float) -> Picks:
+        """q [N, Hq, D] (decode rows); tables [N, MB], lens [N] (the dense decode metadata); scale: the
+        attention's logit scale -> the compacted tables and lengths."""
+        bs, kb = self.block_size, self.budget_blocks
+        n, mb = tables.shape
+        nblocks = torch.div(lens + bs - 1, bs, rounding_mode="floor")  # [N]
+        if int(nblocks.max()) <= kb:
+            return Picks(tables, lens)  # every context within the budget: dense, exactly
+        pos = torch.arange(mb, device=tables.device)
+        valid = pos[None, :] < nblocks[:, None]
+        keep = valid & ((pos[None, :] < self.sink_blocks) | (pos[None, :] >= nblocks[:, None] - self.window_blocks))
+        u = quest_scores(q, layer.block_meta["key_min"][tables], layer.block_meta["key_max"][tables])  # [N, MB, Hq]
+        cand = valid & ~keep
+        u = u.masked_fill(~cand[:, :, None], float("-inf"))
+        best = u.amax(1, keepdim=True)  # [N, 1, Hq]
+        gap = torch.where(cand[:, :, None], (u - best) * scale, torch.full_like(u, float("-inf")))
+        rel = torch.logsumexp(gap, dim=-1)  # [N, MB]; -inf for non-candidates
+        free = (kb - keep.sum(1)).clamp_min(0)  # candidate blocks each row may take
+        take = min(int(free.max()), mb)
+        if take:
+            top = rel.topk(take, dim=1).indices  # [N, take], best first
+            rank = torch.arange(take, device=tables.device)[None, :]
+            ok = (rank < free[:, None]) & cand.gather(1, top)
+            chosen = torch.zeros_like(keep)
+            chosen.scatter_(1, top, ok)
+            keep = keep | chosen
+        within = nblocks <= kb  # rows inside the budget read all their blocks
+        keep = torch.where(within[:, None], valid, keep)
+        count = keep.sum(1)  # [N]
+        order = torch.where(keep, pos[None, :], pos[None, :] + mb).sort(1).values[:, : int(count.max())]
+        order = torch.where(order < mb, order, torch.zeros_like(order))
+        compact = tables.gather(1, order)
+        last = lens - (nblocks - 1) * bs  # tokens in each row's last block
+        return Picks(compact, (count - 1) * bs + last)
+
+
+def build_selector(config: SparseConfig, block_size: int) -> QuestSelector | None:
+    if config.selector == "dense":
+        return None
+    return QuestSelector(config, block_size)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from tierlm.attention.metadata import AttentionMetadata
+from tierlm.attention.sparse import update_key_bounds
 from tierlm.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -83,8 +84,6 @@ class AttentionContext:
         k, v = self.backend.write_kv(layer, k, v, meta)
         sel = self.selector
         if sel is not None and sel.applies(layer_idx):
-            from tierlm.attention.sparse import update_key_bounds
-
             update_key_bounds(layer, meta.slot_mapping, k, meta.block_size)
             if meta.num_decodes:
                 picks = sel.select(q[: meta.num_decodes], layer, meta.decode_block_tables, meta.decode_seq_lens,

@@ -23,7 +23,8 @@ from helpers.attention import dense_reference
 CPU = torch.device("cpu")
 FORMATS = ["fp8_e4m3", "fp8_e4m3_ue8m0", "fp8_e5m2", "fp8_e4m3_g64", "fp8_e5m2_g64_ue8m0", "fp8_e4m3_static"]
 # fp32-reference bound on max |out - ref| / max |ref| per FP8 type (random normal K/V, scales per token)
-LOOSE = {"e4m3": 0.08, "e5m2": 0.2}
+LOOSE = {"e4m3": 0.08, "e5m2": 0.2}  # max |fp8 - fp32| over max |fp32|, fp32 scales; UE8M0 rounds a scale up to
+# a power of two, which can leave the top binade of the type unused: up to one mantissa bit lost, twice the bound
 
 
 def _backends():
@@ -106,7 +107,8 @@ def test_fp8_matches_dense_over_what_the_cache_holds(backend, kv_format, decode_
     torch.testing.assert_close(out, exact, atol=2e-5, rtol=1e-4)
     if not get_kv_format(kv_format).static:  # static test scales are arbitrary, not calibrated to the data
         err = ((out - loose).abs().max() / loose.abs().max()).item()
-        assert err < LOOSE[get_kv_format(kv_format).fp8], err
+        fmt = get_kv_format(kv_format)
+        assert err < LOOSE[fmt.fp8] * (2 if fmt.scheme().scale_type == "ue8m0" else 1), err
 
 
 def test_the_cache_holds_fp8_bytes_and_scales():
@@ -121,8 +123,11 @@ def test_the_cache_holds_fp8_bytes_and_scales():
     layer.write_slots(slots, k, v)
     back = layer.read_blocks(torch.tensor([1, 3, 9, 11])).view(2, 8, 2, 128)[:, :6]
     assert back.dtype == torch.float32
-    assert ((back[0] - k).abs() <= k.abs() * 2 ** -3 + 1e-6).all()  # e4m3: 3 mantissa bits, RNE
-    assert ((back[1] - v).abs() <= v.abs() * 2 ** -3 + 1e-4).all()
+    # e4m3: 3 mantissa bits, RNE: relative 2^-4 for normals; a value below 2^-6 of its group's scale range is
+    # subnormal, off by up to half a step (2^-10 x scale)
+    step = torch.exp2(layer.scales[:, [1, 3]].float() - 127).amax((1, 2, 3, 4)) * 2 ** -10  # [K, V]
+    assert ((back[0] - k).abs() <= k.abs() * 2 ** -3 + step[0]).all()
+    assert ((back[1] - v).abs() <= v.abs() * 2 ** -3 + step[1]).all()
     e = layer.scales[:, 1].int()
     assert ((e >= 1) & (e <= 254)).all()
     static = KVStorage(KVSpec(1, 2, 64, "fp8_e4m3_static", 4), 8, CPU)[0]

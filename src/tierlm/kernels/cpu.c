@@ -47,6 +47,76 @@
 #pragma omp declare simd notinbranch
 float expf(float);
 
+/* The running-softmax steps one_sequence and one_sequence_fp8 share. Scratch per sequence: s [hq, bs] scores
+ * of the current block, m [hq] running max, l [hq] running sum, acc [hq, d] running numerator. Always inlined,
+ * so a caller with a constant head dim gets fully unrolled loops. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE void softmax_init(float *m, float *l, float *acc, int64_t hq, int64_t d) {
+    for (int64_t j = 0; j < hq; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    for (int64_t x = 0; x < hq * d; x++) acc[x] = 0.0f;
+}
+
+/* s[h, t] = scale * q_h . k_row[h / g] for every query head: token t's scores. */
+ALWAYS_INLINE void score_token(const float *q, const float *krow, float *s, int64_t t, int64_t hq, int64_t g,
+                               int64_t d, int64_t bs, float scale) {
+    for (int64_t h = 0; h < hq; h++) {
+        const float *qh = q + h * d;
+        const float *kh = krow + (h / g) * d;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t x = 0; x < d; x++) dot += qh[x] * kh[x];
+        s[h * bs + t] = dot * scale;
+    }
+}
+
+/* The block's scores (row stride bs, n_tok of them) become weights under the new running max; l and acc are
+ * rescaled to it. */
+ALWAYS_INLINE void softmax_block(float *s, float *m, float *l, float *acc, int64_t hq, int64_t d, int64_t bs,
+                                 int64_t n_tok) {
+    for (int64_t h = 0; h < hq; h++) {
+        float *sh = s + h * bs;
+        float bmax = -INFINITY;
+        for (int64_t t = 0; t < n_tok; t++) bmax = sh[t] > bmax ? sh[t] : bmax;
+        const float new_m = bmax > m[h] ? bmax : m[h];
+        const float corr = expf(m[h] - new_m); /* 0 on the first block (m = -inf) */
+        float bsum = 0.0f;
+#pragma omp simd reduction(+ : bsum)
+        for (int64_t t = 0; t < n_tok; t++) {
+            const float p = expf(sh[t] - new_m);
+            sh[t] = p;
+            bsum += p;
+        }
+        l[h] = l[h] * corr + bsum;
+        m[h] = new_m;
+        float *ah = acc + h * d;
+#pragma omp simd
+        for (int64_t x = 0; x < d; x++) ah[x] *= corr;
+    }
+}
+
+/* acc[h] += weight[h, t] * v_row[h / g] for every query head. */
+ALWAYS_INLINE void accumulate_token(const float *s, const float *vrow, float *acc, int64_t t, int64_t hq,
+                                    int64_t g, int64_t d, int64_t bs) {
+    for (int64_t h = 0; h < hq; h++) {
+        const float p = s[h * bs + t];
+        const float *vh = vrow + (h / g) * d;
+        float *ah = acc + h * d;
+#pragma omp simd
+        for (int64_t x = 0; x < d; x++) ah[x] += p * vh[x];
+    }
+}
+
+ALWAYS_INLINE void softmax_finish(float *out, const float *acc, const float *l, int64_t hq, int64_t d) {
+    for (int64_t h = 0; h < hq; h++) {
+        const float inv = 1.0f / l[h];
+        for (int64_t x = 0; x < d; x++) out[h * d + x] = acc[h * d + x] * inv;
+    }
+}
+
 /* One sequence, all heads: each K/V row (all KV heads of one token) is read once, in order. Always
  * inlined, so the callers below can hand it a constant head dim and get fully unrolled dot products. */
 static inline __attribute__((always_inline)) void one_sequence(const float *q, const float *k_base, const float *v_base, const int64_t *table,
@@ -59,61 +129,17 @@ static inline __attribute__((always_inline)) void one_sequence(const float *q, c
     float *acc = l + hq;     /* [hq, d] running numerator */
     const int64_t row = hkv * d;   /* floats between consecutive tokens of a block */
     const int64_t block = bs * row;
-    for (int64_t j = 0; j < hq; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-    }
-    for (int64_t x = 0; x < hq * d; x++) acc[x] = 0.0f;
+    softmax_init(m, l, acc, hq, d);
     const int64_t nblocks = (len + bs - 1) / bs;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
         const float *kb = k_base + table[b] * block;
         const float *vb = v_base + table[b] * block;
-        for (int64_t t = 0; t < n_tok; t++) {
-            const float *kt = kb + t * row;
-            for (int64_t h = 0; h < hq; h++) {
-                const float *qh = q + h * d;
-                const float *kh = kt + (h / g) * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t x = 0; x < d; x++) dot += qh[x] * kh[x];
-                s[h * bs + t] = dot * scale;
-            }
-        }
-        for (int64_t h = 0; h < hq; h++) {
-            float *sh = s + h * bs;
-            float bmax = -INFINITY;
-            for (int64_t t = 0; t < n_tok; t++) bmax = sh[t] > bmax ? sh[t] : bmax;
-            const float new_m = bmax > m[h] ? bmax : m[h];
-            const float corr = expf(m[h] - new_m); /* 0 on the first block (m = -inf) */
-            float bsum = 0.0f;
-#pragma omp simd reduction(+ : bsum)
-            for (int64_t t = 0; t < n_tok; t++) {
-                const float p = expf(sh[t] - new_m);
-                sh[t] = p;
-                bsum += p;
-            }
-            l[h] = l[h] * corr + bsum;
-            m[h] = new_m;
-            float *ah = acc + h * d;
-#pragma omp simd
-            for (int64_t x = 0; x < d; x++) ah[x] *= corr;
-        }
-        for (int64_t t = 0; t < n_tok; t++) {
-            const float *vt = vb + t * row;
-            for (int64_t h = 0; h < hq; h++) {
-                const float p = s[h * bs + t];
-                const float *vh = vt + (h / g) * d;
-                float *ah = acc + h * d;
-#pragma omp simd
-                for (int64_t x = 0; x < d; x++) ah[x] += p * vh[x];
-            }
-        }
+        for (int64_t t = 0; t < n_tok; t++) score_token(q, kb + t * row, s, t, hq, g, d, bs, scale);
+        softmax_block(s, m, l, acc, hq, d, bs, n_tok);
+        for (int64_t t = 0; t < n_tok; t++) accumulate_token(s, vb + t * row, acc, t, hq, g, d, bs);
     }
-    for (int64_t h = 0; h < hq; h++) {
-        const float inv = 1.0f / l[h];
-        for (int64_t x = 0; x < d; x++) out[h * d + x] = acc[h * d + x] * inv;
-    }
+    softmax_finish(out, acc, l, hq, d);
 }
 
 /* Returns 0 on success, 1 if the per-sequence scratch would not fit (the caller falls back). */
@@ -275,11 +301,7 @@ static inline __attribute__((always_inline)) void one_sequence_fp8(
     const char *k_sc = (const char *)sc.scales;
     const int64_t esz = scale_kind == SCALE_F32 ? 4 : 1;
     const char *v_sc = k_sc + sc.s_kv * esz;
-    for (int64_t j = 0; j < hq; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-    }
-    for (int64_t x = 0; x < hq * d; x++) acc[x] = 0.0f;
+    softmax_init(m, l, acc, hq, d);
     const int64_t nblocks = (len + bs - 1) / bs;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
@@ -289,50 +311,16 @@ static inline __attribute__((always_inline)) void one_sequence_fp8(
         for (int64_t t = 0; t < n_tok; t++) {
             widen_row(rowbuf, kb + t * row, k_sc + sb + t * sc.s_tok * esz, hkv, d, sc.groups, sc.s_head,
                       fp8_kind, scale_kind, fold);
-            for (int64_t h = 0; h < hq; h++) {
-                const float *qh = q + h * d;
-                const float *kh = rowbuf + (h / g) * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t x = 0; x < d; x++) dot += qh[x] * kh[x];
-                s[h * bs + t] = dot * scale;
-            }
+            score_token(q, rowbuf, s, t, hq, g, d, bs, scale);
         }
-        for (int64_t h = 0; h < hq; h++) {
-            float *sh = s + h * bs;
-            float bmax = -INFINITY;
-            for (int64_t t = 0; t < n_tok; t++) bmax = sh[t] > bmax ? sh[t] : bmax;
-            const float new_m = bmax > m[h] ? bmax : m[h];
-            const float corr = expf(m[h] - new_m); /* 0 on the first block (m = -inf) */
-            float bsum = 0.0f;
-#pragma omp simd reduction(+ : bsum)
-            for (int64_t t = 0; t < n_tok; t++) {
-                const float p = expf(sh[t] - new_m);
-                sh[t] = p;
-                bsum += p;
-            }
-            l[h] = l[h] * corr + bsum;
-            m[h] = new_m;
-            float *ah = acc + h * d;
-#pragma omp simd
-            for (int64_t x = 0; x < d; x++) ah[x] *= corr;
-        }
+        softmax_block(s, m, l, acc, hq, d, bs, n_tok);
         for (int64_t t = 0; t < n_tok; t++) {
             widen_row(rowbuf, vb + t * row, v_sc + sb + t * sc.s_tok * esz, hkv, d, sc.groups, sc.s_head,
                       fp8_kind, scale_kind, fold);
-            for (int64_t h = 0; h < hq; h++) {
-                const float p = s[h * bs + t];
-                const float *vh = rowbuf + (h / g) * d;
-                float *ah = acc + h * d;
-#pragma omp simd
-                for (int64_t x = 0; x < d; x++) ah[x] += p * vh[x];
-            }
+            accumulate_token(s, rowbuf, acc, t, hq, g, d, bs);
         }
     }
-    for (int64_t h = 0; h < hq; h++) {
-        const float inv = 1.0f / l[h];
-        for (int64_t x = 0; x < d; x++) out[h * d + x] = acc[h * d + x] * inv;
-    }
+    softmax_finish(out, acc, l, hq, d);
 }
 
 #if defined(__AVX512F__)
@@ -393,11 +381,7 @@ static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
     const char *k_sc = (const char *)sc.scales, *v_sc = k_sc + sc.s_kv * esz;
     const uint8_t *k_base = data, *v_base = data + num_blocks * block;
     const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t j = 0; j < hq; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-    }
-    for (int64_t x = 0; x < hq * d; x++) acc[x] = 0.0f;
+    softmax_init(m, l, acc, hq, d);
     const int64_t nblocks = (len + bs - 1) / bs;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
@@ -423,25 +407,7 @@ static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
                 }
             }
         }
-        for (int64_t h = 0; h < hq; h++) {
-            float *sh = s + h * bsp;
-            float bmax = -INFINITY;
-            for (int64_t t = 0; t < n_tok; t++) bmax = sh[t] > bmax ? sh[t] : bmax;
-            const float new_m = bmax > m[h] ? bmax : m[h];
-            const float corr = expf(m[h] - new_m); /* 0 on the first block (m = -inf) */
-            float bsum = 0.0f;
-#pragma omp simd reduction(+ : bsum)
-            for (int64_t t = 0; t < n_tok; t++) {
-                const float p = expf(sh[t] - new_m);
-                sh[t] = p;
-                bsum += p;
-            }
-            l[h] = l[h] * corr + bsum;
-            m[h] = new_m;
-            float *ah = acc + h * d;
-#pragma omp simd
-            for (int64_t x = 0; x < d; x++) ah[x] *= corr;
-        }
+        softmax_block(s, m, l, acc, hq, d, bsp, n_tok);
         for (int64_t t0 = 0; t0 < n_tok; t0 += TILE) {
             const int64_t nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
             for (int64_t kh = 0; kh < hkv; kh++) {
@@ -461,10 +427,7 @@ static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
             }
         }
     }
-    for (int64_t h = 0; h < hq; h++) {
-        const float inv = 1.0f / l[h];
-        for (int64_t x = 0; x < d; x++) out[h * d + x] = acc[h * d + x] * inv;
-    }
+    softmax_finish(out, acc, l, hq, d);
 }
 #endif
 

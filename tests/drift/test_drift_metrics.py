@@ -50,32 +50,6 @@ def test_top1_margin_is_the_log_ratio_of_the_two_likeliest_tokens():
     assert metrics.top1_margin(torch.zeros(2, 1)).isinf().all()
 
 
-def test_bucketed_kl_is_the_full_kl_with_all_tokens_and_a_lower_bound_with_fewer():
-    torch.manual_seed(1)
-    ref, cand = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3
-    full = metrics.kl_divergence(ref, cand)
-    lq = torch.log_softmax(cand.double(), -1)
-    for k in (50, 10, 1):
-        values, ids = lq.topk(k, dim=-1)
-        b = metrics.bucketed_kl(ref, values.float(), ids)
-        if k == 50:
-            torch.testing.assert_close(b, full, rtol=1e-5, atol=1e-7)
-        else:
-            assert (b <= full + 1e-9).all() and (b >= 0).all()
-    same = torch.log_softmax(ref.double(), -1).topk(5, dim=-1)
-    assert metrics.bucketed_kl(ref, same.values, same.indices).abs().max() < 1e-9
-
-
-def test_bucketed_kl_of_a_known_pair():
-    # reference [0.5, 0.25, 0.25]; candidate keeps token 0 at 0.25 (rest 0.75): buckets {0} and {1, 2}
-    ref = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
-    kl = metrics.bucketed_kl(ref, torch.tensor([[math.log(0.25)]], dtype=torch.float64), torch.tensor([[0]]))
-    expect = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert kl.item() == pytest.approx(expect, abs=1e-12)
-    with pytest.raises(ValueError, match="top-k"):
-        metrics.bucketed_kl(ref, torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long))
-
-
 def test_top1_agreement_counts_positions():
     ref = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     cand = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 9.0], [0.0, 1.0, 0.0]])

@@ -6,6 +6,7 @@ constructed scores."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from helpers.engine_bugs import broken_static_kv_scales
 from tierlm import LLM, SamplingParams
 from tierlm.config import DriftGuardConfig
 from tierlm.core.errors import InvalidParameterError
-from tierlm.engine.drift_guard import DriftGuard, JobScore, ShadowJob
+from tierlm.drift import metrics
+from tierlm.engine.drift_guard import DriftGuard, JobScore, ShadowJob, bucketed_kl
 
 TEXT = (Path(__file__).parents[2] / "src/tierlm/bench/data/midsummer_act1.txt").read_text()
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -142,6 +144,33 @@ def test_a_waiting_request_runs_after_the_switch_and_running_ones_finish_in_the_
         assert ("fp32", True, True) not in formats
     finally:
         llm.close()
+
+
+# ---- the top-k KL the guard measures ------------------------------------------------------------------
+def test_bucketed_kl_is_the_full_kl_with_all_tokens_and_a_lower_bound_with_fewer():
+    torch.manual_seed(1)
+    ref, cand = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3
+    full = metrics.kl_divergence(ref, cand)
+    lq = torch.log_softmax(cand.double(), -1)
+    for k in (50, 10, 1):
+        values, ids = lq.topk(k, dim=-1)
+        b = bucketed_kl(ref, values.float(), ids)
+        if k == 50:
+            torch.testing.assert_close(b, full, rtol=1e-5, atol=1e-7)
+        else:
+            assert (b <= full + 1e-9).all() and (b >= 0).all()
+    same = torch.log_softmax(ref.double(), -1).topk(5, dim=-1)
+    assert bucketed_kl(ref, same.values, same.indices).abs().max() < 1e-9
+
+
+def test_bucketed_kl_of_a_known_pair():
+    # reference [0.5, 0.25, 0.25]; candidate keeps token 0 at 0.25 (rest 0.75): buckets {0} and {1, 2}
+    ref = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
+    kl = bucketed_kl(ref, torch.tensor([[math.log(0.25)]], dtype=torch.float64), torch.tensor([[0]]))
+    expect = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl.item() == pytest.approx(expect, abs=1e-12)
+    with pytest.raises(ValueError, match="top-k"):
+        bucketed_kl(ref, torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long))
 
 
 # ---- the window and its limits, on constructed scores ------------------------------------------------------

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierlm.config import SparseConfig
 from tierlm.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -90,9 +89,12 @@ class Picks:
 
 
 class QuestSelector:
+    """`config`: a config.SparseConfig (read for budget_tokens, sink_tokens, window_tokens, dense_layers; not
+    imported: attention sits below config)."""
+
     name = "quest"
 
-    def __init__(self, config: SparseConfig, block_size: int):
+    def __init__(self, config, block_size: int):
         self.config = config
         self.block_size = block_size
         bs = block_size
@@ -148,7 +150,8 @@ class QuestSelector:
         return Picks(compact, (count - 1) * bs + last)
 
 
-def build_selector(config: SparseConfig, block_size: int) -> QuestSelector | None:
+def build_selector(config, block_size: int) -> QuestSelector | None:
+    """The selector a config.SparseConfig names, or None for dense."""
     if config.selector == "dense":
         return None
     return QuestSelector(config, block_size)

@@ -1,7 +1,7 @@
 """`tierlm drift`: numeric drift of a candidate engine config against a reference (see command.py).
 
     metrics.py     pure torch/str functions: KL, top-1 agreement, perplexity, first divergence, the safety
-                   decision rule (importable by the engine's shadow scoring; no engine imports)
+                   decision rule (no engine imports)
     thresholds.py  limits, their defaults and why, TOML overrides, the checks (stdlib only)
     sides.py       CONFIG strings -> engine configs
     inputs.py      passages, greedy/safety prompts (data/), passkey needles

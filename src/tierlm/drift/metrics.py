@@ -1,5 +1,5 @@
 """Drift metrics: pure functions over logits, token lists and reply texts (torch only, no engine imports),
-so the engine's runtime rollback can import them for its shadow scoring.
+usable by any consumer (the engine's runtime guard keeps its own top-k KL: engine/drift_guard.py).
 
 Definitions (reference = p, candidate = q; logits rows are positions, columns the vocabulary):
 
@@ -10,10 +10,6 @@ Definitions (reference = p, candidate = q; logits rows are positions, columns th
     top1_margin       per position, the reference's top-1 minus top-2 log-probability (nats): how decided it
                       was. top1_agreement over positions with a margin >= DECISIVE_MARGIN separates flips of
                       near ties (where any numeric change flips, bf16 included) from changed decisions.
-    bucketed_kl       KL(p || q) over the candidate's top-k tokens plus one bucket for the rest of the vocabulary,
-                      from the candidate's top-k log-probabilities alone (what the runtime guard keeps while
-                      generating). Merging tokens never raises a KL, so this is a lower bound of the full one,
-                      equal to it when k covers the vocabulary.
     perplexity        exp(mean over positions of -log p(target)), log_softmax in fp64.
     relative_change   (candidate - reference) / reference (perplexity delta; 0.01 = 1 %).
     first_divergence  index of the first differing token of two generations (a length mismatch diverges at the
@@ -66,23 +62,6 @@ def top1_agreement(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> float
     """Fraction of positions whose argmax agrees (1.0 for no positions)."""
     m = top1_matches(ref_logits, cand_logits)
     return float(m.double().mean()) if m.numel() else 1.0
-
-
-def bucketed_kl(ref_logits: torch.Tensor, cand_top_logprobs: torch.Tensor, cand_top_ids: torch.Tensor) -> torch.Tensor:
-    """KL(reference || candidate) per position over the candidate's k kept tokens and one "rest" bucket:
-    ref_logits [N, V]; cand_top_logprobs, cand_top_ids [N, k] (log-probabilities of the full candidate
-    distribution, distinct ids) -> [N] fp64 nats, >= 0, <= the full-vocabulary KL."""
-    if cand_top_logprobs.shape != cand_top_ids.shape or cand_top_ids.shape[0] != ref_logits.shape[0]:
-        raise ValueError(f"top-k of shape {tuple(cand_top_logprobs.shape)} / {tuple(cand_top_ids.shape)} for "
-                         f"logits {tuple(ref_logits.shape)}")
-    lp = log_probs(ref_logits).gather(1, cand_top_ids.long())  # [N, k]
-    lq = cand_top_logprobs.to(torch.float64)
-    p, q = lp.exp(), lq.exp()
-    kept = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
-    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
-    q_rest = (1.0 - q.sum(-1)).clamp_min(1e-12)  # a candidate with all its mass in k tokens still leaves rounding
-    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), torch.zeros_like(p_rest))
-    return (kept + rest).clamp_min(0.0)
 
 
 def nll(logits: torch.Tensor, targets: Sequence[int] | torch.Tensor) -> torch.Tensor:

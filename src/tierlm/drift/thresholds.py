@@ -1,5 +1,4 @@
-"""Pass/fail limits of the drift check, their defaults and why, and the check itself (stdlib only: the
-engine's runtime rollback can import this next to drift/metrics.py).
+"""Pass/fail limits of the drift check, their defaults and why, and the check itself (stdlib only).
 
 A check passes when the value is on the allowed side of its limit or exactly at it (`value <= max`,
 `value >= min`); a NaN value fails. A limit of None makes the metric advisory: reported, never failing.

@@ -12,7 +12,7 @@ outputs silently. It works in three parts:
    waits). The worker runs a teacher-forced reference forward over prompt + output in the safe KV format
    (the compute dtype) on a private KV storage, chunk by chunk, and compares each output position:
    KL(reference || candidate) over the candidate's top-k tokens plus one bucket for the rest
-   (drift.metrics.bucketed_kl, a lower bound of the full KL) and top-1 agreement. On CPU the worker runs one
+   (bucketed_kl below, a lower bound of the full KL) and top-1 agreement. On CPU the worker runs one
    intra-op thread at the lowest OS priority, so serving keeps both cores whenever it has work; on CUDA it
    runs on its own stream.
 3. Decide. A rolling window holds the last `window_tokens` scored tokens (whole requests). From
@@ -41,7 +41,6 @@ import torch
 
 from tierlm.attention import AttentionContext, AttentionMetadata, select_backend
 from tierlm.config import DriftGuardConfig
-from tierlm.drift.metrics import bucketed_kl
 from tierlm.kvcache import KVSpec, KVStorage
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,24 @@ class JobScore:
     tokens: int
     kl_sum: float
     top1_agree: int
+
+
+def bucketed_kl(ref_logits: torch.Tensor, cand_top_logprobs: torch.Tensor, cand_top_ids: torch.Tensor) -> torch.Tensor:
+    """KL(reference || candidate) per position over the candidate's k kept tokens and one "rest" bucket:
+    ref_logits [N, V]; cand_top_logprobs, cand_top_ids [N, k] (log-probabilities of the full candidate
+    distribution, distinct ids) -> [N] fp64 nats, >= 0. Merging tokens never raises a KL, so this is a lower
+    bound of the full-vocabulary KL (drift.metrics.kl_divergence), equal to it when k covers the vocabulary."""
+    if cand_top_logprobs.shape != cand_top_ids.shape or cand_top_ids.shape[0] != ref_logits.shape[0]:
+        raise ValueError(f"top-k of shape {tuple(cand_top_logprobs.shape)} / {tuple(cand_top_ids.shape)} for "
+                         f"logits {tuple(ref_logits.shape)}")
+    lp = torch.log_softmax(ref_logits.to(torch.float64), dim=-1).gather(1, cand_top_ids.long())  # [N, k]
+    lq = cand_top_logprobs.to(torch.float64)
+    p, q = lp.exp(), lq.exp()
+    kept = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    q_rest = (1.0 - q.sum(-1)).clamp_min(1e-12)  # a candidate with all its mass in k tokens still leaves rounding
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return (kept + rest).clamp_min(0.0)
 
 
 class ReferenceScorer:

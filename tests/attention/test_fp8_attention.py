@@ -14,11 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierlm.attention import BACKENDS, AttentionContext, AttentionMetadata
+from tierlm.attention import BACKENDS, AttentionContext
 from tierlm.core.registry import get_kv_format
 from tierlm.kvcache import KVSpec, KVStorage
 from tierlm.quant.fp8 import dequantize_kv_rows
-from helpers.attention import dense_reference
+from helpers.attention import dense_reference, paged_step
 
 CPU = torch.device("cpu")
 FORMATS = ["fp8_e4m3", "fp8_e4m3_ue8m0", "fp8_e5m2", "fp8_e4m3_g64", "fp8_e5m2_g64_ue8m0", "fp8_e4m3_static"]
@@ -43,31 +43,8 @@ def run_fp8_case(backend, kv_format, decode_lens, prefills, hkv, g, seed, bs=4, 
     layer = storage[0]
     if layer.static_scales is not None:
         layer.static_scales = _static(hkv)
-    perm = torch.randperm(nb).tolist()
-    seqs = [(L - 1, 1) for L in decode_lens] + list(prefills)
-    full_k, full_v, tables, q_rows, slots = [], [], [], [], []
-    for ctx, n in seqs:
-        L = ctx + n
-        table = [perm.pop() for _ in range((L + bs - 1) // bs)]
-        k, v = torch.randn(L, hkv, d), torch.randn(L, hkv, d)
-        if ctx:  # the cached context, written (quantized) as an earlier step would have
-            layer.write_slots(torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)]), k[:ctx], v[:ctx])
-        slots += [table[p // bs] * bs + p % bs for p in range(ctx, L)]
-        full_k.append(k)
-        full_v.append(v)
-        tables.append(table)
-        q_rows.append(torch.randn(n, hkv * g, d))
-    nd = len(decode_lens)
-    mb = max((len(t) for t in tables[:nd]), default=0)
-    meta = AttentionMetadata(
-        block_size=bs, slot_mapping=torch.tensor(slots), num_decodes=nd,
-        decode_block_tables=torch.tensor([t + [0] * (mb - len(t)) for t in tables[:nd]]) if nd else None,
-        decode_seq_lens=torch.tensor(decode_lens) if nd else None,
-        prefill_query_lens=[n for _, n in prefills], prefill_seq_lens=[c + n for c, n in prefills],
-        prefill_block_tables=[torch.tensor(t) for t in tables[nd:]])
+    meta, seqs, tables, full_k, full_v, q_rows, new_k, new_v = paged_step(storage, decode_lens, prefills, g, nb)
     backend.prepare(meta, nb)
-    new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
-    new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
     q = torch.cat(q_rows)
     out = AttentionContext(meta, storage, backend).forward(0, q, new_k, new_v, scale=d ** -0.5)
 

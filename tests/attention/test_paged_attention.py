@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierlm.attention import BACKENDS, AttentionContext, AttentionMetadata, cpu_backend, select_backend
+from tierlm.attention import BACKENDS, AttentionContext, cpu_backend, select_backend
 from tierlm.kvcache import KVSpec, KVStorage
-from helpers.attention import dense_reference
+from helpers.attention import dense_reference, paged_step
 
 CPU = torch.device("cpu")
 
@@ -28,32 +28,8 @@ def run_case(backend, decode_lens, prefills, hkv, g, seed, bs=4, d=8, nb=64):
     torch.manual_seed(seed)
     storage = KVStorage(KVSpec(num_layers=1, num_kv_heads=hkv, head_dim=d, kv_format="fp32", block_size=bs), nb, CPU)
     cache = storage[0].data
-    perm = torch.randperm(nb).tolist()  # scrambled physical blocks
-    seqs = [(L - 1, 1) for L in decode_lens] + list(prefills)  # (cached context, new tokens)
-    full_k, full_v, tables, q_rows, slots = [], [], [], [], []
-    for ctx, n in seqs:
-        L = ctx + n
-        table = [perm.pop() for _ in range((L + bs - 1) // bs)]
-        k, v = torch.randn(L, hkv, d), torch.randn(L, hkv, d)
-        # the cached context is already in the cache; the new tokens are written by the backend
-        for p in range(ctx):
-            cache[0, table[p // bs], p % bs], cache[1, table[p // bs], p % bs] = k[p], v[p]
-        slots += [table[p // bs] * bs + p % bs for p in range(ctx, L)]
-        full_k.append(k)
-        full_v.append(v)
-        tables.append(table)
-        q_rows.append(torch.randn(n, hkv * g, d))
-    nd = len(decode_lens)
-    mb = max((len(t) for t in tables[:nd]), default=0)
-    meta = AttentionMetadata(
-        block_size=bs, slot_mapping=torch.tensor(slots), num_decodes=nd,
-        decode_block_tables=torch.tensor([t + [0] * (mb - len(t)) for t in tables[:nd]]) if nd else None,
-        decode_seq_lens=torch.tensor(decode_lens) if nd else None,
-        prefill_query_lens=[n for _, n in prefills], prefill_seq_lens=[c + n for c, n in prefills],
-        prefill_block_tables=[torch.tensor(t) for t in tables[nd:]])
+    meta, seqs, tables, full_k, full_v, q_rows, new_k, new_v = paged_step(storage, decode_lens, prefills, g, nb)
     backend.prepare(meta, nb)
-    new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
-    new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
     q = torch.cat(q_rows)
     out = AttentionContext(meta, storage, backend).forward(0, q, new_k, new_v, scale=d ** -0.5)
     ref = torch.cat([dense_reference(qr, k, v, c, d ** -0.5) for qr, k, v, (c, _) in zip(q_rows, full_k, full_v, seqs)])

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tierlm.core.errors import InvalidParameterError
+from tierlm.kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
     from tierlm.kvcache.storage import KVStorage, LayerKV
@@ -84,7 +85,7 @@ def quest_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) 
 
 @dataclass
 class Picks:
-    block_tables: torch.Tensor  # [N, K] int64 (padded with 0 past each row's blocks)
+    block_tables: torch.Tensor  # [N, K] int64 (padded past each row's blocks with its first block id: never read)
     seq_lens: torch.Tensor  # [N] int64: tokens the compacted table holds
 
 
@@ -113,7 +114,24 @@ class QuestSelector:
     def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                scale: float) -> Picks:
         """q [N, Hq, D] (decode rows); tables [N, MB], lens [N] (the dense decode metadata); scale: the
-        attention's logit scale -> the compacted tables and lengths."""
+        attention's logit scale -> the compacted tables and lengths. On the CPU with the native kernels
+        built, one call of kernels.cpu.quest_select (the bounds read in place through the tables; ties go
+        to the lower position); otherwise `_select_torch`, the reference."""
+        lo, hi = layer.block_meta["key_min"], layer.block_meta["key_max"]
+        if q.device.type == "cpu" and cpu_kernels.usable(lo, hi):
+            longest = -(-int(lens.max()) // self.block_size)
+            if longest <= self.budget_blocks:
+                return Picks(tables, lens)  # every context within the budget: dense, exactly
+            out = cpu_kernels.quest_select(q.float(), lo, hi, tables, lens, self.block_size, self.sink_blocks,
+                                           self.window_blocks, self.budget_blocks, scale,
+                                           min(longest, self.budget_blocks))
+            if out is not None:
+                return Picks(*out)
+        return self._select_torch(q, layer, tables, lens, scale)
+
+    def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
+                      scale: float) -> Picks:
+        """`select` in torch ops (any device; the definition the native kernel matches)."""
         bs, kb = self.block_size, self.budget_blocks
         n, mb = tables.shape
         nblocks = torch.div(lens + bs - 1, bs, rounding_mode="floor")  # [N]

@@ -546,3 +546,224 @@ void tierlm_add_rms_norm_f32(const float *x, const float *res, const float *w, f
         for (int64_t i = 0; i < dim; i++) yr[i] = w[i] * (xr[i] * inv);
     }
 }
+
+/* ---- Quest sparse block selection --------------------------------------------------------------------
+ * The whole of attention/sparse.py's QuestSelector.select (its torch path is the reference) for a batch of
+ * decode sequences, one work item per sequence, reading each block's key bounds in place through the block
+ * table. Per sequence (len tokens, nblocks = ceil(len / bs) blocks):
+ *   nblocks <= budget: every block, in order;
+ *   else: the sink blocks (position < sink), the window blocks (position >= nblocks - window) and, of the
+ *   candidates between, the budget - sink - window with the largest
+ *       rel(j) = logsumexp_h(scale * (u_h(j) - max_j' u_h(j')))        (max over the candidates only)
+ *       u_h(j) = sum_c max(q_hc lo_jc, q_hc hi_jc) = relu(q_h) . hi_j + min(q_h, 0) . lo_j
+ *   (lo_j <= hi_j: query head h reads KV head h / g's bounds). The top-m is a quickselect of the m-th
+ *   largest rel (the threshold), then a pass in position order that keeps every candidate above it and, of
+ *   those equal to it, the lowest positions: ties go to the lower position (torch's topk leaves them
+ *   unspecified). logsumexp subtracts the per-block max over heads first, as torch does.
+ * Output: the kept block ids in position order, row n at out_tables + n * width, padded up to width with
+ * the row's first table entry (as the torch path's gather of position 0 does), and out_lens[n] = (kept - 1)
+ * * bs + the tokens of the last block. kept = min(nblocks, budget), so width >= min(max nblocks, budget).
+ * Layout: q [n, hq, d]; key_min / key_max [num_blocks, hkv, d]; tables [n, max_blocks]; lens [n] (int64).
+ */
+#pragma omp declare simd notinbranch
+float logf(float);
+
+/* The m-th largest (m >= 1) of a[0 .. n), a reordered in place (Wirth's selection, descending). */
+static float quest_kth_largest(float *a, int64_t n, int64_t m) {
+    const int64_t k = m - 1;
+    int64_t l = 0, r = n - 1;
+    while (l < r) {
+        const float x = a[k];
+        int64_t i = l, j = r;
+        do {
+            while (a[i] > x) i++;
+            while (x > a[j]) j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        } while (i <= j);
+        if (j < k) l = i;
+        if (k < i) r = j;
+    }
+    return a[k];
+}
+
+/* u[h * nc + c] = the bound of query head h on candidate c (block table[c]). qp = relu(q), qm = min(q, 0). */
+static inline __attribute__((always_inline)) void quest_bounds(const float *qp, const float *qm, const float *lo_base,
+                                                              const float *hi_base, const int64_t *table, int64_t nc,
+                                                              int64_t hkv, int64_t g, int64_t d, float *u) {
+    const int64_t row = hkv * d;
+    for (int64_t c = 0; c < nc; c++) {
+        const float *lo = lo_base + table[c] * row, *hi = hi_base + table[c] * row;
+        for (int64_t kh = 0; kh < hkv; kh++) {
+            const float *lk = lo + kh * d, *hk = hi + kh * d;
+            for (int64_t j = 0; j < g; j++) {
+                const int64_t h = kh * g + j;
+                const float *ph = qp + h * d, *mh = qm + h * d;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t x = 0; x < d; x++) acc += ph[x] * hk[x] + mh[x] * lk[x];
+                u[h * nc + c] = acc;
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+/* quest_bounds on AVX-512 (d % 16 == 0, d <= 256): candidates in tiles of 16; per query head, 16 FMA dot
+ * products (16 independent accumulators, 16 channels at a time; the tile's rows come from L1 after the
+ * first head of their KV head) reduced together by hsum16 into 16 consecutive u values. A short last tile
+ * repeats its first block and stores only its own lanes. (Software prefetch of the next tile's rows
+ * measured slower here.) */
+static inline __attribute__((always_inline)) void quest_bounds_avx512(const float *qp, const float *qm,
+                                                                     const float *lo_base, const float *hi_base,
+                                                                     const int64_t *table, int64_t nc, int64_t hkv,
+                                                                     int64_t g, int64_t d, float *u) {
+    const int64_t row = hkv * d, nch = d / 16;
+    for (int64_t c0 = 0; c0 < nc; c0 += TILE) {
+        const int64_t nt = nc - c0 < TILE ? nc - c0 : TILE;
+        int64_t off[TILE];
+        for (int64_t t = 0; t < TILE; t++) off[t] = table[c0 + (t < nt ? t : 0)] * row;
+        const __mmask16 keep = (__mmask16)((1u << nt) - 1u);
+        for (int64_t kh = 0; kh < hkv; kh++) {
+            const float *lo = lo_base + kh * d, *hi = hi_base + kh * d;
+            for (int64_t j = 0; j < g; j++) {
+                const int64_t h = kh * g + j;
+                __m512 part[TILE];
+#pragma GCC unroll 16
+                for (int64_t t = 0; t < TILE; t++) part[t] = _mm512_setzero_ps();
+                for (int64_t x = 0; x < nch; x++) { /* 16 independent FMA chains: throughput, not latency */
+                    const __m512 vp = _mm512_loadu_ps(qp + h * d + x * 16), vm = _mm512_loadu_ps(qm + h * d + x * 16);
+#pragma GCC unroll 16
+                    for (int64_t t = 0; t < TILE; t++)
+                        part[t] = _mm512_fmadd_ps(vp, _mm512_loadu_ps(hi + off[t] + x * 16),
+                                                  _mm512_fmadd_ps(vm, _mm512_loadu_ps(lo + off[t] + x * 16), part[t]));
+                }
+                _mm512_mask_storeu_ps(u + h * nc + c0, keep, hsum16(part));
+            }
+        }
+    }
+}
+#endif
+
+/* One sequence's picks. scratch: 2 * hq * d + (hq + 3) * nc floats and nc bytes (nc = nblocks - sink - window,
+ * candidates). Always inlined so the caller's constant head dims reach the bound loop. */
+static inline __attribute__((always_inline)) void quest_one(const float *q, const float *lo_base, const float *hi_base,
+                                                           const int64_t *table, int64_t len, int64_t bs,
+                                                           int64_t hkv, int64_t g, int64_t d, int64_t sink,
+                                                           int64_t window, int64_t budget, float scale,
+                                                           int64_t width, int64_t *out, int64_t *out_len,
+                                                           float *scratch) {
+    const int64_t hq = hkv * g;
+    const int64_t nblocks = (len + bs - 1) / bs;
+    int64_t k = 0;
+    if (nblocks <= budget) {
+        for (; k < nblocks; k++) out[k] = table[k];
+    } else {
+        const int64_t nc = nblocks - sink - window, m = budget - sink - window; /* nc > m >= 0 */
+        for (; k < sink; k++) out[k] = table[k];
+        if (m > 0) {
+            float *qp = scratch, *qm = qp + hq * d, *u = qm + hq * d;
+            float *mx = u + hq * nc, *sum = mx + nc, *tmp = sum + nc;
+            for (int64_t x = 0; x < hq * d; x++) {
+                qp[x] = q[x] > 0.0f ? q[x] : 0.0f;
+                qm[x] = q[x] < 0.0f ? q[x] : 0.0f;
+            }
+#if defined(__AVX512F__)
+            if (d % 16 == 0 && d <= 16 * MAX_CHUNKS)
+                quest_bounds_avx512(qp, qm, lo_base, hi_base, table + sink, nc, hkv, g, d, u);
+            else
+#endif
+                quest_bounds(qp, qm, lo_base, hi_base, table + sink, nc, hkv, g, d, u);
+            for (int64_t c = 0; c < nc; c++) {
+                mx[c] = -INFINITY;
+                sum[c] = 0.0f;
+            }
+            for (int64_t h = 0; h < hq; h++) { /* u becomes the gap (u - best) * scale; mx its max over heads */
+                float *uh = u + h * nc;
+                float best = -INFINITY;
+#pragma omp simd reduction(max : best)
+                for (int64_t c = 0; c < nc; c++) best = uh[c] > best ? uh[c] : best;
+#pragma omp simd
+                for (int64_t c = 0; c < nc; c++) {
+                    const float gap = (uh[c] - best) * scale;
+                    uh[c] = gap;
+                    mx[c] = gap > mx[c] ? gap : mx[c];
+                }
+            }
+            for (int64_t h = 0; h < hq; h++) {
+                const float *uh = u + h * nc;
+#pragma omp simd
+                for (int64_t c = 0; c < nc; c++) sum[c] += expf(uh[c] - mx[c]);
+            }
+#pragma omp simd
+            for (int64_t c = 0; c < nc; c++) {
+                const float rel = logf(sum[c]) + mx[c];
+                sum[c] = rel;
+                tmp[c] = rel;
+            }
+            const float *rel = sum;
+            const float t = quest_kth_largest(tmp, nc, m);
+            int64_t ties = m;
+            for (int64_t c = 0; c < nc; c++) ties -= rel[c] > t;
+            for (int64_t c = 0; c < nc; c++)
+                if (rel[c] > t || (rel[c] == t && ties-- > 0)) out[k++] = table[sink + c];
+        }
+        for (int64_t p = nblocks - window; p < nblocks; p++) out[k++] = table[p];
+    }
+    *out_len = k ? (k - 1) * bs + len - (nblocks - 1) * bs : 0;
+    for (int64_t x = k; x < width; x++) out[x] = table[0];
+}
+
+/* Returns 0 on success; 1 if scratch could not be allocated; 2 for arguments it does not take (hq not a
+ * multiple of hkv, budget < sink + window, a negative length, a row needing more than max_blocks or width
+ * entries, a block id outside [0, num_blocks)). Nothing is written on 2. */
+int tierlm_quest_select(const float *q, const float *key_min, const float *key_max, const int64_t *block_tables,
+                        const int64_t *seq_lens, int64_t *out_tables, int64_t *out_lens, int64_t nd, int64_t hq,
+                        int64_t hkv, int64_t d, int64_t num_blocks, int64_t max_blocks, int64_t width, int64_t bs,
+                        int64_t sink, int64_t window, int64_t budget, float scale) {
+    if (hkv < 1 || hq % hkv || d < 1 || bs < 1 || sink < 0 || window < 0 || budget < sink + window || max_blocks < 1)
+        return 2;
+    int64_t most = 0; /* the most candidates of any row */
+    for (int64_t n = 0; n < nd; n++) {
+        const int64_t len = seq_lens[n], nblocks = (len + bs - 1) / bs;
+        if (len < 0 || nblocks > max_blocks || (nblocks < budget ? nblocks : budget) > width) return 2;
+        const int64_t *tn = block_tables + n * max_blocks;
+        for (int64_t p = 0; p < nblocks; p++)
+            if (tn[p] < 0 || tn[p] >= num_blocks) return 2;
+        if (nblocks > budget && nblocks - sink - window > most) most = nblocks - sink - window;
+    }
+    const int64_t g = hq / hkv;
+    const size_t scratch_floats = (size_t)(2 * hq * d + (hq + 3) * most);
+    int failed = 0;
+#pragma omp parallel if (nd > 1)
+    {
+        float *scratch = most ? malloc(scratch_floats * sizeof(float)) : NULL;
+        if (most && !scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n = 0; n < nd; n++) {
+            if (most && !scratch) continue;
+            const float *qn = q + n * hq * d;
+            const int64_t *tn = block_tables + n * max_blocks;
+            int64_t *on = out_tables + n * width;
+            if (d == 64)
+                quest_one(qn, key_min, key_max, tn, seq_lens[n], bs, hkv, g, 64, sink, window, budget, scale, width,
+                          on, out_lens + n, scratch);
+            else if (d == 128)
+                quest_one(qn, key_min, key_max, tn, seq_lens[n], bs, hkv, g, 128, sink, window, budget, scale, width,
+                          on, out_lens + n, scratch);
+            else
+                quest_one(qn, key_min, key_max, tn, seq_lens[n], bs, hkv, g, d, sink, window, budget, scale, width,
+                          on, out_lens + n, scratch);
+        }
+        free(scratch);
+    }
+    return failed;
+}

@@ -4,6 +4,9 @@
     paged_decode_fp8(q, data, scales, fp8, scale_type,         the same over an FP8 KV cache (e4m3 / e5m2
                      block_tables, seq_lens, scale)             bytes, fp32 / UE8M0 scales), read in place
     add_rms_norm(x, residual, weight, eps)                      fused residual add + RMSNorm
+    quest_select(q, key_min, key_max, block_tables, seq_lens,   Quest sparse block selection for a batch
+                 block_size, sink, window, budget, scale)       of decodes (attention/sparse.py), key
+                                                                bounds read in place
 
 They take fp32 CPU tensors (the FP8 kernel: an fp32 q and a 1-byte data tensor); callers ask
 `usable(*tensors)` (`usable_fp8(q, data)`) first and otherwise run their PyTorch path, which stays the
@@ -136,6 +139,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tierlm_fp8_widen.restype = ctypes.c_int
     lib.tierlm_add_rms_norm_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F32]
     lib.tierlm_add_rms_norm_f32.restype = None
+    lib.tierlm_quest_select.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                                        _I64, _I64, _I64, _F32]
+    lib.tierlm_quest_select.restype = ctypes.c_int
     lib.tierlm_fp8_vector_width.argtypes = []
     lib.tierlm_fp8_vector_width.restype = ctypes.c_int
 
@@ -334,6 +340,76 @@ def _fp8_case(kv: torch.Tensor, fp8: str, scale_type: str, groups: int | None):
     return q8, stored.contiguous()
 
 
+# ---- Quest sparse block selection ----------------------------------------------------------------------
+def quest_select(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, block_size: int, sink_blocks: int, window_blocks: int, budget_blocks: int,
+                 scale: float, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """QuestSelector.select's picks (attention/sparse.py, whose torch path is the definition) in one native
+    call: (compacted tables [N, width] int64, their lengths [N] int64), or None when the arguments do not
+    fit the kernel (use the torch path). Ties in a block's score go to the lower position.
+
+    q [N, Hq, D] fp32; key_min / key_max: one layer's block bounds [num_blocks, Hkv, D] fp32, read in place
+    (must be contiguous); block_tables [N, MB], seq_lens [N] int64. width: the output's columns, at least
+    the most blocks a row keeps, min(ceil(max seq_len / block_size), budget_blocks), which it defaults to."""
+    lib = _library()
+    if not (key_min.is_contiguous() and key_max.is_contiguous()) or key_min.shape != key_max.shape:
+        return None
+    q = q.contiguous()
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    nd, hq, d = q.shape
+    nb, hkv, dk = key_min.shape
+    if (dk != d or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64 or block_tables.dim() != 2
+            or block_tables.shape[0] != nd or tuple(seq_lens.shape) != (nd,) or not nd):
+        return None
+    if width is None:
+        width = min(-(-int(seq_lens.max()) // block_size), budget_blocks)
+    tables = torch.empty(nd, width, dtype=torch.int64)
+    lens = torch.empty(nd, dtype=torch.int64)
+    rc = lib.tierlm_quest_select(q.data_ptr(), key_min.data_ptr(), key_max.data_ptr(), block_tables.data_ptr(),
+                                 seq_lens.data_ptr(), tables.data_ptr(), lens.data_ptr(), nd, hq, hkv, d, nb,
+                                 block_tables.shape[1], width, block_size, sink_blocks, window_blocks, budget_blocks,
+                                 float(scale))
+    return None if rc else (tables, lens)
+
+
+def _quest_ok(lib: ctypes.CDLL) -> bool:
+    """The kernel's picks on a small case (two query heads per KV head, scrambled tables, one row within the
+    budget) equal a brute-force search's: bounds by the direct max form, candidates ranked by logsumexp."""
+    g = torch.Generator().manual_seed(1)
+    nb, hkv, hq, d, bs, sink, window, budget, scale = 40, 2, 4, 16, 4, 1, 2, 6, 0.3
+    lo = torch.randn(nb, hkv, d, generator=g)
+    hi = lo + torch.rand(nb, hkv, d, generator=g)
+    q = torch.randn(3, hq, d, generator=g)
+    tables = torch.randperm(nb, generator=g)[:36].view(3, 12)
+    lens = torch.tensor([45, 13, 37])
+    out = torch.empty(3, budget, dtype=torch.int64)
+    out_lens = torch.empty(3, dtype=torch.int64)
+    rc = lib.tierlm_quest_select(q.data_ptr(), lo.data_ptr(), hi.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                 out.data_ptr(), out_lens.data_ptr(), 3, hq, hkv, d, nb, 12, budget, bs, sink, window,
+                                 budget, scale)
+    if rc:
+        return False
+    for n in range(3):
+        length = int(lens[n])
+        nblocks = -(-length // bs)
+        if nblocks <= budget:
+            keep = list(range(nblocks))
+        else:
+            cand = list(range(sink, nblocks - window))
+            b = tables[n, cand]
+            qh = q[n].view(hkv, hq // hkv, 1, d)
+            u = torch.maximum(qh * lo[b].transpose(0, 1)[:, None], qh * hi[b].transpose(0, 1)[:, None]).sum(-1)
+            u = u.reshape(hq, len(cand))
+            rel = torch.logsumexp((u - u.amax(1, keepdim=True)) * scale, 0)
+            best = sorted(range(len(cand)), key=lambda c: (-float(rel[c]), c))[: budget - sink - window]
+            keep = sorted([*range(sink), *(cand[c] for c in best), *range(nblocks - window, nblocks)])
+        want = tables[n, keep].tolist()
+        want += [int(tables[n, 0])] * (budget - len(want))
+        if out[n].tolist() != want or int(out_lens[n]) != (len(keep) - 1) * bs + length - (nblocks - 1) * bs:
+            return False
+    return True
+
+
 # ---- RMSNorm -------------------------------------------------------------------------------------------
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +440,7 @@ def _self_check(lib: ctypes.CDLL) -> bool:
     rc = lib.tierlm_paged_decode_f32(q.data_ptr(), kv.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
                                      3, hq, hkv, d, nb, bs, 3, 0.25)
     ok = rc == 0 and torch.allclose(out, reference_decode(q, kv, tables, lens, 0.25), atol=1e-5, rtol=1e-5)
-    ok = ok and _fp8_widening_ok(lib)
+    ok = ok and _fp8_widening_ok(lib) and _quest_ok(lib)
     # FP8: both formats, both scale kinds, per-token and static scales; D = 16 with groups of 8 (the row
     # kernel) and of 16, and D = 64 (the vector kernel's runtime-D and constant-D instances)
     kv64, q64 = torch.randn(2, nb, bs, 1, 64, generator=g), torch.randn(3, 2, 64, generator=g)

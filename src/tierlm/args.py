@@ -179,7 +179,8 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
     d = SparseConfig()
     g = p.add_argument_group("sparse decoding (which KV blocks a decode step reads)")
     g.add_argument("--sparse", default="dense", choices=SPARSE_SELECTORS,
-                   help="dense (every block) | quest (per-block key bounds pick the blocks; prefill stays dense)")
+                   help="dense (every block) | quest (per-block key bounds pick the blocks; prefill stays dense) | "
+                        "indexer (a model's trained lightning indexer picks tokens; none of the loadable models has one)")
     g.add_argument("--sparse-budget", type=int, default=d.budget_tokens, metavar="TOKENS",
                    help=f"KV tokens a sparse decode step reads per sequence and layer (default {d.budget_tokens})")
     g.add_argument("--sparse-sink", type=int, default=d.sink_tokens, metavar="TOKENS",

@@ -167,7 +167,7 @@ class SparseConfig:
     bounds score best against the query, `budget_tokens` in all (a context within it is read whole: dense).
     The first `dense_layers` layers and every prefill chunk stay dense."""
 
-    selector: str = "dense"  # "dense" | "quest"
+    selector: str = "dense"  # "dense" | "quest" | "indexer" (a model with trained lightning-indexer weights)
     budget_tokens: int = 1024
     sink_tokens: int = 16
     window_tokens: int = 64
@@ -190,7 +190,7 @@ class SparseConfig:
         return self.selector != "dense"
 
 
-SPARSE_SELECTORS = ("dense", "quest")
+SPARSE_SELECTORS = ("dense", "quest", "indexer")
 
 
 @dataclass(frozen=True)

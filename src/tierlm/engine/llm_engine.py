@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tierlm.attention import select_backend
+from tierlm.attention.indexer import require_indexer
 from tierlm.attention.sparse import add_quest_meta, build_selector
 from tierlm.config import CacheConfig, EngineConfig
 from tierlm.core.errors import InvalidParameterError, PromptTooLongError
@@ -182,6 +183,8 @@ class LLMEngine:
         # lower tier never crosses these. (The device and attention backend change the last bits of K/V, not
         # their meaning: KV moved between them is reused like KV recomputed there.)
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
+        if self.config.sparse.selector == "indexer":
+            self._check_indexer()
         self.selector = build_selector(self.config.sparse, cc.block_size)
         if self.selector is not None:
             add_quest_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part
@@ -347,6 +350,14 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def _check_indexer(self) -> None:
+        """The indexer selector needs a model with trained lightning-indexer weights (attention/indexer.py);
+        no model family tierlm loads has them yet (the V4-mini family will), so this always explains why."""
+        require_indexer(self.model, range(self.model_config.num_layers))
+        raise InvalidParameterError(
+            f"{self.model_config.model_id} has lightning-indexer weights, but indexer-driven decoding is not "
+            "wired into the engine yet", "use --sparse quest")
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -60,6 +60,9 @@ def test_info_says_why_the_cpu_kernels_are_off(tmp_path):
     (["generate", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "hi", "--top-p", "0"], "top_p"),
     (["info", "--memory", "lots"], "not a size"),
+    (["generate", "hi", "--sparse", "indexer"], "needs a model with trained lightning-indexer weights"),
+    (["generate", "hi", "--sparse", "quest", "--sparse-budget", "32"], "raise --sparse-budget"),
+    (["bench", "--claims", "--claims-contexts", "64"], "--claims-contexts"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     r = run(*args)

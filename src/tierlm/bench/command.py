@@ -7,6 +7,8 @@
     tierlm bench --configs all,tiers,tiers-redis --concurrency 1 --kv-cache-memory 288MiB
                  --workload long-doc-qa:docs=6,doc=4096,questions=3,q=32   # KV tiers: pool ~1/4 of it
     tierlm bench --list                           # workloads, their knobs, and configurations
+    tierlm bench --claims [--quick]               # the "40% less memory, 1.8x faster" claims: v4 vs reference
+                                                  # over contexts x concurrency (bench/claims.py)
 
 KV tiers (configs `tiers`, `all`: host + disk; `tiers-redis`: Redis only): --host-cache-memory defaults to
 4x --kv-cache-memory, the disk tier to a fresh temporary directory (under --disk-cache-dir if given) removed
@@ -40,6 +42,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small plan that finishes in < 3 minutes on 2 CPU cores")
     p.add_argument("--list", action="store_true", help="list workloads (with knobs) and configurations, then exit")
+    g = p.add_argument_group("claims check (--claims)")
+    g.add_argument("--claims", action="store_true",
+                   help="test the headline claims: config v4 (prefix cache + tiers + FP8 KV + sparse decode) vs the "
+                        "reference over a grid of contexts x --concurrency; memory split KV/activations/weights/"
+                        "total, speed split prefill/decode/e2e, heatmaps, verdicts, v4's drift gate")
+    g.add_argument("--claims-contexts", type=int, nargs="+", default=None, metavar="TOKENS",
+                   help="context lengths of the grid (default 1024 2048 4096 8192; --quick: 1024 4096)")
+    g.add_argument("--claims-new-tokens", type=int, default=None, help="greedy tokens per request (default 32)")
+    g.add_argument("--claims-budget", type=int, default=1024, metavar="TOKENS",
+                   help="v4's sparse budget: KV tokens a decode step reads per sequence (default 1024)")
+    g.add_argument("--claims-needles", type=int, default=None,
+                   help="passkey probes per context in v4's drift gate (default 4; --quick: 2)")
     g = p.add_argument_group("what to run")
     g.add_argument("--workload", action="append", default=None, metavar="SPEC",
                    help="NAME or NAME:knob=v,... (repeatable; see --list)")
@@ -163,6 +177,8 @@ def _cuda_available() -> bool:
 def run_command(a) -> int:
     if a.list:
         return _list()
+    if a.claims:
+        return _claims(a)
     from tierlm.bench.plan import preflight
 
     plan = build_plan(a)
@@ -183,6 +199,44 @@ def run_command(a) -> int:
         if bar is not None:
             bar.close()
     return _finish(plan, result, interrupted, not a.allow_flagged)
+
+
+def claims_plan(a):
+    from tierlm.bench.claims import QUICK, ClaimsPlan
+
+    d = {**asdict_defaults(ClaimsPlan), **(QUICK if a.quick else {})}
+    device = a.device if a.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+    return ClaimsPlan(
+        contexts=tuple(_or(a.claims_contexts, d["contexts"])), concurrency=tuple(_or(a.concurrency, d["concurrency"])),
+        new_tokens=_or(a.claims_new_tokens, d["new_tokens"]), reps=_or(a.reps, d["reps"]),
+        sparse_budget=a.claims_budget, drift_prompts=d["drift_prompts"], needles=_or(a.claims_needles, d["needles"]),
+        model=a.model, dtype=a.dtype, device=device, out_dir=Path(a.out),
+        json_path=Path(a.json) if a.json else None, plots=not a.no_plots, quick=a.quick)
+
+
+def asdict_defaults(cls) -> dict:
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _claims(a) -> int:
+    from tierlm.bench.claims import finish, run_claims
+
+    plan = claims_plan(a)
+    plan.check()
+    argv = getattr(a, "argv", None) or sys.argv[1:]
+    command = "tierlm " + " ".join(shlex.quote(x) for x in argv)
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = run_claims(plan, command, progress)
+    print(finish(result, plan))
+    if not result.complete:
+        print("tierlm bench --claims: interrupted; partial results written, marked incomplete", file=sys.stderr)
+        return 130
+    if result.flagged:
+        print("tierlm bench --claims: v4's drift gate flagged it; its figures do not count", file=sys.stderr)
+        return 0 if a.allow_flagged else 1
+    return 0
 
 
 def _progress(total: int):

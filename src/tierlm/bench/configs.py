@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, TierConfig
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig, TierConfig
 from tierlm.core.errors import InvalidParameterError
 
 Transform = Callable[[EngineConfig], EngineConfig]
@@ -105,6 +105,19 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                 "isolates the remote tier, the one replicas would share; not in `all` (it needs a server)",
                 _tiered, tiers=("redis",)),
 )}
+
+
+def _v4(c: EngineConfig) -> EngineConfig:
+    """DeepSeek-V4-style efficiency bets together: prefix cache + chunked prefill + host/disk tiers + FP8 KV +
+    Quest sparse decoding (budget 1,024 tokens; `tierlm bench --claims` sets its own)."""
+    c = _kv_format("fp8_e4m3")(_tiered(c))
+    return replace(c, sparse=SparseConfig(selector="quest"))
+
+
+CONFIGS["v4"] = BenchConfig(
+    "v4", "prefix cache + chunked prefill + host/disk KV tiers + FP8 KV + Quest sparse decode (1,024-token "
+    "budget): the claims check's config (tierlm bench --claims); lossy; not in `all`", _v4, tiers=("host", "disk"),
+    lossy=True, in_default=False)
 
 
 def get_config(name: str) -> BenchConfig:

@@ -113,9 +113,9 @@ def weight_bytes(model) -> tuple[int, int]:
 
 
 def activation_peak_bytes(engine, prompt_ids: list[int]) -> int | None:
-    """Peak bytes torch allocated during one engine step that prefills `prompt_ids` (one request, one
-    new token): the activations (and logits) of a step of that many tokens, beyond the weights and the KV
-    pool, which are allocated before. On CUDA from the caching allocator's peak; on the CPU from the
+    """Peak bytes torch allocated during the engine steps that prefill `prompt_ids` (one request, one new
+    token; one step, or one per chunk with chunked prefill): the activations (and logits) of those steps,
+    beyond the weights and the KV pool, which are allocated before. On CUDA from the caching allocator's peak; on the CPU from the
     profiler's memory events (allocations made outside torch, e.g. oneDNN scratch, are not seen).
     None when the step cannot run (the prompt does not fit)."""
     import torch
@@ -136,13 +136,15 @@ def activation_peak_bytes(engine, prompt_ids: list[int]) -> int | None:
             torch.cuda.synchronize(engine.device)
             base = torch.cuda.memory_allocated(engine.device)
             torch.cuda.reset_peak_memory_stats(engine.device)
-            engine.step()
+            while engine.has_unfinished_requests():
+                engine.step()
             torch.cuda.synchronize(engine.device)
             return int(torch.cuda.max_memory_allocated(engine.device) - base)
         from torch.profiler import ProfilerActivity, profile
 
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            engine.step()
+            while engine.has_unfinished_requests():
+                engine.step()
         peak = cur = 0
         for ev in prof.profiler.kineto_results.events():  # allocation (+) and free (-) events, in time order
             if ev.name() == "[memory]":

@@ -1,0 +1,540 @@
+"""`tierlm bench --claims`: the representative load test for the headline claims ("40% less memory", "1.8x
+faster"), run as hypotheses on this machine.
+
+Two engines side by side in one process: the reference (config `baseline`: dense, device-only KV in the
+model dtype, no prefix cache, no chunking) and `v4` (prefix cache + chunked prefill + host/disk KV tiers +
+FP8 KV + Quest sparse decoding: bench/configs.py). For every cell of a grid of context lengths x concurrency
+(full: 1K, 2K, 4K, 8K x 1, 4, 16; --quick: 1K, 4K x 1, 4), `concurrency` prompts of `context - new_tokens`
+tokens (distinct windows of the shipped public-domain text; fresh windows in every rep, so no cell gets
+prefix-cache hits: cold prefill) generate `new_tokens` greedy tokens each (so a sequence ends at `context`), all admitted at once, the two sides taking turns rep
+by rep (the order rotates). Per cell:
+
+    memory (reduction = 1 - v4 / reference)
+      kv           device KV in use at the run's peak: blocks referenced x bytes per block (data, scales and
+                   the selector's per-block key bounds)
+      activations  peak bytes torch allocated while one prompt of the cell's context is prefilled (every
+                   prefill step: v4's chunks too), beyond weights and KV; measured once per context
+      weights      resident parameter bytes (v4 does not quantize weights: 0% by construction)
+      total        kv + activations + weights: the engine's working set for the cell (the process's RSS is
+                   shared by both engines here, so it cannot be split)
+    speed (speed-up = v4 / reference; median of the per-rep ratios)
+      prefill      concurrency x prompt tokens / time until every request has its first token
+      decode       concurrency x (new_tokens - 1) / the time after that
+      e2e          concurrency x new_tokens / the whole generation
+
+The drift gate runs on `v4` in the same run, per context: the reference's greedy continuations of the first
+prompts of the largest-concurrency cell are teacher-forced through both engines (LLMEngine.score: decode steps,
+so sparse picks and FP8 reads count) for top-1 agreement and KL (reference || v4), and passkey probes of that
+context are answered by both. v4 is flagged when top-1 agreement is below MIN_TOP1 or it finds fewer
+passkeys than the reference; a flagged v4's figures do not count (exit 1). Every cell also diffs greedy
+tokens (reported: v4 is lossy by design).
+
+Outputs: a table per metric (rows: context, columns: concurrency), a verdict line per claim and component
+(where 40% / 1.8x hold and where not), a heatmap PNG per metric, OUT/claims.md and --json.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+MEMORY_CLAIM = 0.40  # "40% less memory"
+SPEED_CLAIM = 1.8  # "1.8x faster"
+MIN_TOP1 = 0.95  # v4's drift gate: top-1 agreement with the reference on teacher-forced continuations
+MEMORY_METRICS = ("kv", "activations", "weights", "total")
+SPEED_METRICS = ("prefill", "decode", "e2e")
+SIDES = ("reference", "v4")
+PROMPT_STRIDE = 97  # token offset between prompt windows (no two prompts share a first block)
+
+
+@dataclass(frozen=True)
+class ClaimsPlan:
+    contexts: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    new_tokens: int = 32
+    reps: int = 2
+    sparse_budget: int = 1024  # v4's Quest budget in tokens
+    drift_prompts: int = 4  # teacher-forced continuations per context (v4's drift gate)
+    needles: int = 4  # passkey probes per context
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    out_dir: Path = Path("bench-out")
+    json_path: Path | None = None
+    plots: bool = True
+    quick: bool = False
+
+    def check(self) -> None:
+        from tierlm.core.errors import InvalidParameterError
+
+        if not self.contexts or min(self.contexts) < 128:
+            raise InvalidParameterError(f"claims contexts {list(self.contexts)}: each must be >= 128 tokens",
+                                        "use --claims-contexts 1024 2048 4096 8192")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise InvalidParameterError(f"claims concurrency {list(self.concurrency)}: each must be >= 1",
+                                        "use --concurrency 1 4 16")
+        if self.new_tokens < 2 or self.reps < 1 or self.drift_prompts < 1 or self.needles < 0:
+            raise InvalidParameterError("claims: new tokens must be >= 2, reps and drift prompts >= 1",
+                                        "use the defaults")
+
+
+QUICK = dict(contexts=(1024, 4096), concurrency=(1, 4), new_tokens=16, reps=1, drift_prompts=2, needles=2)
+
+
+@dataclass
+class Cell:
+    context: int
+    concurrency: int
+    memory: dict[str, dict[str, int | None]]  # metric -> side -> bytes
+    speed: dict[str, dict[str, float | None]]  # metric -> side -> median tok/s
+    memory_reduction: dict[str, float | None]  # metric -> 1 - v4 / reference
+    speedup: dict[str, float | None]  # metric -> median of per-rep v4 / reference
+    speedup_range: dict[str, tuple[float, float] | None]
+    greedy_same: int  # v4 sequences (first rep) whose greedy tokens equal the reference's
+    sequences: int
+
+
+@dataclass
+class DriftRow:
+    context: int
+    positions: int
+    top1_agreement: float
+    kl_mean: float
+    kl_p99: float
+    needles_reference: float | None
+    needles_v4: float | None
+    flagged: bool
+    reason: str
+
+
+@dataclass
+class ClaimsResult:
+    command: str
+    plan: dict
+    engines: dict = field(default_factory=dict)  # side -> what it runs (KV format, bytes/token, sparse, tiers)
+    cells: list[Cell] = field(default_factory=list)
+    drift: list[DriftRow] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def flagged(self) -> bool:
+        return any(d.flagged for d in self.drift)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flagged": self.flagged}
+
+
+# ---- engines ---------------------------------------------------------------------------------------------
+def _configs(plan: ClaimsPlan, tiers):
+    """(reference EngineConfig, v4 EngineConfig): pools that hold the largest cell, the same token capacity."""
+    from tierlm.bench.configs import engine_config, reference_config
+    from tierlm.config import SparseConfig
+
+    bs = 16
+    per_seq = -(-(max(plan.contexts) + 1) // bs)
+    blocks = max(plan.concurrency) * per_seq + max(plan.concurrency) + 8
+    # The reference prefills whole prompts (no chunking): its step budget holds the longest prompt next to
+    # every other sequence's decode token, so a prompt is admitted while the others decode (with the
+    # budget at exactly the prompt length, decodes would keep it out until they finish).
+    ref = reference_config(plan.model, plan.dtype, plan.device, None, 1, max(plan.concurrency), 512,
+                           max(plan.contexts) + max(plan.concurrency))
+    ref = replace(ref, cache=replace(ref.cache, num_blocks=blocks, memory_bytes=None))
+    if tiers is None:
+        return ref, None
+    v4 = engine_config("v4", ref, 512, tiers)
+    v4 = replace(v4, sparse=replace(v4.sparse, budget_tokens=plan.sparse_budget) if v4.sparse.enabled
+                 else SparseConfig(selector="quest", budget_tokens=plan.sparse_budget))
+    return ref, v4
+
+
+def _describe(engine, config) -> dict:
+    from tierlm.bench.memory import weight_bytes
+
+    storage = engine.kv_storage
+    sp = config.sparse
+    return {"kv_format": engine.candidate_kv_format,
+            "kv_bytes_per_token": engine.kv_spec.bytes_per_token,
+            "kv_bytes_per_block": storage.nbytes // storage.num_blocks,
+            "attention_backend": engine.attention_backend.name, "prefix_caching": config.cache.enable_prefix_caching,
+            "chunked_prefill": config.scheduler.enable_chunked_prefill,
+            "sparse": (f"{sp.selector}: budget {sp.budget_tokens} tokens (sink {sp.sink_tokens}, window "
+                       f"{sp.window_tokens}), first {sp.dense_layers} layers dense") if sp.enabled else "dense",
+            "lower_tiers": [t for t, on in (("host", config.tiers.host_memory_bytes), ("disk", config.tiers.disk_dir),
+                                            ("redis", config.tiers.redis_url)) if on],
+            "weights_bytes": weight_bytes(engine.model)[0], "num_blocks": storage.num_blocks}
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------
+class PromptSource:
+    """Distinct windows of the shipped text (repeated as needed); every call takes fresh windows."""
+
+    def __init__(self, tokenizer, longest: int, total: int):
+        from tierlm.bench.gate import gate_text_ids
+
+        ids = gate_text_ids(tokenizer)
+        need = longest + PROMPT_STRIDE * (total + 1)
+        while len(ids) < need:
+            ids = ids + ids
+        self.ids = ids
+        self.next = 0
+
+    def take(self, n: int, length: int) -> list[list[int]]:
+        out = []
+        for _ in range(n):
+            start = (self.next * PROMPT_STRIDE) % max(1, len(self.ids) - length)
+            out.append(self.ids[start:start + length])
+            self.next += 1
+        return out
+
+
+# ---- measuring -------------------------------------------------------------------------------------------
+@dataclass
+class _Gen:
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    tokens: list[list[int]]
+    peak_kv_blocks: int
+
+
+def _generate(engine, prompts: list[list[int]], new_tokens: int) -> _Gen:
+    from tierlm.bench.arrivals import ArrivalPlan
+    from tierlm.bench.engine_driver import run_engine
+    from tierlm.bench.phases import _sync
+    from tierlm.bench.workloads import BenchRequest
+
+    _sync(engine.device)
+    run = run_engine(engine, [BenchRequest(list(p), new_tokens) for p in prompts],
+                     ArrivalPlan(concurrency=len(prompts)))
+    _sync(engine.device)
+    end = time.monotonic()
+    records = sorted(run.records, key=lambda r: r.index)
+    if not run.complete or len(records) != len(prompts) or any(r.token_ids is None for r in records):
+        raise RuntimeError(f"claims: a run ended with {len(records)} of {len(prompts)} requests finished")
+    first = max(r.token_times[0] for r in records)
+    return _Gen(first - run.start, end - first, end - run.start, [list(r.token_ids) for r in records],
+                run.peak_kv_blocks)
+
+
+def _activation_peak(engine, prompt: list[int]) -> int | None:
+    from tierlm.bench.memory import activation_peak_bytes
+
+    return activation_peak_bytes(engine, prompt)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def measure_cell(engines: dict, info: dict, source: PromptSource, context: int, concurrency: int,
+                 plan: ClaimsPlan, activations: dict[str, int | None], keep: dict | None = None) -> Cell:
+    """One cell: `reps` generations per side, alternating (order rotates per rep), fresh prompts each rep."""
+    gens: dict[str, list[_Gen]] = {s: [] for s in SIDES}
+    first_prompts = None
+    for rep in range(plan.reps):
+        prompts = source.take(concurrency, context - plan.new_tokens)
+        first_prompts = first_prompts or prompts
+        order = SIDES if rep % 2 == 0 else SIDES[::-1]
+        for side in order:
+            gens[side].append(_generate(engines[side], prompts, plan.new_tokens))
+    if keep is not None:
+        keep.update(prompts=first_prompts, tokens=gens["reference"][0].tokens)
+    n, new = concurrency, plan.new_tokens
+    work = {"prefill": (lambda g: n * (context - new) / g.prefill_s), "decode": (lambda g: n * (new - 1) / g.decode_s),
+            "e2e": (lambda g: n * new / g.total_s)}
+    speed, speedup, spread = {}, {}, {}
+    for m, f in work.items():
+        per = {s: [f(g) for g in gens[s]] for s in SIDES}
+        speed[m] = {s: statistics.median(v) for s, v in per.items()}
+        ratios = [a / b for a, b in zip(per["v4"], per["reference"])]
+        speedup[m] = statistics.median(ratios)
+        spread[m] = (min(ratios), max(ratios))
+    memory: dict[str, dict[str, int | None]] = {}
+    memory["kv"] = {s: max(g.peak_kv_blocks for g in gens[s]) * info[s]["kv_bytes_per_block"] for s in SIDES}
+    memory["activations"] = dict(activations)
+    memory["weights"] = {s: info[s]["weights_bytes"] for s in SIDES}
+    memory["total"] = {s: (None if memory["activations"][s] is None else
+                           memory["kv"][s] + memory["activations"][s] + memory["weights"][s]) for s in SIDES}
+    reduction = {m: (None if (r := _ratio(memory[m]["v4"], memory[m]["reference"])) is None else 1.0 - r)
+                 for m in MEMORY_METRICS}
+    same = sum(a == b for a, b in zip(gens["v4"][0].tokens, gens["reference"][0].tokens))
+    return Cell(context, concurrency, memory, speed, reduction, speedup, spread, same, n)
+
+
+def drift_check(engines: dict, context: int, prompts: list[list[int]], tokens: list[list[int]],
+                needles: int) -> DriftRow:
+    """v4's drift gate at one context (module docstring)."""
+    import torch
+
+    from tierlm.drift.inputs import needle_found
+    from tierlm.drift.inputs import needles as make_needles
+    from tierlm.drift.metrics import kl_divergence, top1_matches
+
+    logits = {s: engines[s].score(prompts, tokens) for s in SIDES}
+    kl = torch.cat([kl_divergence(a, b) for a, b in zip(logits["reference"], logits["v4"])])
+    agree = torch.cat([top1_matches(a, b) for a, b in zip(logits["reference"], logits["v4"])])
+    top1 = float(agree.double().mean())
+    found: dict[str, float | None] = {s: None for s in SIDES}
+    if needles:
+        probes = make_needles(engines["reference"].tokenizer, [context], needles, 8)
+        for s in SIDES:
+            replies = _greedy_texts(engines[s], [p.prompt for p in probes], 8)
+            found[s] = sum(needle_found(p.key, r) for p, r in zip(probes, replies)) / len(probes)
+    reasons = []
+    if top1 < MIN_TOP1:
+        reasons.append(f"top-1 agreement {top1:.3f} < {MIN_TOP1}")
+    if found["v4"] is not None and found["v4"] < found["reference"]:
+        reasons.append(f"passkeys found {found['v4']:.2f} < reference {found['reference']:.2f}")
+    return DriftRow(context, int(kl.numel()), top1, float(kl.mean()), float(torch.quantile(kl, 0.99)),
+                    found["reference"], found["v4"], bool(reasons), "; ".join(reasons) or "ok")
+
+
+def _greedy_texts(engine, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    from tierlm.core.sampling_params import SamplingParams
+
+    rids = [engine.add_request(list(p), SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                               request_id=f"claims-needle-{i}") for i, p in enumerate(prompts)]
+    done: dict[str, str] = {}
+    while len(done) < len(rids):
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].text
+    return [done[r] for r in rids]
+
+
+# ---- verdicts --------------------------------------------------------------------------------------------
+def _where(cells: list[Cell]) -> str:
+    return ", ".join(f"{c.context // 1024 if c.context % 1024 == 0 else c.context}{'K' if c.context % 1024 == 0 else ''}"
+                     f"/c{c.concurrency}" for c in cells)
+
+
+def verdicts(cells: list[Cell], drift: list[DriftRow]) -> list[str]:
+    """One line per claim component: in how many cells it holds, the best and worst cell, and where."""
+    lines = []
+    for m in MEMORY_METRICS:
+        vals = [(c, c.memory_reduction[m]) for c in cells if c.memory_reduction[m] is not None]
+        lines.append(_verdict(f"40% less memory, {m}", vals, lambda v: v >= MEMORY_CLAIM, lambda v: f"{v:.0%} less"))
+    for m in SPEED_METRICS:
+        vals = [(c, c.speedup[m]) for c in cells if c.speedup[m] is not None]
+        lines.append(_verdict(f"1.8x faster, {m}", vals, lambda v: v >= SPEED_CLAIM, lambda v: f"{v:.2f}x"))
+    if drift:
+        bad = [d for d in drift if d.flagged]
+        lines.append("drift gate on v4: " + ("FLAGGED at " + "; ".join(f"{d.context}: {d.reason}" for d in bad)
+                                             + " (its figures do not count)" if bad else
+                                             "holds at every context (top-1 >= "
+                                             f"{MIN_TOP1}, passkeys found >= reference): "
+                                             + ", ".join(f"{d.context}: top-1 {d.top1_agreement:.3f}" for d in drift)))
+    return lines
+
+
+def _verdict(name: str, vals, holds, fmt) -> str:
+    if not vals:
+        return f"{name}: not measured"
+    ok = [c for c, v in vals if holds(v)]
+    best = max(vals, key=lambda cv: cv[1])
+    worst = min(vals, key=lambda cv: cv[1])
+    head = ("HOLDS in every cell" if len(ok) == len(vals) else "DOES NOT HOLD in any cell" if not ok
+            else f"holds in {len(ok)}/{len(vals)} cells ({_where(ok)})")
+    return (f"{name}: {head}; best {fmt(best[1])} at {_where([best[0]])}, worst {fmt(worst[1])} at "
+            f"{_where([worst[0]])}")
+
+
+# ---- rendering -------------------------------------------------------------------------------------------
+def tables(result: ClaimsResult) -> str:
+    """Markdown: one grid per metric (rows context, columns concurrency), then the drift rows and verdicts."""
+    cells = result.cells
+    ctxs = sorted({c.context for c in cells})
+    concs = sorted({c.concurrency for c in cells})
+    at = {(c.context, c.concurrency): c for c in cells}
+    out = []
+    for kind, metrics in (("memory reduction (1 - v4 / reference)", MEMORY_METRICS),
+                          ("speed-up (v4 / reference)", SPEED_METRICS)):
+        for m in metrics:
+            out.append(f"**{m} {kind}**\n")
+            out.append("| context | " + " | ".join(f"c={n}" for n in concs) + " |")
+            out.append("|---|" + "---|" * len(concs))
+            for ctx in ctxs:
+                row = []
+                for n in concs:
+                    c = at.get((ctx, n))
+                    v = None if c is None else (c.memory_reduction[m] if m in MEMORY_METRICS else c.speedup[m])
+                    row.append("-" if v is None else (f"{v:.0%}" if m in MEMORY_METRICS else f"{v:.2f}x"))
+                out.append(f"| {ctx} | " + " | ".join(row) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def headline(result: ClaimsResult) -> str:
+    """The compact table: one row per cell, every metric."""
+    out = ["| context | conc | KV mem | act. mem | weights | total mem | prefill | decode | e2e | greedy same |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "-" if v is None else f"{-v:+.0%}"  # noqa: E731
+    x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    for c in result.cells:
+        r, s = c.memory_reduction, c.speedup
+        out.append(f"| {c.context} | {c.concurrency} | {pct(r['kv'])} | {pct(r['activations'])} | {pct(r['weights'])} | "
+                   f"{pct(r['total'])} | {x(s['prefill'])} | {x(s['decode'])} | {x(s['e2e'])} | "
+                   f"{c.greedy_same}/{c.sequences} |")
+    return "\n".join(out)
+
+
+def drift_table(result: ClaimsResult) -> str:
+    out = ["| context | positions | top-1 agreement | KL mean | KL p99 | passkeys ref | passkeys v4 | gate |",
+           "|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for d in result.drift:
+        out.append(f"| {d.context} | {d.positions} | {d.top1_agreement:.3f} | {d.kl_mean:.4f} | {d.kl_p99:.3f} | "
+                   f"{f(d.needles_reference)} | {f(d.needles_v4)} | {'FLAG: ' + d.reason if d.flagged else 'ok'} |")
+    return "\n".join(out)
+
+
+def write_report(result: ClaimsResult, out_dir: Path, plots: list[Path]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eng = "\n".join(f"- **{s}**: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in result.engines.items())
+    doc = [f"# tierlm bench --claims{'' if result.complete else ' (INCOMPLETE)'}", "", f"`{result.command}`", "",
+           "## Verdicts", "", *[f"- {v}" for v in result.verdicts], "", "## Engines", "", eng, "",
+           "## Every cell (memory: change v4 vs reference; speed: v4 / reference)", "", headline(result), "",
+           "## Drift gate on v4", "", drift_table(result), "", "## Per metric", "", tables(result), "",
+           "## Definitions", "", (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
+    doc += [f"![{p.stem}]({p.name})" for p in plots]
+    doc += ["", *[f"- note: {n}" for n in result.notes]]
+    path = out_dir / "claims.md"
+    path.write_text("\n".join(doc) + "\n")
+    return path
+
+
+def heatmaps(result: ClaimsResult, out_dir: Path) -> list[Path]:
+    """One PNG per metric: contexts x concurrency, each cell annotated, the claim's line as the colour midpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    cells = result.cells
+    ctxs = sorted({c.context for c in cells})
+    concs = sorted({c.concurrency for c in cells})
+    at = {(c.context, c.concurrency): c for c in cells}
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for m in (*MEMORY_METRICS, *SPEED_METRICS):
+        memory = m in MEMORY_METRICS
+        grid = [[(lambda c: None if c is None else (c.memory_reduction[m] if memory else c.speedup[m]))(at.get((x, n)))
+                 for x in ctxs] for n in concs]
+        vals = [v for row in grid for v in row if v is not None]
+        if not vals:
+            continue
+        claim = MEMORY_CLAIM if memory else SPEED_CLAIM
+        lo, hi = min(vals + [claim - 1e-3]), max(vals + [claim + 1e-3])
+        fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(ctxs), 1.2 + 0.9 * len(concs)))
+        data = [[float("nan") if v is None else v for v in row] for row in grid]
+        im = ax.imshow(data, cmap="RdYlGn", norm=TwoSlopeNorm(vcenter=claim, vmin=lo, vmax=hi), origin="lower",
+                       aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is not None:
+                    ax.text(j, i, f"{v:.0%}" if memory else f"{v:.2f}x", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(ctxs)), [str(x) for x in ctxs])
+        ax.set_yticks(range(len(concs)), [str(n) for n in concs])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("concurrency")
+        ax.set_title(f"{m}: {'memory reduction' if memory else 'speed-up'} v4 vs reference "
+                     f"(claim {'40%' if memory else '1.8x'})", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = out_dir / f"claims_{m}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def run_claims(plan: ClaimsPlan, command: str, progress=print) -> ClaimsResult:
+    """Build both engines, measure every cell (and v4's drift gate per context), fill a ClaimsResult. Ctrl-C
+    stops the run and returns what was measured (complete False)."""
+    from types import SimpleNamespace
+
+    from tierlm.bench.engine_driver import release_tiers
+    from tierlm.bench.tiers import BenchTiers
+    from tierlm.config import TierConfig
+    from tierlm.engine.llm_engine import LLMEngine
+
+    plan.check()
+    result = ClaimsResult(command=command, plan={k: (str(v) if isinstance(v, Path) else v)
+                                                 for k, v in asdict(plan).items()})
+    ref_cfg, _ = _configs(plan, None)
+    engines: dict = {}
+    tiers = None
+    try:
+        progress("claims: loading the reference engine")
+        engines["reference"] = LLMEngine(ref_cfg)
+        v4_pool = _v4_pool_bytes(engines["reference"], ref_cfg)
+        tiers = BenchTiers(SimpleNamespace(tiers=TierConfig(host_memory_bytes=v4_pool, disk_bytes=2 * v4_pool),
+                                           kv_memory=v4_pool), ("host", "disk"))
+        tiers.open()
+        _, v4_cfg = _configs(plan, tiers.for_engine())
+        progress("claims: loading v4")
+        engines["v4"] = LLMEngine(v4_cfg)
+        result.engines = {"reference": _describe(engines["reference"], ref_cfg), "v4": _describe(engines["v4"], v4_cfg)}
+        tok = engines["reference"].tokenizer
+        cells_total = len(plan.contexts) * len(plan.concurrency) * plan.reps
+        source = PromptSource(tok, max(plan.contexts), sum(plan.concurrency) * plan.reps * len(plan.contexts) + 64)
+        for side in SIDES:  # warm-up: first-call allocations and kernels, untimed
+            _generate(engines[side], source.take(1, 256), 4)
+        for ctx in plan.contexts:
+            act = {s: _activation_peak(engines[s], source.take(1, ctx - plan.new_tokens)[0]) for s in SIDES}
+            keep: dict = {}
+            for n in plan.concurrency:
+                t0 = time.perf_counter()
+                cell = measure_cell(engines, result.engines, source, ctx, n, plan, act,
+                                    keep if n == max(plan.concurrency) else None)
+                result.cells.append(cell)
+                progress(f"claims: {ctx} tokens x {n}: decode {cell.speedup['decode']:.2f}x, prefill "
+                         f"{cell.speedup['prefill']:.2f}x, KV {cell.memory_reduction['kv']:.0%} less "
+                         f"({time.perf_counter() - t0:.0f} s; {len(result.cells) * plan.reps}/{cells_total})")
+            k = min(plan.drift_prompts, len(keep["prompts"]))
+            row = drift_check(engines, ctx, keep["prompts"][:k], keep["tokens"][:k], plan.needles)
+            result.drift.append(row)
+            progress(f"claims: drift gate at {ctx}: top-1 {row.top1_agreement:.3f}, KL {row.kl_mean:.4f}, "
+                     f"passkeys {row.needles_v4} vs {row.needles_reference}: {'FLAG' if row.flagged else 'ok'}")
+        result.complete = True
+    except KeyboardInterrupt:
+        result.notes.append("interrupted (Ctrl-C): the cells measured so far")
+    finally:
+        result.verdicts = verdicts(result.cells, result.drift)
+        if "v4" in engines:
+            release_tiers(engines["v4"])
+        if tiers is not None:
+            tiers.close()
+    return result
+
+
+def _v4_pool_bytes(reference, ref_cfg) -> int:
+    """v4's device pool in bytes (the same blocks as the reference, in FP8 with selector metadata): sizes its
+    host tier (one pool) and disk tier (two)."""
+    from tierlm.kvcache.spec import KVSpec
+
+    spec = KVSpec.from_model(reference.model_config, "fp8_e4m3", ref_cfg.cache.block_size)
+    meta = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4  # quest key bounds per block
+    return ref_cfg.cache.num_blocks * (spec.page_size_bytes + meta)
+
+
+def finish(result: ClaimsResult, plan: ClaimsPlan) -> str:
+    """Write the report, plots and JSON; the text printed at the end."""
+    plots: list[Path] = []
+    if plan.plots and result.cells:
+        try:
+            plots = heatmaps(result, plan.out_dir)
+        except ImportError:
+            result.notes.append("plots skipped: matplotlib is not installed")
+    report = write_report(result, plan.out_dir, plots)
+    if plan.json_path is not None:
+        plan.json_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.json_path.write_text(json.dumps(result.to_dict(), indent=1))
+    text = ["", headline(result), "", drift_table(result), "", *result.verdicts, "", f"report: {report}"]
+    return "\n".join(text)

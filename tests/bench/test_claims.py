@@ -106,3 +106,42 @@ def test_tiny_claims_grid_end_to_end(tmp_path, monkeypatch):
     report = (out / "claims.md").read_text()
     assert "## Verdicts" in report and "1.8x faster, decode" in report and "claims_decode.png" in report
     assert (out / "claims_kv.png").exists()
+
+
+def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst_blocks(monkeypatch):
+    """The claims' drift gate at a sparse budget (256 of 512 tokens, fp32 KV on both sides so only the picks
+    differ): with blocks picked by true attention mass it holds; with the ranking inverted (a sign bug that still
+    keeps sink and window) it flags v4."""
+    from helpers.engine_bugs import sparse_oracle_selector, sparse_selector_picks_worst
+
+    from tierlm.bench.claims import PromptSource, drift_check
+    from tierlm.bench.engine_driver import greedy
+    from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
+    from tierlm.engine.llm_engine import LLMEngine
+
+    def engine(sparse):
+        return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=3 * 34, kv_format="fp32", enable_prefix_caching=False),
+                                      scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512),
+                                      sparse=sparse))
+
+    ref = engine(SparseConfig())
+    v4 = engine(SparseConfig(selector="quest", budget_tokens=256, sink_tokens=16, window_tokens=64, dense_layers=2))
+    prompts = PromptSource(ref.tokenizer, 512, 8).take(3, 500)
+    rids = [ref.add_request(p, greedy(12)) for p in prompts]
+    done = {}
+    while ref.has_unfinished_requests():
+        for o in ref.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
+    tokens = [done[r] for r in rids]
+    engines = {"reference": ref, "v4": v4}
+    sparse_oracle_selector(monkeypatch)
+    good = drift_check(engines, 512, prompts, tokens, needles=0)
+    sparse_selector_picks_worst(monkeypatch)
+    bad = drift_check(engines, 512, prompts, tokens, needles=0)
+    assert good.positions == bad.positions == 36
+    assert not good.flagged and good.top1_agreement >= 0.95, good
+    assert bad.flagged and bad.reason.startswith("top-1 agreement"), bad
+    assert bad.kl_mean > 10 * good.kl_mean
+    print(f"oracle: top-1 {good.top1_agreement:.3f} KL {good.kl_mean:.4f}; inverted: top-1 {bad.top1_agreement:.3f} "
+          f"KL {bad.kl_mean:.4f}")

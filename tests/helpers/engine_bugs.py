@@ -72,3 +72,58 @@ def broken_static_kv_scales(engine, path):
     identity = ModelIdentity(cfg.model_id, engine.weights_digest, engine.model_config_digest)
     typical = torch.tensor([10.0, 2.0]).view(1, 2, 1).expand(cfg.num_layers, 2, cfg.num_kv_heads)
     return KVScales(identity, (typical * 1e-3).contiguous(), tokens=1).save(path)
+
+
+def _mass_select(invert: bool):
+    """A selector `select` that ranks the blocks between sink and window by their true attention mass (softmax
+    of q.k over the whole context per query head, summed per block, max over heads; fp32 KV only): the oracle
+    a block selector approximates, or with `invert` its worst choice (the blocks that matter least)."""
+    import torch
+
+    from tierlm.attention.sparse import Picks
+
+    def select(self, q, layer, tables, lens, scale):
+        bs, kb = self.block_size, self.budget_blocks
+        nblocks = (lens + bs - 1) // bs
+        if int(nblocks.max()) <= kb:
+            return Picks(tables, lens)
+        rows, out_lens = [], []
+        for i in range(tables.shape[0]):
+            nb, length = int(nblocks[i]), int(lens[i])
+            t = tables[i, :nb]
+            k = layer.data[0][t]  # [nb, bs, Hkv, D]
+            hkv, d = k.shape[2], k.shape[3]
+            keys = k.reshape(nb * bs, hkv, d)[:length].float()
+            qi = q[i].float().view(hkv, -1, d)
+            p = (torch.einsum("hgd,thd->hgt", qi, keys) * scale).softmax(-1).reshape(-1, length)
+            mass = torch.zeros(p.shape[0], nb * bs)
+            mass[:, :length] = p
+            score = mass.view(-1, nb, bs).sum(-1).amax(0)
+            keep = torch.zeros(nb, dtype=torch.bool)
+            keep[: self.sink_blocks] = True
+            keep[nb - self.window_blocks:] = True
+            score = torch.where(keep, torch.tensor(float("-inf")), -score if invert else score)
+            keep[score.topk(max(0, min(kb - int(keep.sum()), int((~keep).sum())))).indices] = True
+            idx = keep.nonzero().flatten()
+            rows.append(t[idx])
+            out_lens.append((len(idx) - 1) * bs + length - (nb - 1) * bs)
+        width = max(len(r) for r in rows)
+        return Picks(torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows]),
+                     torch.tensor(out_lens))
+
+    return select
+
+
+def sparse_oracle_selector(monkeypatch):
+    """Not a bug: the Quest selector replaced by the attention-mass oracle (fp32 KV), a selector that picks well."""
+    from tierlm.attention.sparse import QuestSelector
+
+    monkeypatch.setattr(QuestSelector, "select", _mass_select(invert=False))
+
+
+def sparse_selector_picks_worst(monkeypatch):
+    """A sign bug in block ranking: the selector keeps the sink and the window but, between them, the blocks with
+    the least attention mass instead of the most."""
+    from tierlm.attention.sparse import QuestSelector
+
+    monkeypatch.setattr(QuestSelector, "select", _mass_select(invert=True))

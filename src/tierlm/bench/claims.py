@@ -4,7 +4,7 @@ faster"), run as hypotheses on this machine.
 Two engines side by side in one process: the reference (config `baseline`: dense, device-only KV in the
 model dtype, no prefix cache, no chunking) and `v4` (prefix cache + chunked prefill + host/disk KV tiers +
 FP8 KV + Quest sparse decoding: bench/configs.py). For every cell of a grid of context lengths x concurrency
-(full: 1K, 2K, 4K, 8K x 1, 4, 16; --quick: 1K, 4K x 1, 4), `concurrency` prompts of `context - new_tokens`
+(full: 1K, 2K, 4K, 8K x 1, 4, 16; --quick: 1K, 2K x 1, 4), `concurrency` prompts of `context - new_tokens`
 tokens (distinct windows of the shipped public-domain text; fresh windows in every rep, so no cell gets
 prefix-cache hits: cold prefill) generate `new_tokens` greedy tokens each (so a sequence ends at `context`), all admitted at once, the two sides taking turns rep
 by rep (the order rotates). Per cell:
@@ -18,9 +18,13 @@ by rep (the order rotates). Per cell:
       total        kv + activations + weights: the engine's working set for the cell (the process's RSS is
                    shared by both engines here, so it cannot be split)
     speed (speed-up = v4 / reference; median of the per-rep ratios)
-      prefill      concurrency x prompt tokens / time until every request has its first token
-      decode       concurrency x (new_tokens - 1) / the time after that
-      e2e          concurrency x new_tokens / the whole generation
+      prefill      concurrency x prompt tokens / time until every request has its first token (sequences
+                   that have theirs decode meanwhile, as a server would run them)
+      decode       concurrency x (new_tokens - 1) / the next new_tokens - 1 steps, each checked to decode
+                   every sequence and prefill nothing (the full batch; sequences may generate up to
+                   `headroom` tokens beyond new_tokens, so none finishes early; prompts are shortened by
+                   that headroom so every sequence stays within `context`)
+      e2e          concurrency x new_tokens / (prefill + decode time): until every sequence has new_tokens
 
 The drift gate runs on `v4` in the same run, per context: the reference's greedy continuations of the first
 prompts of the largest-concurrency cell are teacher-forced through both engines (LLMEngine.score: decode steps,
@@ -80,7 +84,7 @@ class ClaimsPlan:
                                         "use the defaults")
 
 
-QUICK = dict(contexts=(1024, 4096), concurrency=(1, 4), new_tokens=16, reps=1, drift_prompts=2, needles=2)
+QUICK = dict(contexts=(1024, 2048), concurrency=(1, 4), new_tokens=16, reps=1, drift_prompts=2, needles=1)
 
 
 @dataclass
@@ -196,28 +200,62 @@ class PromptSource:
 class _Gen:
     prefill_s: float
     decode_s: float
-    total_s: float
     tokens: list[list[int]]
     peak_kv_blocks: int
 
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
 
-def _generate(engine, prompts: list[list[int]], new_tokens: int) -> _Gen:
-    from tierlm.bench.arrivals import ArrivalPlan
-    from tierlm.bench.engine_driver import run_engine
+
+def prompt_len(context: int, concurrency: int, new_tokens: int) -> int:
+    """A cell's prompt length: every sequence ends within `context` tokens, counting the decode phase and the
+    headroom of tokens it may make while the others prefill."""
+    p = context - new_tokens
+    return max(16, p - headroom(concurrency, p))
+
+
+def headroom(concurrency: int, prompt_len: int, chunk: int = 512) -> int:
+    """Tokens a sequence may make before the last of the cell's sequences has its first token: one per step
+    while the others prefill (at most one step per `chunk` prompt tokens each, plus one per sequence)."""
+    return concurrency * (-(-prompt_len // chunk) + 1) + 2
+
+
+def _generate(engine, prompts: list[list[int]], new_tokens: int, extra: int = 0) -> _Gen:
+    """Two phases, one engine loop: admit every prompt (greedy, EOS ignored, `new_tokens + extra` allowed), step
+    until every sequence has its first token (prefill: the batch's time to first token), then exactly
+    `new_tokens - 1` steps, each checked to decode every sequence and prefill nothing (decode at the full
+    batch). `extra` must cover the tokens early sequences make during the prefill phase (`headroom`), so
+    none finishes inside the decode phase. The sequences are aborted at the end; their first `new_tokens`
+    tokens are returned."""
+    from tierlm.bench.engine_driver import greedy
     from tierlm.bench.phases import _sync
-    from tierlm.bench.workloads import BenchRequest
 
+    kv = engine.kv
     _sync(engine.device)
-    run = run_engine(engine, [BenchRequest(list(p), new_tokens) for p in prompts],
-                     ArrivalPlan(concurrency=len(prompts)))
+    t0 = time.perf_counter()
+    rids = [engine.add_request(list(p), greedy(new_tokens + extra)) for p in prompts]
+    reqs = [engine.groups[r].seqs[0].request for r in rids]
+    peak = 0
+    while any(not r.output_token_ids for r in reqs):
+        engine.step()
+        peak = max(peak, kv.num_blocks - kv.num_free_blocks)
+        if engine.last_step is None:
+            raise RuntimeError("claims: the engine stopped scheduling before every prompt was prefilled")
     _sync(engine.device)
-    end = time.monotonic()
-    records = sorted(run.records, key=lambda r: r.index)
-    if not run.complete or len(records) != len(prompts) or any(r.token_ids is None for r in records):
-        raise RuntimeError(f"claims: a run ended with {len(records)} of {len(prompts)} requests finished")
-    first = max(r.token_times[0] for r in records)
-    return _Gen(first - run.start, end - first, end - run.start, [list(r.token_ids) for r in records],
-                run.peak_kv_blocks)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        engine.step()
+        peak = max(peak, kv.num_blocks - kv.num_free_blocks)
+        s = engine.last_step
+        if s is None or s.decode_tokens != len(prompts) or s.prefill_tokens:
+            raise RuntimeError(f"claims: a decode-phase step was not a full-batch decode ({s}); raise the headroom")
+    _sync(engine.device)
+    t2 = time.perf_counter()
+    tokens = [list(r.output_token_ids[:new_tokens]) for r in reqs]
+    for r in rids:
+        engine.abort_request(r)
+    return _Gen(t1 - t0, t2 - t1, tokens, peak)
 
 
 def _activation_peak(engine, prompt: list[int]) -> int | None:
@@ -236,15 +274,17 @@ def measure_cell(engines: dict, info: dict, source: PromptSource, context: int, 
     gens: dict[str, list[_Gen]] = {s: [] for s in SIDES}
     first_prompts = None
     for rep in range(plan.reps):
-        prompts = source.take(concurrency, context - plan.new_tokens)
+        prompts = source.take(concurrency, prompt_len(context, concurrency, plan.new_tokens))
         first_prompts = first_prompts or prompts
         order = SIDES if rep % 2 == 0 else SIDES[::-1]
         for side in order:
-            gens[side].append(_generate(engines[side], prompts, plan.new_tokens))
+            gens[side].append(_generate(engines[side], prompts, plan.new_tokens,
+                                        headroom(concurrency, len(prompts[0]))))
     if keep is not None:
         keep.update(prompts=first_prompts, tokens=gens["reference"][0].tokens)
     n, new = concurrency, plan.new_tokens
-    work = {"prefill": (lambda g: n * (context - new) / g.prefill_s), "decode": (lambda g: n * (new - 1) / g.decode_s),
+    plen = len(first_prompts[0])
+    work = {"prefill": (lambda g: n * plen / g.prefill_s), "decode": (lambda g: n * (new - 1) / g.decode_s),
             "e2e": (lambda g: n * new / g.total_s)}
     speed, speedup, spread = {}, {}, {}
     for m, f in work.items():
@@ -485,7 +525,7 @@ def run_claims(plan: ClaimsPlan, command: str, progress=print) -> ClaimsResult:
         cells_total = len(plan.contexts) * len(plan.concurrency) * plan.reps
         source = PromptSource(tok, max(plan.contexts), sum(plan.concurrency) * plan.reps * len(plan.contexts) + 64)
         for side in SIDES:  # warm-up: first-call allocations and kernels, untimed
-            _generate(engines[side], source.take(1, 256), 4)
+            _generate(engines[side], source.take(1, 256), 4, headroom(1, 256))
         for ctx in plan.contexts:
             act = {s: _activation_peak(engines[s], source.take(1, ctx - plan.new_tokens)[0]) for s in SIDES}
             keep: dict = {}

@@ -48,12 +48,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "reference over a grid of contexts x --concurrency; memory split KV/activations/weights/"
                         "total, speed split prefill/decode/e2e, heatmaps, verdicts, v4's drift gate")
     g.add_argument("--claims-contexts", type=int, nargs="+", default=None, metavar="TOKENS",
-                   help="context lengths of the grid (default 1024 2048 4096 8192; --quick: 1024 4096)")
+                   help="context lengths of the grid (default 1024 2048 4096 8192; --quick: 1024 2048)")
     g.add_argument("--claims-new-tokens", type=int, default=None, help="greedy tokens per request (default 32)")
     g.add_argument("--claims-budget", type=int, default=1024, metavar="TOKENS",
                    help="v4's sparse budget: KV tokens a decode step reads per sequence (default 1024)")
     g.add_argument("--claims-needles", type=int, default=None,
-                   help="passkey probes per context in v4's drift gate (default 4; --quick: 2)")
+                   help="passkey probes per context in v4's drift gate (default 4; --quick: 1)")
     g = p.add_argument_group("what to run")
     g.add_argument("--workload", action="append", default=None, metavar="SPEC",
                    help="NAME or NAME:knob=v,... (repeatable; see --list)")

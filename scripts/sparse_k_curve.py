@@ -9,8 +9,8 @@ and a PNG with two panels.
 
 The prompts are distinct windows of the shipped public-domain text (bench.claims.PromptSource). k >= context
 reads every block (sparse is then exactly dense in that KV format), so the last point is the format's own
-drift. Speed: one engine per k holding `batch` sequences of `context - steps * reps - 8` tokens (prefilled
-untimed), `steps` decode steps per rep; the ratio is against dense fp32 measured the same way in the same run.
+drift. Speed: one engine per k holding `batch` sequences of `context - steps * reps - 8 - headroom` tokens
+(prefilled untimed; bench.claims.headroom: the tokens early sequences make while the others prefill), `steps` decode steps per rep; the ratio is against dense fp32 measured the same way in the same run.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from tierlm.bench.claims import PromptSource
+from tierlm.bench.claims import PromptSource, headroom
 from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.drift.metrics import kl_divergence, top1_matches
@@ -66,13 +66,15 @@ def quality(a, ks: list[int | None]) -> dict:
 
 def speed(a, ks: list[int | None]) -> dict:
     ctx = a.context - a.steps * a.reps - 8
+    ctx -= headroom(a.batch, ctx)
     sides: dict = {}
     for k in [None, *ks]:
         fmt = "fp32" if k is None else a.kv_format
         eng = engine(fmt, k, a.batch, a.context)
         prompts = PromptSource(eng.tokenizer, ctx, 64).take(a.batch, ctx)
-        for p in prompts:
-            eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=a.steps * a.reps + 4, ignore_eos=True))
+        for p in prompts:  # headroom: tokens early sequences make while the others prefill
+            eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=a.steps * a.reps + 4 + headroom(a.batch, ctx),
+                                              ignore_eos=True))
         while any(r.num_computed_tokens < r.num_prompt_tokens
                   for r in eng.scheduler.running + list(eng.scheduler.waiting)):
             eng.step()

@@ -182,9 +182,9 @@ class LLMEngine:
         # settings), the compute dtype, the KV format (static: with its scales), the tenant. KV in a shared
         # lower tier never crosses these. (The device and attention backend change the last bits of K/V, not
         # their meaning: KV moved between them is reused like KV recomputed there.)
-        self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
         if self.config.sparse.selector == "indexer":
-            self._check_indexer()
+            self._check_indexer()  # before the pool is allocated
+        self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
         self.selector = build_selector(self.config.sparse, cc.block_size)
         if self.selector is not None:
             add_quest_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part

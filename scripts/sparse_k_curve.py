@@ -25,6 +25,7 @@ from tierlm.bench.claims import PromptSource, headroom
 from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.drift.metrics import kl_divergence, top1_matches
+from tierlm.engine.llm import LLM
 from tierlm.engine.llm_engine import LLMEngine
 
 
@@ -36,13 +37,8 @@ def engine(fmt: str, k: int | None, seqs: int, context: int) -> LLMEngine:
 
 
 def greedy(eng: LLMEngine, prompts: list[list[int]], new: int) -> list[list[int]]:
-    rids = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)) for p in prompts]
-    done: dict[str, list[int]] = {}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = list(o.outputs[0].token_ids)
-    return [done[r] for r in rids]
+    replies = LLM.for_engine(eng).generate(prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))
+    return [list(r.outputs[0].token_ids) for r in replies]
 
 
 def quality(a, ks: list[int | None]) -> dict:

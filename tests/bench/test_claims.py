@@ -7,18 +7,8 @@ import math
 
 import pytest
 
-from tierlm.bench.claims import (
-    MEMORY_METRICS,
-    SPEED_METRICS,
-    Cell,
-    ClaimsPlan,
-    ClaimsResult,
-    DriftRow,
-    headline,
-    heatmaps,
-    tables,
-    verdicts,
-)
+from tierlm.bench.claims import MEMORY_METRICS, SPEED_METRICS, Cell, ClaimsPlan, ClaimsResult, DriftRow, verdicts
+from tierlm.bench.claims_report import headline, heatmaps, tables
 from tierlm.core.errors import InvalidParameterError
 
 

@@ -33,12 +33,11 @@ context are answered by both. v4 is flagged when top-1 agreement is below MIN_TO
 passkeys than the reference; a flagged v4's figures do not count (exit 1). Every cell also diffs greedy
 tokens (reported: v4 is lossy by design).
 
-Outputs: a table per metric (rows: context, columns: concurrency), a verdict line per claim and component
-(where 40% / 1.8x hold and where not), a heatmap PNG per metric, OUT/claims.md and --json.
+Outputs (bench/claims_report.py): a table per metric (rows: context, columns: concurrency), a verdict line per
+claim and component (where 40% / 1.8x hold and where not), a heatmap PNG per metric, OUT/claims.md and --json.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -258,12 +257,6 @@ def _generate(engine, prompts: list[list[int]], new_tokens: int, extra: int = 0)
     return _Gen(t1 - t0, t2 - t1, tokens, peak)
 
 
-def _activation_peak(engine, prompt: list[int]) -> int | None:
-    from tierlm.bench.memory import activation_peak_bytes
-
-    return activation_peak_bytes(engine, prompt)
-
-
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -335,15 +328,10 @@ def drift_check(engines: dict, context: int, prompts: list[list[int]], tokens: l
 
 def _greedy_texts(engine, prompts: list[list[int]], max_tokens: int) -> list[str]:
     from tierlm.core.sampling_params import SamplingParams
+    from tierlm.engine.llm import LLM
 
-    rids = [engine.add_request(list(p), SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                               request_id=f"claims-needle-{i}") for i, p in enumerate(prompts)]
-    done: dict[str, str] = {}
-    while len(done) < len(rids):
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].text
-    return [done[r] for r in rids]
+    replies = LLM.for_engine(engine).generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return [r.outputs[0].text for r in replies]
 
 
 # ---- verdicts --------------------------------------------------------------------------------------------
@@ -383,116 +371,6 @@ def _verdict(name: str, vals, holds, fmt) -> str:
             f"{_where([worst[0]])}")
 
 
-# ---- rendering -------------------------------------------------------------------------------------------
-def tables(result: ClaimsResult) -> str:
-    """Markdown: one grid per metric (rows context, columns concurrency), then the drift rows and verdicts."""
-    cells = result.cells
-    ctxs = sorted({c.context for c in cells})
-    concs = sorted({c.concurrency for c in cells})
-    at = {(c.context, c.concurrency): c for c in cells}
-    out = []
-    for kind, metrics in (("memory reduction (1 - v4 / reference)", MEMORY_METRICS),
-                          ("speed-up (v4 / reference)", SPEED_METRICS)):
-        for m in metrics:
-            out.append(f"**{m} {kind}**\n")
-            out.append("| context | " + " | ".join(f"c={n}" for n in concs) + " |")
-            out.append("|---|" + "---|" * len(concs))
-            for ctx in ctxs:
-                row = []
-                for n in concs:
-                    c = at.get((ctx, n))
-                    v = None if c is None else (c.memory_reduction[m] if m in MEMORY_METRICS else c.speedup[m])
-                    row.append("-" if v is None else (f"{v:.0%}" if m in MEMORY_METRICS else f"{v:.2f}x"))
-                out.append(f"| {ctx} | " + " | ".join(row) + " |")
-            out.append("")
-    return "\n".join(out)
-
-
-def headline(result: ClaimsResult) -> str:
-    """The compact table: one row per cell, every metric."""
-    out = ["| context | conc | KV mem | act. mem | weights | total mem | prefill | decode | e2e | greedy same |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    pct = lambda v: "-" if v is None else f"{-v:+.0%}"  # noqa: E731
-    x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-    for c in result.cells:
-        r, s = c.memory_reduction, c.speedup
-        out.append(f"| {c.context} | {c.concurrency} | {pct(r['kv'])} | {pct(r['activations'])} | {pct(r['weights'])} | "
-                   f"{pct(r['total'])} | {x(s['prefill'])} | {x(s['decode'])} | {x(s['e2e'])} | "
-                   f"{c.greedy_same}/{c.sequences} |")
-    return "\n".join(out)
-
-
-def drift_table(result: ClaimsResult) -> str:
-    out = ["| context | positions | top-1 agreement | KL mean | KL p99 | passkeys ref | passkeys v4 | gate |",
-           "|---|---|---|---|---|---|---|---|"]
-    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for d in result.drift:
-        out.append(f"| {d.context} | {d.positions} | {d.top1_agreement:.3f} | {d.kl_mean:.4f} | {d.kl_p99:.3f} | "
-                   f"{f(d.needles_reference)} | {f(d.needles_v4)} | {'FLAG: ' + d.reason if d.flagged else 'ok'} |")
-    return "\n".join(out)
-
-
-def write_report(result: ClaimsResult, out_dir: Path, plots: list[Path]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    eng = "\n".join(f"- **{s}**: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in result.engines.items())
-    doc = [f"# tierlm bench --claims{'' if result.complete else ' (INCOMPLETE)'}", "", f"`{result.command}`", "",
-           "## Verdicts", "", *[f"- {v}" for v in result.verdicts], "", "## Engines", "", eng, "",
-           "## Every cell (memory: change v4 vs reference; speed: v4 / reference)", "", headline(result), "",
-           "## Drift gate on v4", "", drift_table(result), "", "## Per metric", "", tables(result), "",
-           "## Definitions", "", (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
-    doc += [f"![{p.stem}]({p.name})" for p in plots]
-    doc += ["", *[f"- note: {n}" for n in result.notes]]
-    path = out_dir / "claims.md"
-    path.write_text("\n".join(doc) + "\n")
-    return path
-
-
-def heatmaps(result: ClaimsResult, out_dir: Path) -> list[Path]:
-    """One PNG per metric: contexts x concurrency, each cell annotated, the claim's line as the colour midpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
-
-    cells = result.cells
-    ctxs = sorted({c.context for c in cells})
-    concs = sorted({c.concurrency for c in cells})
-    at = {(c.context, c.concurrency): c for c in cells}
-    paths = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for m in (*MEMORY_METRICS, *SPEED_METRICS):
-        memory = m in MEMORY_METRICS
-        grid = [[(lambda c: None if c is None else (c.memory_reduction[m] if memory else c.speedup[m]))(at.get((x, n)))
-                 for x in ctxs] for n in concs]
-        vals = [v for row in grid for v in row if v is not None]
-        if not vals:
-            continue
-        claim = MEMORY_CLAIM if memory else SPEED_CLAIM
-        lo, hi = min(vals + [claim - 1e-3]), max(vals + [claim + 1e-3])
-        fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(ctxs), 1.2 + 0.9 * len(concs)))
-        data = [[float("nan") if v is None else v for v in row] for row in grid]
-        im = ax.imshow(data, cmap="RdYlGn", norm=TwoSlopeNorm(vcenter=claim, vmin=lo, vmax=hi), origin="lower",
-                       aspect="auto")
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                if v is not None:
-                    ax.text(j, i, f"{v:.0%}" if memory else f"{v:.2f}x", ha="center", va="center", fontsize=9)
-        ax.set_xticks(range(len(ctxs)), [str(x) for x in ctxs])
-        ax.set_yticks(range(len(concs)), [str(n) for n in concs])
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("concurrency")
-        ax.set_title(f"{m}: {'memory reduction' if memory else 'speed-up'} v4 vs reference "
-                     f"(claim {'40%' if memory else '1.8x'})", fontsize=9)
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        path = out_dir / f"claims_{m}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 # ---- the run ---------------------------------------------------------------------------------------------
 def run_claims(plan: ClaimsPlan, command: str, progress=print) -> ClaimsResult:
     """Build both engines, measure every cell (and v4's drift gate per context), fill a ClaimsResult. Ctrl-C
@@ -500,6 +378,7 @@ def run_claims(plan: ClaimsPlan, command: str, progress=print) -> ClaimsResult:
     from types import SimpleNamespace
 
     from tierlm.bench.engine_driver import release_tiers
+    from tierlm.bench.memory import activation_peak_bytes
     from tierlm.bench.tiers import BenchTiers
     from tierlm.config import TierConfig
     from tierlm.engine.llm_engine import LLMEngine
@@ -527,7 +406,7 @@ def run_claims(plan: ClaimsPlan, command: str, progress=print) -> ClaimsResult:
         for side in SIDES:  # warm-up: first-call allocations and kernels, untimed
             _generate(engines[side], source.take(1, 256), 4, headroom(1, 256))
         for ctx in plan.contexts:
-            act = {s: _activation_peak(engines[s], source.take(1, ctx - plan.new_tokens)[0]) for s in SIDES}
+            act = {s: activation_peak_bytes(engines[s], source.take(1, ctx - plan.new_tokens)[0]) for s in SIDES}
             keep: dict = {}
             for n in plan.concurrency:
                 t0 = time.perf_counter()
@@ -562,19 +441,3 @@ def _v4_pool_bytes(reference, ref_cfg) -> int:
     spec = KVSpec.from_model(reference.model_config, "fp8_e4m3", ref_cfg.cache.block_size)
     meta = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4  # quest key bounds per block
     return ref_cfg.cache.num_blocks * (spec.page_size_bytes + meta)
-
-
-def finish(result: ClaimsResult, plan: ClaimsPlan) -> str:
-    """Write the report, plots and JSON; the text printed at the end."""
-    plots: list[Path] = []
-    if plan.plots and result.cells:
-        try:
-            plots = heatmaps(result, plan.out_dir)
-        except ImportError:
-            result.notes.append("plots skipped: matplotlib is not installed")
-    report = write_report(result, plan.out_dir, plots)
-    if plan.json_path is not None:
-        plan.json_path.parent.mkdir(parents=True, exist_ok=True)
-        plan.json_path.write_text(json.dumps(result.to_dict(), indent=1))
-    text = ["", headline(result), "", drift_table(result), "", *result.verdicts, "", f"report: {report}"]
-    return "\n".join(text)

@@ -202,9 +202,11 @@ def run_command(a) -> int:
 
 
 def claims_plan(a):
+    import dataclasses
+
     from tierlm.bench.claims import QUICK, ClaimsPlan
 
-    d = {**asdict_defaults(ClaimsPlan), **(QUICK if a.quick else {})}
+    d = {**dataclasses.asdict(ClaimsPlan()), **(QUICK if a.quick else {})}
     device = a.device if a.device != "auto" else ("cuda" if _cuda_available() else "cpu")
     return ClaimsPlan(
         contexts=tuple(_or(a.claims_contexts, d["contexts"])), concurrency=tuple(_or(a.concurrency, d["concurrency"])),
@@ -214,14 +216,9 @@ def claims_plan(a):
         json_path=Path(a.json) if a.json else None, plots=not a.no_plots, quick=a.quick)
 
 
-def asdict_defaults(cls) -> dict:
-    import dataclasses
-
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
 def _claims(a) -> int:
-    from tierlm.bench.claims import finish, run_claims
+    from tierlm.bench.claims import run_claims
+    from tierlm.bench.claims_report import finish
 
     plan = claims_plan(a)
     plan.check()

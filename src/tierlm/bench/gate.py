@@ -281,6 +281,7 @@ def lossy_probe(engine, gate: GateSet, reference_tokens: Sequence[Sequence[int]]
     decode path) and answer NEEDLES passkey prompts greedily."""
     from tierlm.core.sampling_params import SamplingParams
     from tierlm.drift.inputs import needle_found, needles
+    from tierlm.engine.llm import LLM
 
     per_prompt: dict[int, list[int]] = {}
     for i, toks in zip(gate.order, reference_tokens):
@@ -292,14 +293,9 @@ def lossy_probe(engine, gate: GateSet, reference_tokens: Sequence[Sequence[int]]
     if length < MIN_NEEDLE_LEN:
         return LossyProbe(logits, [], 0)
     probes = needles(engine.tokenizer, [length], NEEDLES, NEEDLE_TOKENS)
-    rids = [engine.add_request(list(n.prompt), SamplingParams(temperature=0.0, max_tokens=NEEDLE_TOKENS),
-                               request_id=f"needle-{k}") for k, n in enumerate(probes)]
-    done: dict[str, str] = {}
-    while len(done) < len(rids):
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].text
-    return LossyProbe(logits, [needle_found(n.key, done[r]) for n, r in zip(probes, rids)], length)
+    replies = LLM.for_engine(engine).generate([list(n.prompt) for n in probes],
+                                              SamplingParams(temperature=0.0, max_tokens=NEEDLE_TOKENS))
+    return LossyProbe(logits, [needle_found(n.key, r.outputs[0].text) for n, r in zip(probes, replies)], length)
 
 
 def lossy_compare(reference: LossyProbe, candidate: LossyProbe, thresholds=None) -> LossyGate:

@@ -36,8 +36,13 @@ class LLM:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
+        return cls.for_engine(LLMEngine(config))
+
+    @classmethod
+    def for_engine(cls, engine: LLMEngine) -> "LLM":
+        """This API over an engine that already exists (it must have nothing else in flight to `generate`)."""
         llm = cls.__new__(cls)
-        llm._init(LLMEngine(config))
+        llm._init(engine)
         return llm
 
     def _init(self, engine: LLMEngine) -> None:

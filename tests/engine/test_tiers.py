@@ -85,7 +85,7 @@ def test_restarted_engine_hits_the_disk_tier(reference, tmp_path):
     assert tokens(first.generate([PROMPT], PARAMS)) == reference[:1]
     first.engine.close()  # queued writes land
     del first
-    second = tiered(cfg)
+    second = tiered(cfg, blocks=BLOCKS + 20)  # restarted with another pool size: the entries still fit
     out = second.generate([PROMPT], PARAMS)[0]
     assert out.outputs[0].token_ids == reference[0]
     assert out.cached_tokens_by_tier["disk"] == (len(out.prompt_token_ids) - 1) // 16 * 16

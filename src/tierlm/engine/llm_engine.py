@@ -230,8 +230,10 @@ class LLMEngine:
         if not tiers:
             return None
         model_id, weights, shape, compute, kv_format, _ = extra_keys
-        layout = ";".join(f"{name}:{str(t.dtype).removeprefix('torch.')}:{'x'.join(map(str, t.shape))}"
-                          for name, (t, _dim) in self.kv_storage[0].parts().items())
+        # A block's shape, not the pool's: engines with other pool sizes share entries.
+        layout = ";".join(f"{name}:{str(t.dtype).removeprefix('torch.')}:"
+                          f"{'x'.join(str(n) for i, n in enumerate(t.shape) if i != dim)}"
+                          for name, (t, dim) in self.kv_storage[0].parts().items())
         identity = EntryIdentity(model=f"{model_id}@{weights}/{shape}/{compute}", kv_format=kv_format,
                                  layout=f"{len(self.kv_storage)} layers;{layout}")
         return TierController(config.tiers, tiers, self.kv_storage, identity)

@@ -6,6 +6,9 @@ on CPU), with fp32 and bf16 in the same run. Default model, one process, sides a
 
 A side may add sparse decoding with the Quest selector: `fp8_e4m3+quest:1024` reads 1,024 KV tokens per
 sequence in every sparse layer (the first two layers stay dense); its bytes per step count what it reads.
+A sparse side may also spill (kvcache/spill.py): `fp8_e4m3+quest:1024+spill:12288:8192` gives the device
+12,288 KV tokens in all, 8,192 of them staging (default: batch x budget), and spills the rest of the
+contexts to host memory; the row gives each side's device KV bytes and the spill store's counters.
 
 For each context C, one engine per format (prefix caching off, the engine's default attention backend for
 that format: on CPU `cpu` for fp32 and FP8 (native in-place decode kernels), `torch` for bf16, which the
@@ -48,10 +51,19 @@ def step(eng: LLMEngine, done: dict[str, list[int]]) -> None:
             done[out.request_id] = list(out.outputs[0].token_ids)
 
 
-def build(side: str, blocks: int) -> LLMEngine:
-    """A side "FORMAT" or "FORMAT+quest:BUDGET"."""
+def build(side: str, blocks: int, batch: int) -> LLMEngine:
+    """A side "FORMAT", "FORMAT+quest:BUDGET" or "FORMAT+quest:BUDGET+spill:DEVICE_TOKENS[:STAGING_TOKENS]"."""
+    side, _, spill = side.partition("+spill:")
     fmt, _, budget = side.partition("+quest:")
     sparse = SparseConfig(selector="quest", budget_tokens=int(budget)) if budget else SparseConfig()
+    if spill:
+        device, _, staging = spill.partition(":")
+        spill_blocks = blocks  # room for every context off the device
+        blocks = int(device) // 16
+        # sized for fp32 blocks (the widest format): host pages are only touched as blocks spill
+        sparse = SparseConfig(selector="quest", budget_tokens=int(budget),
+                              staging_tokens=int(staging) if staging else batch * int(budget),
+                              spill_bytes=spill_blocks * 16 * 46080)
     return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=blocks, kv_format=fmt, enable_prefix_caching=False),
                                   scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
                                   sparse=sparse))
@@ -85,7 +97,7 @@ def main() -> None:
         sides: dict[str, LLMEngine] = {}
         done: dict[str, dict[str, list[int]]] = {}
         for fmt in a.formats:
-            eng = build(fmt, blocks)
+            eng = build(fmt, blocks, a.batch)
             ctx_eff = min(ctx, eng.max_model_len - new) - 1
             t0 = time.perf_counter()
             done[fmt] = {}
@@ -125,11 +137,16 @@ def main() -> None:
             row = {"context": ctx_eff, "batch": a.batch, "kv_format": fmt, "backend": eng.attention_backend.name,
                    "ms_per_step": ms, "decode_tok_s": a.batch / (ms / 1e3), f"speedup_vs_{base}": statistics.median(ratios),
                    "speedup_min": min(ratios), "speedup_max": max(ratios), "bytes_per_step": moved,
-                   "kv_bytes_per_token": eng.kv_spec.bytes_per_token, f"greedy_same_as_{base}": same}
+                   "kv_bytes_per_token": eng.kv_spec.bytes_per_token, f"greedy_same_as_{base}": same,
+                   "device_kv_bytes": eng.kv_storage.nbytes,
+                   "spill": eng.spill.stats() if eng.spill is not None else None}
             rows.append(row)
             print(f"  {fmt:<16} {eng.attention_backend.name:<6} {ms:8.1f} ms/step  {row['decode_tok_s']:7.1f} tok/s  "
                   f"x{row[f'speedup_vs_{base}']:.2f} vs {base} [{min(ratios):.2f}..{max(ratios):.2f}]  "
-                  f"{moved / 2**20:8.1f} MiB/step  greedy {same}/{len(done[base])} same as {base}", flush=True)
+                  f"{moved / 2**20:8.1f} MiB/step  greedy {same}/{len(done[base])} same as {base}  "
+                  f"device KV {eng.kv_storage.nbytes / 2**20:.0f} MiB", flush=True)
+            if eng.spill is not None:
+                print(f"    spill: {row['spill']}", flush=True)
         sides.clear()
     if a.json:
         with open(a.json, "w") as f:

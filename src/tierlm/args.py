@@ -189,13 +189,23 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
                    help=f"last tokens always read (default {d.window_tokens})")
     g.add_argument("--sparse-dense-layers", type=int, default=d.dense_layers, metavar="N",
                    help=f"the first N layers read every block (default {d.dense_layers})")
+    g.add_argument("--sparse-spill", type=_positive_bytes, default=None, metavar="SIZE",
+                   help="let running sequences spill cold KV blocks to this much host memory (or a file, with "
+                        "--sparse-spill-dir), so a context can exceed the device pool; needs --sparse quest")
+    g.add_argument("--sparse-spill-dir", default=None, metavar="DIR",
+                   help="back the spilled blocks with a file in DIR (mapped into memory; removed at exit)")
+    g.add_argument("--sparse-staging", type=_non_negative_int, default=0, metavar="TOKENS",
+                   help="device KV tokens that hold, per layer, the spilled blocks a step picks (default: twice "
+                        "the budget)")
 
 
 def sparse_config(args: argparse.Namespace) -> SparseConfig:
+    spill = dict(spill_bytes=getattr(args, "sparse_spill", None) or 0, spill_dir=getattr(args, "sparse_spill_dir", None),
+                 staging_tokens=getattr(args, "sparse_staging", 0))
     if getattr(args, "sparse", "dense") == "dense":
-        return SparseConfig()
+        return SparseConfig(**spill)  # refuses a spill size without a selector
     return SparseConfig(selector=args.sparse, budget_tokens=args.sparse_budget, sink_tokens=args.sparse_sink,
-                        window_tokens=args.sparse_window, dense_layers=args.sparse_dense_layers)
+                        window_tokens=args.sparse_window, dense_layers=args.sparse_dense_layers, **spill)
 
 
 def add_drift_guard_args(p: argparse.ArgumentParser) -> None:

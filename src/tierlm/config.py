@@ -165,13 +165,21 @@ class SparseConfig:
     """Sparse decoding (attention/sparse.py): which KV blocks a decode step reads. `selector` "dense" reads all;
     "quest" reads the first `sink_tokens`, the last `window_tokens` and the blocks between whose per-block key
     bounds score best against the query, `budget_tokens` in all (a context within it is read whole: dense).
-    The first `dense_layers` layers and every prefill chunk stay dense."""
+    The first `dense_layers` layers and every prefill chunk stay dense.
+
+    `spill_bytes` > 0 lets running sequences spill their cold blocks below the device pool (kvcache/spill.py),
+    so a context may exceed it: that many bytes of host memory, or of a file in `spill_dir` when given;
+    `staging_tokens` of the device budget (0: twice the sparse budget) hold, per layer, the spilled blocks a
+    decode step picks."""
 
     selector: str = "dense"  # "dense" | "quest" | "indexer" (a model with trained lightning-indexer weights)
     budget_tokens: int = 1024
     sink_tokens: int = 16
     window_tokens: int = 64
     dense_layers: int = 2
+    spill_bytes: int = 0
+    spill_dir: str | None = None
+    staging_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.selector not in SPARSE_SELECTORS:
@@ -185,9 +193,22 @@ class SparseConfig:
                 f"sparse budget {self.budget_tokens} tokens is below sink {self.sink_tokens} + window "
                 f"{self.window_tokens}", "raise --sparse-budget or lower --sparse-sink / --sparse-window")
 
+        if self.spill_bytes < 0 or self.staging_tokens < 0:
+            raise InvalidParameterError("sparse spill size and staging tokens must be >= 0", "use 0 (off / auto) or more")
+        if self.spill_bytes and self.selector != "quest":
+            raise InvalidParameterError(f"spilling KV blocks needs a sparse selector that picks blocks, not "
+                                        f"{self.selector!r}", "add --sparse quest, or drop --sparse-spill")
+        if self.spill_dir and not self.spill_bytes:
+            raise InvalidParameterError("a spill directory without a spill size", "add --sparse-spill SIZE")
+
     @property
     def enabled(self) -> bool:
         return self.selector != "dense"
+
+    @property
+    def staging(self) -> int:
+        """Staging tokens: as configured, else twice the budget."""
+        return self.staging_tokens or 2 * self.budget_tokens
 
 
 SPARSE_SELECTORS = ("dense", "quest", "indexer")

@@ -63,6 +63,9 @@ def test_info_says_why_the_cpu_kernels_are_off(tmp_path):
     (["generate", "hi", "--sparse", "indexer"], "needs a model with trained lightning-indexer weights"),
     (["generate", "hi", "--sparse", "quest", "--sparse-budget", "32"], "raise --sparse-budget"),
     (["bench", "--claims", "--claims-contexts", "64"], "--claims-contexts"),
+    (["generate", "hi", "--sparse-spill", "1GiB"], "add --sparse quest"),
+    (["generate", "hi", "--sparse", "quest", "--sparse-spill", "1GiB", "--num-kv-blocks", "64",
+      "--sparse-staging", "2048"], "lower --sparse-staging"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     r = run(*args)

@@ -83,13 +83,19 @@ class AttentionContext:
         meta = self.meta
         k, v = self.backend.write_kv(layer, k, v, meta)
         sel = self.selector
+        tables, lens = meta.decode_block_tables, meta.decode_seq_lens
+        picked = False
         if sel is not None and sel.applies(layer_idx):
             update_key_bounds(layer, meta.slot_mapping, k, meta.block_size)
             if meta.num_decodes:
-                picks = sel.select(q[: meta.num_decodes], layer, meta.decode_block_tables, meta.decode_seq_lens,
-                                   scale)
-                if picks.block_tables is not meta.decode_block_tables:
-                    meta = self.backend.with_decode_tables(meta, picks.block_tables, picks.seq_lens, self.kv.num_blocks)
+                picks = sel.select(q[: meta.num_decodes], layer, tables, lens, scale)
+                tables, lens, picked = picks.block_tables, picks.seq_lens, True
+        spill = self.kv.spill
+        if spill is not None and meta.num_decodes:
+            # spilled blocks the decode rows read: loaded into this layer's staging blocks (kvcache/spill.py)
+            tables = spill.stage(layer_idx, tables, picked)
+        if tables is not meta.decode_block_tables:
+            meta = self.backend.with_decode_tables(meta, tables, lens, self.kv.num_ids)
         return self.backend.attend(q, k, v, layer, meta, scale)
 
 

@@ -88,7 +88,10 @@ class CpuBackend(TorchPagedBackend):
     def attend(self, q, k, v, layer: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         parts = []
         nd = meta.num_decodes
-        if nd:
+        if nd and layer.spill is not None and int(meta.decode_block_tables.max()) >= layer.data.shape[1]:
+            # spill ids the layer could not stage (kvcache/spill.py): gathered, off the kernel's in-place path
+            parts.append(self._fallback_decode(q[:nd], layer, meta, scale))
+        elif nd:
             if layer.scheme is None:
                 o = cpu_kernels.paged_decode(q[:nd], layer.data, meta.decode_block_tables, meta.decode_seq_lens, scale)
             else:
@@ -106,7 +109,7 @@ class CpuBackend(TorchPagedBackend):
         """A decode shape the kernel declines (its scratch would not fit): the torch backend's gather + SDPA,
         its per-step state built at the first such layer and kept for the others."""
         if meta.backend_state is None:
-            meta.backend_state = self._prepare_decodes(meta, layer.data.shape[1])
+            meta.backend_state = self._prepare_decodes(meta, layer.num_ids)
         return self.decode(q, layer, meta, scale)
 
     def _prefill_split(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV,
@@ -123,7 +126,7 @@ class CpuBackend(TorchPagedBackend):
         if ctx:
             # Part A, unmasked over the cached context: q rows [1, Hkv, G * q_len, D] (head h = kv * G + g).
             qa = q.view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * q_len, d)
-            _, nb, bs, _, _ = layer.data.shape
+            nb, bs = layer.num_ids, layer.data.shape[2]
             run_blocks = max(1, RUN_TOKENS // bs)
             # FP8: the native kernel widens the bytes (~9x torch's float8 -> float32 here); same values
             widen = None if layer.scheme is None else functools.partial(cpu_kernels.widen_fp8_rows, fp8=layer.scheme.fp8)

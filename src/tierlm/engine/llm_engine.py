@@ -30,6 +30,7 @@ from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.engine.model_runner import ModelRunner
 from tierlm.engine.sampler import Sampler
 from tierlm.kvcache import KVCacheManager, KVSpec, KVStorage
+from tierlm.kvcache.spill import SpillStore, plan_spill
 from tierlm.kvcache.tiers import EntryIdentity, TierController, build_tiers
 from tierlm.models import build_model
 from tierlm.models.loader import load_checkpoint
@@ -168,15 +169,22 @@ class LLMEngine:
         num_blocks = self.kv_spec.num_blocks_for_budget(self.kv_budget_bytes)
         if num_blocks < 1:
             raise InvalidParameterError("the KV memory budget holds no block", "raise the KV cache memory budget")
-        # One sequence can never hold more KV than the whole pool: cap the context there, and say so now
-        # rather than stopping requests early with no word of why.
+        sp = self.config.sparse
+        self.selector = build_selector(sp, cc.block_size)
+        pool, num_spill = num_blocks, 0
+        if sp.spill_bytes:  # cold blocks of running sequences spill below the pool (kvcache/spill.py)
+            pool, num_spill = plan_spill(self.kv_spec.page_size_bytes, num_blocks, cc.block_size, sp.spill_bytes,
+                                         sp.staging, self.selector.sink_blocks + self.selector.window_blocks)
+        # One sequence can never hold more KV than the whole pool (and the spill store): cap the context there,
+        # and say so now rather than stopping requests early with no word of why.
         self.max_model_len, self.context_limit = self.model_max_len, ""  # context_limit: why it is capped, if it is
-        pool_tokens = num_blocks * cc.block_size
+        pool_tokens = (pool + num_spill) * cc.block_size
         if pool_tokens < self.max_model_len:
             self.context_limit = f"the KV cache holds {pool_tokens} tokens"
-            log.warning("the KV cache holds %d tokens (%d blocks of %d), less than the context of %d: sequences "
-                        "are capped at %d tokens; raise --kv-cache-memory for longer ones", pool_tokens, num_blocks,
-                        cc.block_size, self.max_model_len, pool_tokens)
+            held = f"{pool} blocks of {cc.block_size}" + (f" + {num_spill} spilled" if num_spill else "")
+            log.warning("the KV cache holds %d tokens (%s), less than the context of %d: sequences are capped at %d "
+                        "tokens; raise --kv-cache-memory%s for longer ones", pool_tokens, held, self.max_model_len,
+                        pool_tokens, " or --sparse-spill" if num_spill else "")
             self.max_model_len = pool_tokens
         # What a block's KV means besides its tokens: which model (name, weight bytes, shape and RoPE/norm
         # settings), the compute dtype, the KV format (static: with its scales), the tenant. KV in a shared
@@ -184,10 +192,12 @@ class LLMEngine:
         # their meaning: KV moved between them is reused like KV recomputed there.)
         if self.config.sparse.selector == "indexer":
             self._check_indexer()  # before the pool is allocated
-        self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device)
-        self.selector = build_selector(self.config.sparse, cc.block_size)
+        if getattr(self, "spill", None) is not None:
+            self.spill.close()  # the drift guard rebuilds the KV side with nothing running
+        self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device, num_spill)
         if self.selector is not None:
             add_quest_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part
+        self.spill = SpillStore(self.kv_storage, num_spill, pool, sp.spill_dir) if num_spill else None
         self.kv_scales = self._candidate_scales if self.kv_spec.format.static else None
         if self.kv_scales is not None:
             per_layer = self.kv_scales.scales(self.kv_spec.format.scheme().type.max).to(self.device)
@@ -196,8 +206,9 @@ class LLMEngine:
         extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute,
                       self._kv_key(kv_format), cc.tenant_salt)
         self.tiers = self._build_tiers(self.config, extra_keys)
-        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys,
-                                 tiers=self.tiers)
+        keep = (self.selector.sink_blocks, self.selector.window_blocks) if self.spill is not None else (0, 1)
+        self.kv = KVCacheManager(pool, cc.block_size, cc.enable_prefix_caching, cc.hash_seed, extra_keys,
+                                 tiers=self.tiers, spill=self.spill, spill_keep=keep)
         if self.scheduler is None:
             self.scheduler = Scheduler(self.config.scheduler, self.kv)
         else:
@@ -253,6 +264,8 @@ class LLMEngine:
         finish queued tier writes and stop the tier threads and the drift guard's worker. Safe to call twice."""
         if self.drift_guard is not None:
             self.drift_guard.close()
+        if self.spill is not None:
+            self.spill.close()
         if self.tiers is not None:
             self.tiers.persist([self.kv._ref(b) for b in self.kv.pool.cached.values()])
             self.tiers.close()

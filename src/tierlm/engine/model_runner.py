@@ -26,7 +26,7 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.block_size = kv.spec.block_size
-        self.num_blocks = kv.num_blocks
+        self.num_ids = kv.num_ids  # device blocks and spill ids (kvcache/spill.py): what tables may hold
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -75,7 +75,7 @@ class ModelRunner:
             num_decodes=nd, decode_block_tables=dec_bt, decode_seq_lens=dec_lens,
             prefill_query_lens=p_qlens, prefill_seq_lens=p_slens, prefill_block_tables=p_tables,
         )
-        self.backend.prepare(meta, self.num_blocks)
+        self.backend.prepare(meta, self.num_ids)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, sample_rows, sample_reqs
@@ -84,6 +84,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[Request]]:
         """Run one step. Returns (logits [N, vocab] fp32 for the N requests that sample, those requests)."""
         input_ids, positions, meta, rows, reqs = self._prepare(out)
+        if self.kv.spill is not None:
+            self.kv.spill.begin_step()
         hidden = self.model(input_ids, positions, AttentionContext(meta, self.kv, self.backend, self.selector))
         if not rows:
             return None, []

@@ -30,6 +30,12 @@ With lower tiers (a TierController), a device miss continues below the pool:
 An evicted cached block is demoted before anything can overwrite it (write-back), a step's new blocks
 are stored at commit with write-through, a preempted sequence's blocks can be offloaded (`offload`),
 and pinned prefixes keep one extra reference on their device blocks and a pin in every tier.
+
+With a SpillStore (kvcache/spill.py; sparse decoding), a pool too short for an allocation first spills
+blocks of running sequences: full, computed blocks held by that sequence alone, outside the sink and the
+recent window its selector always reads, the ones picked least recently first (ties: the earlier
+position). Their table entries become spill ids (`SpilledBlock`), so a sequence's context may exceed the
+pool; `free` gives the spill slots back.
 """
 from __future__ import annotations
 
@@ -41,9 +47,18 @@ from dataclasses import dataclass
 from tierlm.core.request import Request
 from tierlm.kvcache.block_pool import BlockPool, KVBlock
 from tierlm.kvcache.hashing import BlockHash, hash_request_blocks
+from tierlm.kvcache.spill import SpillStore
 from tierlm.kvcache.tiers.controller import BlockRef, LoadJob, LowerHit, TierController
 
 PIN_TABLE = "__pinned__"  # the pseudo request id whose table holds pinned prefix blocks
+
+
+@dataclass(frozen=True)
+class SpilledBlock:
+    """A table entry whose KV was spilled out of the pool (kvcache/spill.py): block_id is its spill id."""
+
+    block_id: int
+    block_hash: None = None  # never a prefix-cache entry
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class KVCacheManager:
         hash_seed: int = 0,
         extra_keys: tuple = (),
         tiers: TierController | None = None,
+        spill: SpillStore | None = None,
+        spill_keep: tuple[int, int] = (0, 1),
     ):
         if block_size < 1:
             raise ValueError(f"block_size {block_size} < 1")
@@ -95,6 +112,9 @@ class KVCacheManager:
         self._pinned_hashes: set[BlockHash] = set()
         if tiers is not None:
             self.pool.eviction_log = []
+        self.spill = spill
+        self._spill_keep = spill_keep  # (sink blocks, window blocks) a sparse decode always reads: never spilled
+        self._requests: dict[str, Request] = {}  # with a spill store: whose tables may be spilled from
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -194,9 +214,12 @@ class KVCacheManager:
         total = request.num_computed_tokens + len(hits) * bs + num_new_tokens
         num_needed = max(0, -(-total // bs) - len(table) - len(hits))
         num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
-        if num_needed > self.pool.num_free_blocks - num_free_hits:
+        short = num_needed - (self.pool.num_free_blocks - num_free_hits)
+        if short > 0 and (self.spill is None or not self._spill_cold(short, hits)):
             return None
 
+        if self.spill is not None:
+            self._requests[rid] = request
         if (self.enable_prefix_caching and rid not in self._tables and request.num_computed_tokens == 0
                 and not request.num_preemptions):
             self._queries += request.num_tokens  # first admission: count this request's lookup once
@@ -248,8 +271,62 @@ class KVCacheManager:
         self._hashes.pop(rid, None)
         self._num_cached.pop(rid, None)
         self._lower.pop(rid, None)
+        self._requests.pop(rid, None)
         if table:
+            spilled = [b.block_id for b in table if isinstance(b, SpilledBlock)]
+            if spilled:
+                self.spill.free(spilled)
+                table = [b for b in table if not isinstance(b, SpilledBlock)]
             self.pool.free_blocks(reversed(table))
+
+    # ---- spilling ------------------------------------------------------------------------------------
+    def room(self, request: Request, new_computed_blocks: Sequence[int] = ()) -> int:
+        """Tokens `allocate_slots(request, n, new_computed_blocks)` can take now: the slack in its last block,
+        the free blocks and, with a spill store, the blocks it could spill. The scheduler caps a prefill chunk
+        at this, so a context longer than the pool is prefilled chunk by chunk, spilling as it goes."""
+        bs = self.block_size
+        table = self._tables.get(request.request_id, [])
+        hits = [self.pool.blocks[i] for i in new_computed_blocks]
+        start = request.num_computed_tokens + len(hits) * bs
+        slack = max(0, (len(table) + len(hits)) * bs - start)
+        free = self.pool.num_free_blocks - sum(1 for b in hits if b.ref_cnt == 0)
+        if self.spill is not None:
+            free += min(self.spill.num_free, len(self._spill_candidates(hits)))
+        return slack + max(0, free) * bs
+
+    def _spill_candidates(self, keep: Sequence[KVBlock] = ()) -> list[tuple[str, int, KVBlock]]:
+        """(request id, table position, block) of every block that may be spilled now."""
+        sink, window = self._spill_keep
+        bs = self.block_size
+        kept = {b.block_id for b in keep}
+        cands: list[tuple[str, int, KVBlock]] = []
+        for rid, req in self._requests.items():
+            if rid in self._loads:
+                continue  # the loader thread may still be writing its blocks
+            table = self._tables[rid]
+            for i in range(sink, req.num_computed_tokens // bs - window):
+                b = table[i]
+                if isinstance(b, KVBlock) and b.ref_cnt == 1 and b.block_id not in kept:
+                    cands.append((rid, i, b))
+        return cands
+
+    def _spill_cold(self, count: int, keep: Sequence[KVBlock] = ()) -> bool:
+        """Spill `count` blocks of running sequences (see the module docstring) so the pool has room; False,
+        changing nothing, when fewer can be spilled."""
+        assert self.spill is not None
+        if count > self.spill.num_free:
+            return False
+        cands = self._spill_candidates(keep)
+        if len(cands) < count:
+            return False
+        last = self.spill.last_pick[[b.block_id for _, _, b in cands]].tolist()
+        order = sorted(range(len(cands)), key=lambda j: (last[j], cands[j][1]))[:count]
+        chosen = [cands[j] for j in order]
+        ids = self.spill.spill([b.block_id for _, _, b in chosen])
+        for (rid, i, _), sid in zip(chosen, ids):
+            self._tables[rid][i] = SpilledBlock(sid)
+        self.pool.free_blocks([b for _, _, b in chosen])
+        return True
 
     # ---- lower tiers -------------------------------------------------------------------------------
     def start_load(self, request: Request, device_hits: Sequence[int], lower: LowerHit) -> LoadJob | None:
@@ -456,7 +533,7 @@ class KVCacheManager:
         self.pool.check_integrity()
         holders: Counter[int] = Counter()
         for rid, table in self._tables.items():
-            ids = [b.block_id for b in table]
+            ids = [b.block_id for b in table if not isinstance(b, SpilledBlock)]
             assert len(set(ids)) == len(ids), f"request {rid!r} holds a block twice: {ids}"
             holders.update(ids)
             num_cached = self._num_cached.get(rid, 0)

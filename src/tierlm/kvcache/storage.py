@@ -8,9 +8,14 @@ One `LayerKV` per layer, allocated once from the KVSpec:
     static_scales  static FP8 only: [2, Hkv] fp32, one calibrated scale per K/V and head for the layer
                 (not per block, so not one of `parts()`; the format's identity names the calibration)
     block_meta  per-block metadata by name, dim 0 = block id, e.g. Quest's key_min / key_max
-                [num_blocks, Hkv, D] (filled by the component that registers them)
+                [num_ids, Hkv, D] (filled by the component that registers them)
+    spill       None, or the layer's part of a SpillStore (kvcache/spill.py): the KV of blocks spilled
+                out of the device pool, ids [num_blocks, num_ids), in host memory or a mapped file
 
-Block ids handed out by the KV manager index dim 1 of `data` directly (dim 0 of the other parts).
+Block ids handed out by the KV manager index dim 1 of `data` directly (dim 0 of the other parts). With
+spilled blocks (sparse decoding over contexts larger than the pool) a block table may also hold spill ids
+>= num_blocks: block metadata has a row for them (on the device) and `read_blocks` gathers them from the
+spill store; everything else (writes, the tier verbs, the native decode kernels) takes device ids only.
 Layout stays per layer, not block-major: every attention kernel reads one layer's blocks at a time,
 so a layer's K (or V) rows of a block are contiguous and a decode kernel walks a block table in place;
 a block-major layout ([num_blocks, L, ...]) would make each block one contiguous range across layers
@@ -42,6 +47,16 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class LayerSpill:
+    """One layer's spilled blocks (kvcache/spill.py): data [2, num_spill, block_size, Hkv, D] and scales like
+    LayerKV's, off the device (host memory or a mapped file); spill id i is row i - first_id."""
+
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    first_id: int
+
+
+@dataclass
 class LayerKV:
     """One layer's paged KV: data, optional scales, optional per-block metadata (see the module docstring)."""
 
@@ -50,20 +65,58 @@ class LayerKV:
     block_meta: dict[str, torch.Tensor] = field(default_factory=dict)
     static_scales: torch.Tensor | None = None  # static FP8: [2, Hkv] fp32 per layer (not per block)
     scheme: Fp8Scheme | None = None  # FP8 formats: how data and scales are read (tierlm.quant.fp8)
+    spill: LayerSpill | None = None
+
+    @property
+    def num_ids(self) -> int:
+        """The block id space: device blocks, then spill ids."""
+        return self.data.shape[1] + (self.spill.data.shape[1] if self.spill is not None else 0)
 
     def read_blocks(self, index: torch.Tensor, widen=None) -> torch.Tensor:
-        """K/V blocks by an index into the [2 * num_blocks] view (K blocks, then V blocks: attention's
-        metadata.kv_index) -> [len(index), block_size, Hkv, D] in a dtype attention computes in: the stored
-        values as they are, or FP8 dequantized to fp32 with its scales (the reference dequantization;
-        `widen`, a faster FP8 -> fp32 conversion of the bytes, see quant.fp8._widen)."""
+        """K/V blocks by an index into the [2 * num_ids] view (K blocks, then V blocks: attention's
+        metadata.kv_index with N = num_ids) -> [len(index), block_size, Hkv, D] in a dtype attention computes
+        in: the stored values as they are, or FP8 dequantized to fp32 with its scales (the reference
+        dequantization; `widen`, a faster FP8 -> fp32 conversion of the bytes, see quant.fp8._widen).
+        Spill ids are gathered from the spill store (a copy to the device)."""
         _, nb, bs, h, d = self.data.shape
-        rows = _raw(self.data).view(2 * nb, bs, h, d).index_select(0, index)
+        if self.spill is not None:
+            rows, scales, is_v = self._read_spilled(index)
+        else:
+            rows = _raw(self.data).view(2 * nb, bs, h, d).index_select(0, index)
+            scales = None
+            if self.scales is not None:
+                scales = self.scales.view(2 * nb, bs, h, -1).index_select(0, index)
+            is_v = index >= nb
         if self.scheme is None:
             return rows
-        scales = None
-        if self.scales is not None:
-            scales = self.scales.view(2 * nb, bs, h, -1).index_select(0, index)
-        return dequantize_kv_rows(rows, scales, self.scheme, self.static_scales, index >= nb, widen)
+        return dequantize_kv_rows(rows, scales, self.scheme, self.static_scales, is_v, widen)
+
+    def _read_spilled(self, index: torch.Tensor):
+        """read_blocks' gather over device blocks and spilled ones: (raw rows, raw scales or None, is_v)."""
+        _, nb, bs, h, d = self.data.shape
+        sp = self.spill
+        ns = sp.data.shape[1]
+        n_ids = nb + ns
+        is_v = index >= n_ids
+        bid = index - is_v.long() * n_ids
+        spilled = bid >= nb
+        on_dev = (~spilled).nonzero().squeeze(1)
+        off_dev = spilled.nonzero().squeeze(1)
+        dev_rows = (bid + is_v.long() * nb).index_select(0, on_dev)
+        spill_rows = (bid - nb + is_v.long() * ns).index_select(0, off_dev).cpu()
+        out = []
+        for dev_t, spill_t in ((self.data, sp.data), (self.scales, sp.scales)):
+            if dev_t is None:
+                out.append(None)
+                continue
+            dv = _raw(dev_t).view(2 * nb, bs, h, -1)
+            rows = dv.new_empty((len(index), *dv.shape[1:]))
+            rows.index_copy_(0, on_dev, dv.index_select(0, dev_rows))
+            if len(off_dev):
+                sv = _raw(spill_t).view(2 * ns, bs, h, -1)
+                rows.index_copy_(0, off_dev, sv.index_select(0, spill_rows).to(rows.device))
+            out.append(rows)
+        return out[0], out[1], is_v
 
     def write_slots(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the K/V of T new tokens ([T, Hkv, D] each) at cache slots [T] (block * block_size + offset),
@@ -104,11 +157,13 @@ class LayerKV:
 class KVStorage:
     """The device KV cache: `num_blocks` blocks of `spec.block_size` tokens in every layer."""
 
-    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str):
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str, num_spill: int = 0):
         if num_blocks < 1:
             raise ValueError(f"num_blocks {num_blocks} < 1")
         self.spec = spec
         self.num_blocks = num_blocks
+        self.num_ids = num_blocks + num_spill  # block ids: device blocks, then spill ids (kvcache/spill.py)
+        self.spill = None  # the SpillStore over this storage, once one is built
         self.device = torch.device(device)
         shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         fmt = spec.format
@@ -136,9 +191,10 @@ class KVStorage:
         return sum(layer.nbytes for layer in self.layers)
 
     def add_block_meta(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Give every layer a zeroed per-block metadata tensor [num_blocks, *shape] under `name`."""
+        """Give every layer a zeroed per-block metadata tensor [num_ids, *shape] under `name` (a row for every
+        block id, spill ids included: a selector scores a spilled block without loading it)."""
         for layer in self.layers:
-            layer.block_meta[name] = torch.zeros((self.num_blocks, *shape), dtype=dtype, device=self.device)
+            layer.block_meta[name] = torch.zeros((self.num_ids, *shape), dtype=dtype, device=self.device)
 
     # ---- batched block verbs -------------------------------------------------------------------
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:

@@ -125,6 +125,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1 and self.kv.spill is not None:
+                n = max(1, min(n, self.kv.room(req)))  # a prefill chunk that fits, spilling cold blocks
             while True:
                 table = self.kv.allocate_slots(req, n)
                 if table is not None:
@@ -167,6 +169,8 @@ class Scheduler:
                 budget -= n
                 continue
             n = min(n, budget)
+            if n > 1 and self.kv.spill is not None:
+                n = max(1, min(n, self.kv.room(req, hit_blocks)))
             table = self.kv.allocate_slots(req, n, hit_blocks)
             if table is None:
                 break
@@ -180,6 +184,11 @@ class Scheduler:
             scheduled[id(req)] = ScheduledRequest(req, n, table)
             budget -= n
 
+        if self.kv.spill is not None:
+            # An allocation may have spilled blocks of a request scheduled before it, and handed the freed
+            # device blocks to another: every table is read again, so each names where its KV is now.
+            for s in scheduled.values():
+                s.block_table = self.kv.get_block_table(s.request.request_id)
         if not scheduled and self.loading:
             self.kv.wait_for_loads(0.05)  # nothing else to run: wait for a load instead of spinning
         out.scheduled = sorted(scheduled.values(), key=lambda s: not s.is_decode)

@@ -34,6 +34,8 @@ from tierlm.bench.memory import weight_bytes
 from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
 from tierlm.core.sampling_params import SamplingParams
 from tierlm.engine.llm_engine import LLMEngine
+from tierlm.kvcache import KVSpec
+from tierlm.models.loader import load_checkpoint
 
 TEXT = (Path(__file__).parents[1] / "src/tierlm/bench/data/midsummer_act1.txt").read_text()
 
@@ -51,19 +53,20 @@ def step(eng: LLMEngine, done: dict[str, list[int]]) -> None:
             done[out.request_id] = list(out.outputs[0].token_ids)
 
 
-def build(side: str, blocks: int, batch: int) -> LLMEngine:
+def build(side: str, blocks: int, batch: int, dense_layers: int = 2) -> LLMEngine:
     """A side "FORMAT", "FORMAT+quest:BUDGET" or "FORMAT+quest:BUDGET+spill:DEVICE_TOKENS[:STAGING_TOKENS]"."""
     side, _, spill = side.partition("+spill:")
     fmt, _, budget = side.partition("+quest:")
-    sparse = SparseConfig(selector="quest", budget_tokens=int(budget)) if budget else SparseConfig()
+    sparse = SparseConfig(selector="quest", budget_tokens=int(budget), dense_layers=dense_layers) if budget else SparseConfig()
     if spill:
         device, _, staging = spill.partition(":")
         spill_blocks = blocks  # room for every context off the device
         blocks = int(device) // 16
-        # sized for fp32 blocks (the widest format): host pages are only touched as blocks spill
-        sparse = SparseConfig(selector="quest", budget_tokens=int(budget),
+        # room for every context's blocks, no more: each spill slot also keeps its selector metadata on the device
+        page = KVSpec.from_model(load_checkpoint(None).config, fmt, 16).page_size_bytes
+        sparse = SparseConfig(selector="quest", budget_tokens=int(budget), dense_layers=dense_layers,
                               staging_tokens=int(staging) if staging else batch * int(budget),
-                              spill_bytes=spill_blocks * 16 * 46080)
+                              spill_bytes=spill_blocks * page)
     return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=blocks, kv_format=fmt, enable_prefix_caching=False),
                                   scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
                                   sparse=sparse))
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sparse-dense-layers", type=int, default=2, help="layers sparse sides read whole (default 2)")
     a = ap.parse_args()
     rows = []
     for ctx in a.contexts:
@@ -97,7 +101,7 @@ def main() -> None:
         sides: dict[str, LLMEngine] = {}
         done: dict[str, dict[str, list[int]]] = {}
         for fmt in a.formats:
-            eng = build(fmt, blocks, a.batch)
+            eng = build(fmt, blocks, a.batch, a.sparse_dense_layers)
             ctx_eff = min(ctx, eng.max_model_len - new) - 1
             t0 = time.perf_counter()
             done[fmt] = {}

@@ -38,6 +38,8 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    # Whether decode reads spill ids (kvcache/spill.py) where they are; else the picks are staged on the device.
+    reads_spill_in_place: ClassVar[bool] = False
 
     @classmethod
     def unsupported(cls, device: torch.device, dtype: torch.dtype, kv_format: str) -> str | None:
@@ -92,8 +94,10 @@ class AttentionContext:
                 tables, lens, picked = picks.block_tables, picks.seq_lens, True
         spill = self.kv.spill
         if spill is not None and meta.num_decodes:
-            # spilled blocks the decode rows read: loaded into this layer's staging blocks (kvcache/spill.py)
-            tables = spill.stage(layer_idx, tables, picked)
+            if self.backend.reads_spill_in_place:
+                spill.touch(tables, picked)
+            else:  # spilled blocks the decode rows read: loaded into this layer's staging blocks (kvcache/spill.py)
+                tables = spill.stage(layer_idx, tables, picked)
         if tables is not meta.decode_block_tables:
             meta = self.backend.with_decode_tables(meta, tables, lens, self.kv.num_ids)
         return self.backend.attend(q, k, v, layer, meta, scale)

@@ -66,6 +66,7 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 class CpuBackend(TorchPagedBackend):
     name = "cpu"
     summary = "CPU fp32: native in-place decode kernel, mask-free prefill merged by log-sum-exp"
+    reads_spill_in_place = True  # the decode kernels read spill ids from the (host) spill store directly
 
     @classmethod
     def unsupported(cls, device, dtype, kv_format):
@@ -88,17 +89,17 @@ class CpuBackend(TorchPagedBackend):
     def attend(self, q, k, v, layer: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         parts = []
         nd = meta.num_decodes
-        if nd and layer.spill is not None and int(meta.decode_block_tables.max()) >= layer.data.shape[1]:
-            # spill ids the layer could not stage (kvcache/spill.py): gathered, off the kernel's in-place path
-            parts.append(self._fallback_decode(q[:nd], layer, meta, scale))
-        elif nd:
+        if nd:
+            sp = layer.spill  # spill ids in the tables are read where they are (kvcache/spill.py), in place
             if layer.scheme is None:
-                o = cpu_kernels.paged_decode(q[:nd], layer.data, meta.decode_block_tables, meta.decode_seq_lens, scale)
+                o = cpu_kernels.paged_decode(q[:nd], layer.data, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                                             spill=None if sp is None else sp.data)
             else:
                 sch = layer.scheme
                 o = cpu_kernels.paged_decode_fp8(
                     q[:nd], layer.data, layer.scales if layer.scales is not None else layer.static_scales, sch.fp8,
-                    sch.scale_type, meta.decode_block_tables, meta.decode_seq_lens, scale)
+                    sch.scale_type, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                    spill=None if sp is None else sp.data, spill_scales=None if sp is None else sp.scales)
             parts.append(o if o is not None else self._fallback_decode(q[:nd], layer, meta, scale))
         for row, q_len, seq_len, table in meta.prefill_rows():
             rows = slice(row, row + q_len)

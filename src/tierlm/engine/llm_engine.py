@@ -173,8 +173,10 @@ class LLMEngine:
         self.selector = build_selector(sp, cc.block_size)
         pool, num_spill = num_blocks, 0
         if sp.spill_bytes:  # cold blocks of running sequences spill below the pool (kvcache/spill.py)
+            # no staging for a backend that reads the spill store in place (the cpu backend: it is host memory)
+            staging = 0 if self.attention_backend.reads_spill_in_place else sp.staging
             pool, num_spill = plan_spill(self.kv_spec.page_size_bytes, num_blocks, cc.block_size, sp.spill_bytes,
-                                         sp.staging, self.selector.sink_blocks + self.selector.window_blocks)
+                                         staging, self.selector.sink_blocks + self.selector.window_blocks)
         # One sequence can never hold more KV than the whole pool (and the spill store): cap the context there,
         # and say so now rather than stopping requests early with no word of why.
         self.max_model_len, self.context_limit = self.model_max_len, ""  # context_limit: why it is capped, if it is

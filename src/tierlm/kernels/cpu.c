@@ -119,7 +119,14 @@ ALWAYS_INLINE void softmax_finish(float *out, const float *acc, const float *l, 
 
 /* One sequence, all heads: each K/V row (all KV heads of one token) is read once, in order. Always
  * inlined, so the callers below can hand it a constant head dim and get fully unrolled dot products. */
-static inline __attribute__((always_inline)) void one_sequence(const float *q, const float *k_base, const float *v_base, const int64_t *table,
+/* Where a block table's ids point: ids < nb are blocks of the device cache (region 0), the others spill ids,
+ * blocks id - nb of the spill store (region 1, kvcache/spill.py), read in place the same way. */
+typedef struct {
+    const float *k[2], *v[2];
+    int64_t nb;
+} f32_regions;
+
+static inline __attribute__((always_inline)) void one_sequence(const float *q, const f32_regions *r, const int64_t *table,
                          int64_t len, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
                          float *scratch) {
     const int64_t hq = hkv * g;
@@ -133,8 +140,9 @@ static inline __attribute__((always_inline)) void one_sequence(const float *q, c
     const int64_t nblocks = (len + bs - 1) / bs;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
-        const float *kb = k_base + table[b] * block;
-        const float *vb = v_base + table[b] * block;
+        const int64_t id = table[b], sp = id >= r->nb, local = id - sp * r->nb;
+        const float *kb = r->k[sp] + local * block;
+        const float *vb = r->v[sp] + local * block;
         for (int64_t t = 0; t < n_tok; t++) score_token(q, kb + t * row, s, t, hq, g, d, bs, scale);
         softmax_block(s, m, l, acc, hq, d, bs, n_tok);
         for (int64_t t = 0; t < n_tok; t++) accumulate_token(s, vb + t * row, acc, t, hq, g, d, bs);
@@ -145,12 +153,15 @@ static inline __attribute__((always_inline)) void one_sequence(const float *q, c
 /* Returns 0 on success, 1 if the per-sequence scratch would not fit (the caller falls back). */
 int tierlm_paged_decode_f32(const float *q, const float *kv_cache, const int64_t *block_tables,
                             const int64_t *seq_lens, float *out, int64_t nd, int64_t hq, int64_t hkv, int64_t d,
-                            int64_t num_blocks, int64_t bs, int64_t max_blocks, float scale) {
+                            int64_t num_blocks, int64_t bs, int64_t max_blocks, float scale,
+                            const float *spill, int64_t num_spill) {
     const int64_t g = hq / hkv;
     const int64_t need = hq * bs + 2 * hq + hq * d;
     if (need > MAX_STACK_FLOATS) return 1;
-    const float *k_base = kv_cache;
-    const float *v_base = kv_cache + num_blocks * bs * hkv * d;
+    const int64_t block = bs * hkv * d;
+    if (!spill) spill = kv_cache, num_spill = num_blocks;  /* no spill ids: region 1 is never chosen */
+    const f32_regions reg = {{kv_cache, spill}, {kv_cache + num_blocks * block, spill + num_spill * block}, num_blocks};
+    const f32_regions *r = &reg;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t n = 0; n < nd; n++) {
         float scratch[MAX_STACK_FLOATS];
@@ -158,11 +169,11 @@ int tierlm_paged_decode_f32(const float *q, const float *kv_cache, const int64_t
         const int64_t *tn = block_tables + n * max_blocks;
         float *on = out + n * hq * d;
         if (d == 64)
-            one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, 64, g, scale, on, scratch);
+            one_sequence(qn, r, tn, seq_lens[n], bs, hkv, 64, g, scale, on, scratch);
         else if (d == 128)
-            one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, 128, g, scale, on, scratch);
+            one_sequence(qn, r, tn, seq_lens[n], bs, hkv, 128, g, scale, on, scratch);
         else
-            one_sequence(qn, k_base, v_base, tn, seq_lens[n], bs, hkv, d, g, scale, on, scratch);
+            one_sequence(qn, r, tn, seq_lens[n], bs, hkv, d, g, scale, on, scratch);
     }
     return 0;
 }
@@ -282,11 +293,19 @@ typedef struct {
     int64_t groups, s_kv, s_blk, s_tok, s_head;
 } fp8_scales;
 
+/* An FP8 table's two regions (see f32_regions): K and V bytes and their scales (byte pointers; static scales:
+ * the same [2, Hkv] in both). */
+typedef struct {
+    const uint8_t *k[2], *v[2];
+    const char *ks[2], *vs[2];
+    int64_t nb;
+} fp8_regions;
+
 /* one_sequence over FP8 bytes (the portable path): the same loops and running softmax, each token's K or V
  * row widened into rowbuf first. */
 static inline __attribute__((always_inline)) void one_sequence_fp8(
-    const float *q, const uint8_t *data, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
-    int64_t len, int64_t num_blocks, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
+    const float *q, const fp8_regions *r, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
+    int64_t len, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
     float *scratch) {
     const int64_t hq = hkv * g;
     const float fold = fp8_kind == FP8_E4M3 ? 256.0f : 1.0f;
@@ -297,17 +316,16 @@ static inline __attribute__((always_inline)) void one_sequence_fp8(
     float *acc = l + hq;          /* [hq, d] running numerator */
     const int64_t row = hkv * d;  /* bytes between consecutive tokens of a block */
     const int64_t block = bs * row;
-    const uint8_t *k_base = data, *v_base = data + num_blocks * block;
-    const char *k_sc = (const char *)sc.scales;
     const int64_t esz = scale_kind == SCALE_F32 ? 4 : 1;
-    const char *v_sc = k_sc + sc.s_kv * esz;
     softmax_init(m, l, acc, hq, d);
     const int64_t nblocks = (len + bs - 1) / bs;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
-        const uint8_t *kb = k_base + table[b] * block;
-        const uint8_t *vb = v_base + table[b] * block;
-        const int64_t sb = table[b] * sc.s_blk * esz;
+        const int64_t id = table[b], sp = id >= r->nb, local = id - sp * r->nb;
+        const uint8_t *kb = r->k[sp] + local * block;
+        const uint8_t *vb = r->v[sp] + local * block;
+        const int64_t sb = local * sc.s_blk * esz;
+        const char *k_sc = r->ks[sp], *v_sc = r->vs[sp];
         for (int64_t t = 0; t < n_tok; t++) {
             widen_row(rowbuf, kb + t * row, k_sc + sb + t * sc.s_tok * esz, hkv, d, sc.groups, sc.s_head,
                       fp8_kind, scale_kind, fold);
@@ -365,8 +383,8 @@ static inline __attribute__((always_inline)) void widen_tile(float *buf, const u
  * KV head then takes 16 FMA dot products (q held in registers) reduced together by hsum16, and for V its
  * accumulator stays in registers over the tile. Same running softmax as one_sequence. */
 static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
-    const float *q, const uint8_t *data, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
-    int64_t len, int64_t num_blocks, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
+    const float *q, const fp8_regions *r, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
+    int64_t len, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
     float *scratch) {
     const int64_t hq = hkv * g, nc = d / 16, gs = d / sc.groups;
     const int64_t bsp = (bs + TILE - 1) / TILE * TILE;
@@ -378,15 +396,15 @@ static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
     float *l = m + hq;          /* [hq] running sum */
     const int64_t row = hkv * d, block = bs * row;
     const int64_t esz = scale_kind == SCALE_F32 ? 4 : 1;
-    const char *k_sc = (const char *)sc.scales, *v_sc = k_sc + sc.s_kv * esz;
-    const uint8_t *k_base = data, *v_base = data + num_blocks * block;
     const __m512 vscale = _mm512_set1_ps(scale);
     softmax_init(m, l, acc, hq, d);
     const int64_t nblocks = (len + bs - 1) / bs;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n_tok = (b == nblocks - 1) ? len - b * bs : bs;
-        const uint8_t *kb = k_base + table[b] * block, *vb = v_base + table[b] * block;
-        const int64_t sb = table[b] * sc.s_blk * esz;
+        const int64_t id = table[b], sp = id >= r->nb, local = id - sp * r->nb;
+        const uint8_t *kb = r->k[sp] + local * block, *vb = r->v[sp] + local * block;
+        const int64_t sb = local * sc.s_blk * esz;
+        const char *k_sc = r->ks[sp], *v_sc = r->vs[sp];
         for (int64_t t0 = 0; t0 < n_tok; t0 += TILE) {
             const int64_t nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
             for (int64_t kh = 0; kh < hkv; kh++) {
@@ -437,12 +455,12 @@ static inline __attribute__((always_inline)) void one_sequence_fp8_avx512(
  * The dispatch sits inside the parallel loop because GCC outlines an OpenMP region before inlining:
  * constants passed to a function holding the region would not reach its body. */
 static inline __attribute__((always_inline)) void one_sequence_fp8_any(
-    int vec, const float *q, const uint8_t *data, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
-    int64_t len, int64_t num_blocks, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
+    int vec, const float *q, const fp8_regions *r, fp8_scales sc, int fp8_kind, int scale_kind, const int64_t *table,
+    int64_t len, int64_t bs, int64_t hkv, int64_t d, int64_t g, float scale, float *out,
     float *scratch) {
 #if defined(__AVX512F__)
 #define FP8_VEC(FK, D) \
-    one_sequence_fp8_avx512(q, data, sc, FK, scale_kind, table, len, num_blocks, bs, hkv, D, g, scale, out, scratch)
+    one_sequence_fp8_avx512(q, r, sc, FK, scale_kind, table, len, bs, hkv, D, g, scale, out, scratch)
 #define FP8_VEC_D(FK)         \
     do {                      \
         if (d == 64)          \
@@ -464,7 +482,7 @@ static inline __attribute__((always_inline)) void one_sequence_fp8_any(
 #else
     (void)vec;
 #endif
-    one_sequence_fp8(q, data, sc, fp8_kind, scale_kind, table, len, num_blocks, bs, hkv, d, g, scale, out, scratch);
+    one_sequence_fp8(q, r, sc, fp8_kind, scale_kind, table, len, bs, hkv, d, g, scale, out, scratch);
 }
 
 /* Returns 0 on success, 1 if the per-sequence scratch would not fit (the caller falls back), 2 for
@@ -474,7 +492,7 @@ int tierlm_paged_decode_fp8(const float *q, const uint8_t *data, const void *sca
                             int64_t groups, int64_t s_kv, int64_t s_blk, int64_t s_tok, int64_t s_head,
                             const int64_t *block_tables, const int64_t *seq_lens, float *out, int64_t nd, int64_t hq,
                             int64_t hkv, int64_t d, int64_t num_blocks, int64_t bs, int64_t max_blocks,
-                            float scale) {
+                            float scale, const uint8_t *spill, const void *spill_scales, int64_t num_spill) {
     if ((fp8_kind != FP8_E4M3 && fp8_kind != FP8_E5M2) || (scale_kind != SCALE_F32 && scale_kind != SCALE_UE8M0) ||
         groups < 1 || d % groups || hkv < 1 || hq % hkv)
         return 2;
@@ -485,11 +503,19 @@ int tierlm_paged_decode_fp8(const float *q, const uint8_t *data, const void *sca
     const fp8_scales sc = {scales, groups, s_kv, s_blk, s_tok, s_head};
     const int64_t g = hq / hkv;
     const int vec = fp8_vector_path(d, groups);
+    const int64_t block = bs * hkv * d, esz = scale_kind == SCALE_F32 ? 4 : 1;
+    if (!spill) spill = data, spill_scales = scales, num_spill = num_blocks;  /* no spill ids: region 1 unused */
+    /* per-token scales: the store's V scales follow its K scales; static ones (s_blk == 0): one [2, Hkv] for all */
+    const char *ks0 = (const char *)scales;
+    const char *ks1 = spill_scales && s_blk ? (const char *)spill_scales : ks0;
+    const int64_t s_kv1 = spill_scales && s_blk ? num_spill * s_blk : s_kv;
+    const fp8_regions reg = {{data, spill}, {data + num_blocks * block, spill + num_spill * block},
+                             {ks0, ks1}, {ks0 + s_kv * esz, ks1 + s_kv1 * esz}, num_blocks};
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t n = 0; n < nd; n++) {
         float scratch[MAX_STACK_FLOATS] __attribute__((aligned(64)));
-        one_sequence_fp8_any(vec, q + n * hq * d, data, sc, fp8_kind, scale_kind, block_tables + n * max_blocks,
-                             seq_lens[n], num_blocks, bs, hkv, d, g, scale, out + n * hq * d, scratch);
+        one_sequence_fp8_any(vec, q + n * hq * d, &reg, sc, fp8_kind, scale_kind, block_tables + n * max_blocks,
+                             seq_lens[n], bs, hkv, d, g, scale, out + n * hq * d, scratch);
     }
     return 0;
 }

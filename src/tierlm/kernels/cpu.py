@@ -130,10 +130,10 @@ def _load() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     """The C signatures, for ctypes."""
-    lib.tierlm_paged_decode_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
+    lib.tierlm_paged_decode_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _P, _I64]
     lib.tierlm_paged_decode_f32.restype = ctypes.c_int
     lib.tierlm_paged_decode_fp8.argtypes = [_P, _P, _P, _INT, _INT, _I64, _I64, _I64, _I64, _I64, _P, _P, _P,
-                                            _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
+                                            _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _P, _P, _I64]
     lib.tierlm_paged_decode_fp8.restype = ctypes.c_int
     lib.tierlm_fp8_widen.argtypes = [_P, _P, _I64, _INT, _F32]
     lib.tierlm_fp8_widen.restype = ctypes.c_int
@@ -152,20 +152,36 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 # ---- decode attention ----------------------------------------------------------------------------------
+def _spill_rows(spill: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int]:
+    """(pointer, blocks) of a spill store's layer part [2, ns, bs, Hkv, D] shaped like the cache `like`; (0, 0)
+    for none."""
+    if spill is None:
+        return 0, 0
+    if (spill.shape[0] != 2 or spill.shape[2:] != like.shape[2:] or spill.element_size() != like.element_size()
+            or spill.device.type != "cpu" or not spill.is_contiguous()):
+        raise ValueError(f"spill store part {tuple(spill.shape)} {spill.dtype} does not fit the cache "
+                         f"{tuple(like.shape)} {like.dtype} (contiguous, on the CPU)")
+    return spill.data_ptr(), spill.shape[1]
+
+
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float) -> torch.Tensor | None:
+                 scale: float, spill: torch.Tensor | None = None) -> torch.Tensor | None:
     """q: [Nd, Hq, D] -> out [Nd, Hq, D]; None when the shape does not fit the kernel (use the torch path).
 
     kv_cache: one layer, [2, num_blocks, block_size, Hkv, D]; block_tables: [Nd, max_blocks] int64;
-    seq_lens: [Nd] int64, each in 1 .. max_blocks * block_size (the new token's K/V already written)."""
+    seq_lens: [Nd] int64, each in 1 .. max_blocks * block_size (the new token's K/V already written).
+    spill: the layer's spill store rows [2, num_spill, block_size, Hkv, D] (kvcache/spill.py): table ids
+    >= num_blocks read block id - num_blocks there, in place."""
     lib = _library()
     q, kv_cache = q.contiguous(), kv_cache.contiguous()
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     nd, hq, d = q.shape
     _, nb, bs, hkv, _ = kv_cache.shape
+    sp, ns = _spill_rows(spill, kv_cache)
     out = torch.empty_like(q)
     rc = lib.tierlm_paged_decode_f32(q.data_ptr(), kv_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-                                     out.data_ptr(), nd, hq, hkv, d, nb, bs, block_tables.shape[1], float(scale))
+                                     out.data_ptr(), nd, hq, hkv, d, nb, bs, block_tables.shape[1], float(scale),
+                                     sp, ns)
     return None if rc else out
 
 
@@ -236,16 +252,32 @@ def _scale_layout(scales: torch.Tensor, scale_type: str, shape: tuple[int, ...])
 
 
 def paged_decode_fp8(q: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, fp8: str, scale_type: str,
-                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     spill: torch.Tensor | None = None, spill_scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """q: [Nd, Hq, D] fp32 -> out [Nd, Hq, D]; None when the shape does not fit the kernel (use the torch path).
 
     data: one layer's FP8 cache [2, num_blocks, block_size, Hkv, D] (float8_e4m3fn / float8_e5m2, or its
     bytes as uint8); fp8: "e4m3" or "e5m2". scales: per token [2, num_blocks, block_size, Hkv, G] (G groups
     of D / G values per head) or static [2, Hkv]; scale_type "fp32" (float32) or "ue8m0" (uint8 e, 2^(e-127)).
-    block_tables, seq_lens, scale: as `paged_decode`."""
-    lib = _library()
+    block_tables, seq_lens, scale, spill: as `paged_decode`; spill_scales: the store's per-token scales
+    [2, num_spill, block_size, Hkv, G] (None for static scales, which cover both)."""
+    return _paged_decode_fp8(_library(), q, data, scales, fp8, scale_type, block_tables, seq_lens, scale, spill,
+                             spill_scales)
+
+
+def _paged_decode_fp8(lib, q, data, scales, fp8, scale_type, block_tables, seq_lens, scale, spill=None,
+                      spill_scales=None):
     raw = _fp8_bytes(data, fp8).contiguous()
     scales, groups, strides = _scale_layout(scales, scale_type, tuple(raw.shape))
+    sp, ns = _spill_rows(None if spill is None else _fp8_bytes(spill, fp8), raw)
+    sp_scales = 0
+    if spill_scales is not None:
+        if spill is None or scales.dim() != 5 or spill_scales.shape != (2, ns, *scales.shape[2:]) \
+                or spill_scales.element_size() != scales.element_size() or not spill_scales.is_contiguous():
+            raise ValueError(f"spill scales {tuple(spill_scales.shape)} do not fit the cache's {tuple(scales.shape)}")
+        sp_scales = spill_scales.data_ptr()
+    elif spill is not None and scales.dim() == 5:
+        raise ValueError("a spill store over per-token scales needs its scales (spill_scales)")
     q = q.contiguous()
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     nd, hq, d = q.shape
@@ -258,7 +290,8 @@ def paged_decode_fp8(q: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, 
     out = torch.empty_like(q)
     rc = lib.tierlm_paged_decode_fp8(q.data_ptr(), raw.data_ptr(), scales.data_ptr(), _SCALE_KIND[scale_type],
                                      _FP8_KIND[fp8], groups, *strides, block_tables.data_ptr(), seq_lens.data_ptr(),
-                                     out.data_ptr(), nd, hq, hkv, d, nb, bs, block_tables.shape[1], float(scale))
+                                     out.data_ptr(), nd, hq, hkv, d, nb, bs, block_tables.shape[1], float(scale),
+                                     sp, sp_scales, ns)
     return None if rc else out
 
 
@@ -438,8 +471,14 @@ def _self_check(lib: ctypes.CDLL) -> bool:
     q = torch.randn(3, hq, d, generator=g)
     out = torch.empty_like(q)
     rc = lib.tierlm_paged_decode_f32(q.data_ptr(), kv.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-                                     3, hq, hkv, d, nb, bs, 3, 0.25)
-    ok = rc == 0 and torch.allclose(out, reference_decode(q, kv, tables, lens, 0.25), atol=1e-5, rtol=1e-5)
+                                     3, hq, hkv, d, nb, bs, 3, 0.25, None, 0)
+    want32 = reference_decode(q, kv, tables, lens, 0.25)
+    ok = rc == 0 and torch.allclose(out, want32, atol=1e-5, rtol=1e-5)
+    # blocks 7 and 8 as spill ids: the last two blocks moved to a second buffer (kvcache/spill.py)
+    dev, spill = kv[:, :7].contiguous(), kv[:, 7:].contiguous()
+    rc = lib.tierlm_paged_decode_f32(q.data_ptr(), dev.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+                                     3, hq, hkv, d, 7, bs, 3, 0.25, spill.data_ptr(), 2)
+    ok = ok and rc == 0 and torch.allclose(out, want32, atol=1e-5, rtol=1e-5)
     ok = ok and _fp8_widening_ok(lib) and _quest_ok(lib)
     # FP8: both formats, both scale kinds, per-token and static scales; D = 16 with groups of 8 (the row
     # kernel) and of 16, and D = 64 (the vector kernel's runtime-D and constant-D instances)
@@ -452,9 +491,16 @@ def _self_check(lib: ctypes.CDLL) -> bool:
         o = torch.empty_like(qc)
         rc = lib.tierlm_paged_decode_fp8(qc.data_ptr(), data.data_ptr(), sc.data_ptr(), _SCALE_KIND[scale_type],
                                          _FP8_KIND[fp8], sgroups, *strides, tables.data_ptr(), lens.data_ptr(),
-                                         o.data_ptr(), 3, qc.shape[1], kvc.shape[3], kvc.shape[4], nb, bs, 3, 0.25)
+                                         o.data_ptr(), 3, qc.shape[1], kvc.shape[3], kvc.shape[4], nb, bs, 3, 0.25,
+                                         None, None, 0)
         want = reference_decode_fp8(qc, data, scales, fp8, scale_type, tables, lens, 0.25)
         ok = ok and rc == 0 and torch.allclose(o, want, atol=1e-5, rtol=1e-5)
+        # the same with blocks 7 and 8 spilled: data and per-token scales from second buffers, read in place
+        per_token = scales.dim() == 5
+        o2 = _paged_decode_fp8(lib, qc, data[:, :7].contiguous(), scales[:, :7].contiguous() if per_token else scales,
+                              fp8, scale_type, tables, lens, 0.25, spill=data[:, 7:].contiguous(),
+                              spill_scales=scales[:, 7:].contiguous() if per_token else None)
+        ok = ok and o2 is not None and torch.equal(o2, o)
     x, r, w = (torch.randn(5, 24, generator=g) for _ in range(3))
     y, s = torch.empty_like(x), torch.empty_like(x)
     lib.tierlm_add_rms_norm_f32(x.data_ptr(), r.data_ptr(), w[0].contiguous().data_ptr(), y.data_ptr(), s.data_ptr(),

@@ -47,8 +47,8 @@ class SpillStore:
             raise ValueError(f"num_spill {num_spill} < 1")
         if storage.num_ids != storage.num_blocks + num_spill:
             raise ValueError(f"storage has {storage.num_ids - storage.num_blocks} spill ids, not {num_spill}")
-        if not 0 < first_staging < storage.num_blocks:
-            raise ValueError(f"first staging block {first_staging} outside (0, {storage.num_blocks})")
+        if not 0 < first_staging <= storage.num_blocks:
+            raise ValueError(f"first staging block {first_staging} outside (0, {storage.num_blocks}]")
         self.storage = storage
         self.num_spill = num_spill
         self.first_id = storage.num_blocks
@@ -154,13 +154,18 @@ class SpillStore:
     def begin_step(self) -> None:
         self.clock += 1
 
+    def touch(self, tables: torch.Tensor, picked: bool) -> None:
+        """A decode step's tables for one layer: when they are a sparse selector's picks, their blocks were picked
+        now (`last_pick`, which orders spilling). A backend that reads spill ids in place calls only this."""
+        if picked:
+            self.last_pick.index_fill_(0, tables.reshape(-1), self.clock)
+
     def stage(self, layer_idx: int, tables: torch.Tensor, picked: bool) -> torch.Tensor:
         """A decode step's block tables for one layer [N, K] (any ids) -> the same tables over device ids, the
         picked spilled blocks loaded into the layer's staging blocks; `tables` itself when it holds no spill
         id, or more than the layer can stage (the backend then gathers them: LayerKV.read_blocks). `picked`:
         the tables are a sparse selector's picks (they set `last_pick`, which orders spilling)."""
-        if picked:
-            self.last_pick.index_fill_(0, tables.reshape(-1), self.clock)
+        self.touch(tables, picked)
         if int(tables.max()) < self.first_id:
             return tables
         need = torch.unique(tables[tables >= self.first_id]).tolist()

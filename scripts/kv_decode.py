@@ -7,8 +7,9 @@ on CPU), with fp32 and bf16 in the same run. Default model, one process, sides a
 A side may add sparse decoding with the Quest selector: `fp8_e4m3+quest:1024` reads 1,024 KV tokens per
 sequence in every sparse layer (the first two layers stay dense); its bytes per step count what it reads.
 A sparse side may also spill (kvcache/spill.py): `fp8_e4m3+quest:1024+spill:12288:8192` gives the device
-12,288 KV tokens in all, 8,192 of them staging (default: batch x budget), and spills the rest of the
-contexts to host memory; the row gives each side's device KV bytes and the spill store's counters.
+12,288 KV tokens in all, 8,192 of them staging (default: batch x budget; none on the cpu backend, which reads
+spilled blocks in place), and spills the rest of the contexts to host memory; the row gives each side's
+device KV bytes (selector metadata included, a row per spill slot too) and the spill store's counters.
 
 For each context C, one engine per format (prefix caching off, the engine's default attention backend for
 that format: on CPU `cpu` for fp32 and FP8 (native in-place decode kernels), `torch` for bf16, which the
@@ -149,6 +150,12 @@ def main() -> None:
                   f"x{row[f'speedup_vs_{base}']:.2f} vs {base} [{min(ratios):.2f}..{max(ratios):.2f}]  "
                   f"{moved / 2**20:8.1f} MiB/step  greedy {same}/{len(done[base])} same as {base}  "
                   f"device KV {eng.kv_storage.nbytes / 2**20:.0f} MiB", flush=True)
+            twin = fmt.partition("+spill:")[0]
+            if eng.spill is not None and twin in done:  # the same side with every block on the device
+                m = min(len(t) for t in [*done[fmt].values(), *done[twin].values()])
+                row[f"greedy_same_as_{twin}"] = sum(done[fmt][i][:m] == done[twin][i][:m] for i in done[twin])
+                print(f"    greedy {row[f'greedy_same_as_{twin}']}/{len(done[twin])} same as {twin} (all on the device)",
+                      flush=True)
             if eng.spill is not None:
                 print(f"    spill: {row['spill']}", flush=True)
         sides.clear()

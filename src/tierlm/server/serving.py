@@ -82,9 +82,9 @@ class Serving:
 
     @property
     def context_len(self) -> int:
-        """Most tokens one sequence can hold: the model's context, or less when the KV pool is smaller."""
-        kv = self.engine.kv
-        return min(self.engine.max_model_len, kv.num_blocks * kv.block_size)
+        """Most tokens one sequence can hold: the model's context, or less when the KV pool (and, with sparse
+        spilling, the spill store) holds less; the engine caps max_model_len there."""
+        return self.engine.max_model_len
 
     # ---- checks --------------------------------------------------------------------------------
     @staticmethod

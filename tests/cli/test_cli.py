@@ -65,7 +65,7 @@ def test_info_says_why_the_cpu_kernels_are_off(tmp_path):
     (["bench", "--claims", "--claims-contexts", "64"], "--claims-contexts"),
     (["generate", "hi", "--sparse-spill", "1GiB"], "add --sparse quest"),
     (["generate", "hi", "--sparse", "quest", "--sparse-spill", "1GiB", "--num-kv-blocks", "64",
-      "--sparse-staging", "2048"], "lower --sparse-staging"),
+      "--sparse-staging", "2048", "--attention-backend", "torch"], "lower --sparse-staging"),  # cpu: no staging
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     r = run(*args)

@@ -172,7 +172,7 @@ class SparseConfig:
     `staging_tokens` of the device budget (0: twice the sparse budget) hold, per layer, the spilled blocks a
     decode step picks."""
 
-    selector: str = "dense"  # "dense" | "quest" | "indexer" (a model with trained lightning-indexer weights)
+    selector: str = "dense"  # "dense" | "quest" | "index" (FP8 index-key scan) | "indexer" (trained indexer weights)
     budget_tokens: int = 1024
     sink_tokens: int = 16
     window_tokens: int = 64
@@ -195,7 +195,7 @@ class SparseConfig:
 
         if self.spill_bytes < 0 or self.staging_tokens < 0:
             raise InvalidParameterError("sparse spill size and staging tokens must be >= 0", "use 0 (off / auto) or more")
-        if self.spill_bytes and self.selector != "quest":
+        if self.spill_bytes and self.selector not in ("quest", "index"):
             raise InvalidParameterError(f"spilling KV blocks needs a sparse selector that picks blocks, not "
                                         f"{self.selector!r}", "add --sparse quest, or drop --sparse-spill")
         if self.spill_dir and not self.spill_bytes:
@@ -211,7 +211,7 @@ class SparseConfig:
         return self.staging_tokens or 2 * self.budget_tokens
 
 
-SPARSE_SELECTORS = ("dense", "quest", "indexer")
+SPARSE_SELECTORS = ("dense", "quest", "index", "indexer")
 
 
 @dataclass(frozen=True)

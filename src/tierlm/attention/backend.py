@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from tierlm.attention.metadata import AttentionMetadata
-from tierlm.attention.sparse import update_key_bounds
 from tierlm.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -88,7 +87,7 @@ class AttentionContext:
         tables, lens = meta.decode_block_tables, meta.decode_seq_lens
         picked = False
         if sel is not None and sel.applies(layer_idx):
-            update_key_bounds(layer, meta.slot_mapping, k, meta.block_size)
+            sel.on_write(layer, meta.slot_mapping, k, meta.block_size)
             if meta.num_decodes:
                 picks = sel.select(q[: meta.num_decodes], layer, tables, lens, scale)
                 tables, lens, picked = picks.block_tables, picks.seq_lens, True

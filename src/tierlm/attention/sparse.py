@@ -111,6 +111,14 @@ class QuestSelector:
     def applies(self, layer_idx: int) -> bool:
         return layer_idx >= self.config.dense_layers
 
+    def add_meta(self, storage: KVStorage) -> None:
+        """Register the per-block metadata this selector keeps (before the tiers: entries carry every part)."""
+        add_quest_meta(storage)
+
+    def on_write(self, layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+        """Keep the metadata of the keys just written (as stored) in a sparse layer."""
+        update_key_bounds(layer, slots, k, block_size)
+
     def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                scale: float) -> Picks:
         """q [N, Hq, D] (decode rows); tables [N, MB], lens [N] (the dense decode metadata); scale: the
@@ -172,4 +180,8 @@ def build_selector(config, block_size: int) -> QuestSelector | None:
     """The selector a config.SparseConfig names, or None for dense."""
     if config.selector == "dense":
         return None
+    if config.selector == "index":
+        from tierlm.attention.index_keys import IndexKeySelector
+
+        return IndexKeySelector(config, block_size)
     return QuestSelector(config, block_size)

@@ -19,7 +19,7 @@ import torch
 
 from tierlm.attention import select_backend
 from tierlm.attention.indexer import require_indexer
-from tierlm.attention.sparse import add_quest_meta, build_selector
+from tierlm.attention.sparse import build_selector
 from tierlm.config import CacheConfig, EngineConfig
 from tierlm.core.errors import InvalidParameterError, PromptTooLongError
 from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
@@ -198,7 +198,7 @@ class LLMEngine:
             self.spill.close()  # the drift guard rebuilds the KV side with nothing running
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device, num_spill)
         if self.selector is not None:
-            add_quest_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part
+            self.selector.add_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part
         self.spill = SpillStore(self.kv_storage, num_spill, pool, sp.spill_dir) if num_spill else None
         self.kv_scales = self._candidate_scales if self.kv_spec.format.static else None
         if self.kv_scales is not None:

@@ -78,35 +78,18 @@ class IndexKeySelector(QuestSelector):
 
     def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                scale: float) -> Picks:
-        bs, kb = self.block_size, self.budget_blocks
+        bs = self.block_size
         n, mb = tables.shape
-        nblocks = torch.div(lens + bs - 1, bs, rounding_mode="floor")
-        if int(nblocks.max()) <= kb:
-            return Picks(tables, lens)  # every context within the budget: dense, exactly
-        hq, d = q.shape[1], q.shape[2]
-        pos = torch.arange(mb, device=tables.device)
-        valid = pos[None, :] < nblocks[:, None]
-        kept = valid & ((pos[None, :] < self.sink_blocks) | (pos[None, :] >= nblocks[:, None] - self.window_blocks))
-        cand = valid & ~kept
-        free = (kb - kept.sum(1)).clamp_min(0)
-        k = index_keys(layer, tables)  # [N, MB, bs, Hkv, D]
-        hkv = k.shape[3]
-        qg = q.float().view(n, hkv, hq // hkv, d)
-        logits = torch.einsum("nmthd,nhgd->nmthg", k, qg).reshape(n, mb, bs, hq) * scale
-        tok = pos[:, None] * bs + torch.arange(bs, device=tables.device)[None, :]  # [MB, bs] positions
-        logits = logits.masked_fill((tok[None] >= lens[:, None, None])[..., None], float("-inf"))
-        lse = logits.logsumexp(2).masked_fill(~valid[:, :, None], float("-inf"))  # [N, MB, Hq]
-        z = lse.logsumexp(1, keepdim=True)
-        score = (lse - z).amax(-1).masked_fill(~cand, float("-inf"))  # [N, MB]
-        keep = kept.clone()
-        take = min(int(free.max()), mb)
-        if take:
-            top = score.topk(take, dim=1).indices  # best first; ties: torch's order
-            ok = (torch.arange(take, device=tables.device)[None, :] < free[:, None]) & cand.gather(1, top)
-            keep = keep | torch.zeros_like(keep).scatter_(1, top, ok)
-        keep = torch.where((nblocks <= kb)[:, None], valid, keep)
-        count = keep.sum(1)
-        order = torch.where(keep, pos[None, :], pos[None, :] + mb).sort(1).values[:, : int(count.max())]
-        order = torch.where(order < mb, order, torch.zeros_like(order))
-        last = lens - (nblocks - 1) * bs
-        return Picks(tables.gather(1, order), (count - 1) * bs + last)
+
+        def share(valid: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+            """max_h (lse_h(j) - Z_h) over the dequantized index keys [N, MB]."""
+            k = index_keys(layer, tables)  # [N, MB, bs, Hkv, D]
+            hkv, hq, d = k.shape[3], q.shape[1], q.shape[2]
+            qg = q.float().view(n, hkv, hq // hkv, d)
+            logits = torch.einsum("nmthd,nhgd->nmthg", k, qg).reshape(n, mb, bs, hq) * scale
+            tok = torch.arange(mb * bs, device=tables.device).view(mb, bs)  # token positions
+            logits = logits.masked_fill((tok[None] >= lens[:, None, None])[..., None], float("-inf"))
+            lse = logits.logsumexp(2).masked_fill(~valid[:, :, None], float("-inf"))  # [N, MB, Hq]
+            return (lse - lse.logsumexp(1, keepdim=True)).amax(-1)
+
+        return self.pick(tables, lens, share)

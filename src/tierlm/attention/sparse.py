@@ -140,6 +140,25 @@ class QuestSelector:
     def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                       scale: float) -> Picks:
         """`select` in torch ops (any device; the definition the native kernel matches)."""
+
+        def rel(valid: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+            n, mb = tables.shape
+            flat = tables.reshape(-1)
+            hkv_d = layer.block_meta["key_min"].shape[1:]
+            u = quest_scores(q, layer.block_meta["key_min"].index_select(0, flat).view(n, mb, *hkv_d),
+                             layer.block_meta["key_max"].index_select(0, flat).view(n, mb, *hkv_d))  # [N, MB, Hq]
+            u = u.masked_fill(~cand[:, :, None], float("-inf"))
+            best = u.amax(1, keepdim=True)  # [N, 1, Hq]
+            gap = torch.where(cand[:, :, None], (u - best) * scale, torch.full_like(u, float("-inf")))
+            return torch.logsumexp(gap, dim=-1)  # [N, MB]; -inf for non-candidates
+
+        return self.pick(tables, lens, rel)
+
+    def pick(self, tables: torch.Tensor, lens: torch.Tensor, score) -> Picks:
+        """The blocks each decode row reads, given `score(valid, cand)` -> [N, MB] (higher first; only candidates
+        count): every block of a row within the budget; else its sink, its window and the best candidates
+        between them, as compacted tables in position order (padded with the row's first block id) and their
+        lengths. The rules every block selector shares."""
         bs, kb = self.block_size, self.budget_blocks
         n, mb = tables.shape
         nblocks = torch.div(lens + bs - 1, bs, rounding_mode="floor")  # [N]
@@ -148,15 +167,8 @@ class QuestSelector:
         pos = torch.arange(mb, device=tables.device)
         valid = pos[None, :] < nblocks[:, None]
         keep = valid & ((pos[None, :] < self.sink_blocks) | (pos[None, :] >= nblocks[:, None] - self.window_blocks))
-        flat = tables.reshape(-1)
-        hkv_d = layer.block_meta["key_min"].shape[1:]
-        u = quest_scores(q, layer.block_meta["key_min"].index_select(0, flat).view(n, mb, *hkv_d),
-                         layer.block_meta["key_max"].index_select(0, flat).view(n, mb, *hkv_d))  # [N, MB, Hq]
         cand = valid & ~keep
-        u = u.masked_fill(~cand[:, :, None], float("-inf"))
-        best = u.amax(1, keepdim=True)  # [N, 1, Hq]
-        gap = torch.where(cand[:, :, None], (u - best) * scale, torch.full_like(u, float("-inf")))
-        rel = torch.logsumexp(gap, dim=-1)  # [N, MB]; -inf for non-candidates
+        rel = score(valid, cand).masked_fill(~cand, float("-inf"))
         free = (kb - keep.sum(1)).clamp_min(0)  # candidate blocks each row may take
         take = min(int(free.max()), mb)
         if take:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from tierlm.core.errors import InvalidParameterError
 from tierlm.kvcache.storage import KVStorage, LayerSpill, _raw
 
 
@@ -221,8 +222,6 @@ def plan_spill(page_bytes: int, num_blocks: int, block_size: int, spill_bytes: i
     `page_bytes` each in `spill_bytes`); the rest of the budget, ceil(staging_tokens / block_size) blocks, is
     staging. InvalidParameterError when the pool would not hold `keep_blocks` + 1 (what one sequence never
     spills, plus one) or the spill size holds no block."""
-    from tierlm.core.errors import InvalidParameterError
-
     staging = -(-staging_tokens // block_size)
     pool = num_blocks - staging
     if pool < keep_blocks + 1:

@@ -4,8 +4,8 @@ on CPU), with fp32 and bf16 in the same run. Default model, one process, sides a
     .venv/bin/python scripts/kv_decode.py [--contexts 4096 8192] [--batch 8] [--formats fp32 bf16 fp8_e4m3]
                                           [--steps 16] [--reps 3] [--json out.json]
 
-A side may add sparse decoding with the Quest selector: `fp8_e4m3+quest:1024` reads 1,024 KV tokens per
-sequence in every sparse layer (the first two layers stay dense); its bytes per step count what it reads.
+A side may add sparse decoding with a block selector (quest or index): `fp8_e4m3+quest:1024` reads 1,024 KV
+tokens per sequence in every sparse layer (the first two layers stay dense); its bytes per step count what it reads.
 A sparse side may also spill (kvcache/spill.py): `fp8_e4m3+quest:1024+spill:12288:8192` gives the device
 12,288 KV tokens in all, 8,192 of them staging (default: batch x budget; none on the cpu backend, which reads
 spilled blocks in place), and spills the rest of the contexts to host memory; the row gives each side's
@@ -55,17 +55,19 @@ def step(eng: LLMEngine, done: dict[str, list[int]]) -> None:
 
 
 def build(side: str, blocks: int, batch: int, dense_layers: int = 2) -> LLMEngine:
-    """A side "FORMAT", "FORMAT+quest:BUDGET" or "FORMAT+quest:BUDGET+spill:DEVICE_TOKENS[:STAGING_TOKENS]"."""
+    """A side "FORMAT", "FORMAT+SELECTOR:BUDGET" or "FORMAT+SELECTOR:BUDGET+spill:DEVICE_TOKENS[:STAGING_TOKENS]"
+    (SELECTOR: quest or index)."""
     side, _, spill = side.partition("+spill:")
-    fmt, _, budget = side.partition("+quest:")
-    sparse = SparseConfig(selector="quest", budget_tokens=int(budget), dense_layers=dense_layers) if budget else SparseConfig()
+    fmt, _, chosen = side.partition("+")
+    selector, _, budget = chosen.partition(":")
+    sparse = SparseConfig(selector=selector, budget_tokens=int(budget), dense_layers=dense_layers) if budget else SparseConfig()
     if spill:
         device, _, staging = spill.partition(":")
         spill_blocks = blocks  # room for every context off the device
         blocks = int(device) // 16
         # room for every context's blocks, no more: each spill slot also keeps its selector metadata on the device
         page = KVSpec.from_model(load_checkpoint(None).config, fmt, 16).page_size_bytes
-        sparse = SparseConfig(selector="quest", budget_tokens=int(budget), dense_layers=dense_layers,
+        sparse = SparseConfig(selector=selector, budget_tokens=int(budget), dense_layers=dense_layers,
                               staging_tokens=int(staging) if staging else batch * int(budget),
                               spill_bytes=spill_blocks * page)
     return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=blocks, kv_format=fmt, enable_prefix_caching=False),

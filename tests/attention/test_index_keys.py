@@ -9,6 +9,7 @@ import torch
 
 from tierlm.attention.index_keys import IndexKeySelector, add_index_keys, index_keys, write_index_keys
 from tierlm.config import ModelConfig, SparseConfig
+from tierlm.kernels import cpu as cpu_kernels
 from tierlm.kvcache import KVSpec, KVStorage
 
 BS = 4
@@ -48,8 +49,9 @@ def oracle(q, keys, lens, sink, window, budget, scale):
     return picks
 
 
+@pytest.mark.parametrize("path", ["select", "_select_torch"])
 @pytest.mark.parametrize("seed", range(5))
-def test_picks_equal_the_oracle_over_the_dequantized_index_keys(seed):
+def test_picks_equal_the_oracle_over_the_dequantized_index_keys(seed, path):
     torch.manual_seed(seed)
     s = storage(nb=64)
     layer = s[0]
@@ -60,7 +62,7 @@ def test_picks_equal_the_oracle_over_the_dequantized_index_keys(seed):
         write_index_keys(layer, tables[r][pos // BS] * BS + pos % BS, torch.randn(len(pos), 2, 16), BS)
     sel = IndexKeySelector(SparseConfig(selector="index", budget_tokens=6 * BS, sink_tokens=BS, window_tokens=2 * BS), BS)
     q = torch.randn(3, 4, 16)
-    picks = sel.select(q, layer, tables, lens, 0.3)
+    picks = getattr(sel, path)(q, layer, tables, lens, 0.3)
     want = oracle(q, index_keys(layer, tables), lens, 1, 2, 6, 0.3)
     for r in range(3):
         n = -(-int(picks.seq_lens[r]) // BS)
@@ -68,6 +70,34 @@ def test_picks_equal_the_oracle_over_the_dequantized_index_keys(seed):
         nb = -(-int(lens[r]) // BS)
         assert int(picks.seq_lens[r]) == (len(want[r]) - 1) * BS + int(lens[r]) - (nb - 1) * BS
     assert torch.equal(picks.block_tables[1, : 4], tables[1, :4])  # 13 tokens: within the budget, every block
+
+
+@pytest.mark.skipif(not cpu_kernels.status()["native"], reason="native CPU kernels not built here")
+@pytest.mark.parametrize("seed", range(3))
+def test_native_scan_equals_the_torch_definition_at_model_shapes(seed):
+    """Blocks of 16, 3 KV heads of 64 dims, 9 query heads (the default model's), rows of mixed lengths
+    (one within the budget, partial last blocks), ids scattered over the whole id space."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig("llama", 32, 576, 64, 1, 9, 3, 64, 8192)
+    s = KVStorage(KVSpec.from_model(cfg, "fp32", 16), 300, torch.device("cpu"))
+    add_index_keys(s)
+    layer = s[0]
+    lens = torch.tensor([1000, 100, 2047, 1601])
+    tables = torch.stack([torch.randperm(300)[:128] for _ in range(4)])
+    for r in range(4):
+        pos = torch.arange(int(lens[r]))
+        write_index_keys(layer, tables[r][pos // 16] * 16 + pos % 16, torch.randn(len(pos), 3, 64) * 2, 16)
+    sel = IndexKeySelector(SparseConfig(selector="index", budget_tokens=512, sink_tokens=16, window_tokens=64), 16)
+    q = torch.randn(4, 9, 64)
+    native = cpu_kernels.index_select(q, layer.block_meta["index_k"], layer.block_meta["index_s"], tables, lens, 16,
+                                      sel.sink_blocks, sel.window_blocks, sel.budget_blocks, 0.125)
+    assert native is not None
+    ref = sel._select_torch(q, layer, tables, lens, 0.125)
+    for r in range(4):
+        n = -(-int(ref.seq_lens[r]) // 16)
+        assert native[0][r, :n].tolist() == ref.block_tables[r, :n].tolist()
+    assert torch.equal(native[1], ref.seq_lens)
+    assert native[0].shape[1] == sel.budget_blocks
 
 
 def test_engine_index_selector_holds_quality_where_quest_does_not():

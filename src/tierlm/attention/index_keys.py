@@ -3,9 +3,10 @@ split, applied to any model without training), so attention can read a lossless 
 the pool only where it matters.
 
 Every layer keeps, per block and token, the key as written, rounded to FP8 e4m3 with one fp32 scale per KV head
-(amax / 448): block metadata "index_k" [num_ids, block_size, Hkv, D] (bytes) and "index_s" [num_ids, block_size,
-Hkv], 204 bytes per token and layer for the default model (Quest's fp32 bounds: 96), on the device and moving
-with the block through the prefix cache, the tiers and spilling like any block metadata.
+(amax / 448): block metadata "index_k" [num_ids, Hkv, D, block_size] (bytes, token-minor: one channel of a
+block's tokens is contiguous, which the native scan reads 16 tokens per load) and "index_s" [num_ids, Hkv,
+block_size], 204 bytes per token and layer for the default model (Quest's fp32 bounds: 96), on the device and
+moving with the block through the prefix cache, the tiers and spilling like any block metadata.
 
 For a decode row the selector scores candidate block j by its largest share of any query head's softmax mass:
 
@@ -16,7 +17,7 @@ For a decode row the selector scores candidate block j by its largest share of a
 and keeps the best within the budget, with Quest's sink / window / dense-layer rules and the same compacted
 tables. On the default model at 4K and a 1,024-token budget this scores top-1 0.990 (KL 0.0135) against dense
 fp32 with fp32 attention (scripts/index_key_quality.py on branch sparse-select), where Quest's bounds score
-0.68. This module is the torch definition; a native scan is the next step.
+0.68. On the CPU the scan is one native call (kernels.cpu.index_select); the torch path here is its definition.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tierlm.attention.sparse import Picks, QuestSelector
+from tierlm.kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
     from tierlm.kvcache.storage import KVStorage, LayerKV
@@ -36,8 +38,8 @@ FP8_MAX = 448.0
 def add_index_keys(storage: KVStorage) -> None:
     """Index keys (e4m3 bytes) and their per-token, per-head fp32 scales in every layer's block metadata."""
     bs, hkv, d = storage.spec.block_size, storage.spec.num_kv_heads, storage.spec.head_dim
-    storage.add_block_meta("index_k", (bs, hkv, d), torch.uint8)
-    storage.add_block_meta("index_s", (bs, hkv), torch.float32)
+    storage.add_block_meta("index_k", (hkv, d, bs), torch.uint8)
+    storage.add_block_meta("index_s", (hkv, bs), torch.float32)
 
 
 def quantize_index_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,16 +54,18 @@ def write_index_keys(layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block
     """Store the index keys of the tokens just written (k [T, Hkv, D], at cache slots [T])."""
     data, scales = quantize_index_keys(k)
     ik, isc = layer.block_meta["index_k"], layer.block_meta["index_s"]
-    ik.view(-1, *ik.shape[2:]).index_copy_(0, slots, data)
-    isc.view(-1, isc.shape[-1]).index_copy_(0, slots, scales)
+    blocks, offs = torch.div(slots, block_size, rounding_mode="floor"), slots % block_size
+    ik.permute(0, 3, 1, 2)[blocks, offs] = data  # [T, Hkv, D] into [block, Hkv, D, offset]
+    isc.permute(0, 2, 1)[blocks, offs] = scales
 
 
 def index_keys(layer: LayerKV, ids: torch.Tensor) -> torch.Tensor:
     """The dequantized index keys of blocks `ids` [...] -> [..., block_size, Hkv, D] fp32."""
     ik, isc = layer.block_meta["index_k"], layer.block_meta["index_s"]
     flat = ids.reshape(-1)
-    k = ik.index_select(0, flat).view(FP8).float() * isc.index_select(0, flat)[..., None]
-    return k.view(*ids.shape, *ik.shape[1:])
+    k = ik.index_select(0, flat).view(FP8).float() * isc.index_select(0, flat)[:, :, None, :]  # [n, Hkv, D, bs]
+    hkv, d, bs = ik.shape[1:]
+    return k.permute(0, 3, 1, 2).reshape(*ids.shape, bs, hkv, d)
 
 
 class IndexKeySelector(QuestSelector):
@@ -78,6 +82,24 @@ class IndexKeySelector(QuestSelector):
 
     def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                scale: float) -> Picks:
+        """As QuestSelector.select: on the CPU with the native kernels built, one call of
+        kernels.cpu.index_select (the index keys read in place through the tables; ties to the lower position);
+        otherwise `_select_torch`, the definition."""
+        keys, scales = layer.block_meta["index_k"], layer.block_meta["index_s"]
+        if q.device.type == "cpu" and cpu_kernels.usable(scales):
+            longest = -(-int(lens.max()) // self.block_size)
+            if longest <= self.budget_blocks:
+                return Picks(tables, lens)  # every context within the budget: dense, exactly
+            out = cpu_kernels.index_select(q.float(), keys, scales, tables, lens, self.block_size, self.sink_blocks,
+                                           self.window_blocks, self.budget_blocks, scale,
+                                           min(longest, self.budget_blocks))
+            if out is not None:
+                return Picks(*out)
+        return self._select_torch(q, layer, tables, lens, scale)
+
+    def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
+                      scale: float) -> Picks:
+        """`select` in torch ops (any device; the definition the native kernel matches)."""
         bs = self.block_size
         n, mb = tables.shape
 

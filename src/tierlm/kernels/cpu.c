@@ -793,3 +793,198 @@ int tierlm_quest_select(const float *q, const float *key_min, const float *key_m
     }
     return failed;
 }
+
+/* 7. Index-key selection (attention/index_keys.py IndexKeySelector, whose torch path is the definition): the
+ * blocks ranked by their attention mass over the FP8 e4m3 index keys.
+ *
+ * Per row with more blocks than the budget, every block p (sink, candidates, window) gets, per query head h,
+ * lse_h(p) = log sum_{t in p} exp(scale * q_h . k~_t), k~ the index key widened with its per-token, per-head
+ * fp32 scale; Z_h = logsumexp over those blocks, and a candidate (between the sink and the window) scores
+ * max_h (lse_h(p) - Z_h). The best m = budget - sink - window candidates are kept (ties to the lower position);
+ * output as tierlm_quest_select's. Layout, token-minor so 16 tokens' values of one channel are 16 adjacent
+ * bytes: keys [num_ids, hkv, d, bs] bytes, scales [num_ids, hkv, bs] fp32. */
+
+/* One block's n_tok index keys against every query head, the portable path: per head h, mx[h * nb] = the
+ * largest scaled logit and sm[h * nb] = sum_t exp(logit_t - mx) (so lse_h = mx + log sm); s: [bs] scratch. */
+static inline __attribute__((always_inline)) void index_block(const float *q, const uint8_t *kb, const float *ks,
+                                                             int64_t n_tok, int64_t bs, int64_t hkv, int64_t g,
+                                                             int64_t d, float scale, float *s, float *mx, float *sm,
+                                                             int64_t nb) {
+    const float *table = fp8_table[FP8_E4M3];
+    for (int64_t kh = 0; kh < hkv; kh++)
+        for (int64_t j = 0; j < g; j++) {
+            const float *qh = q + (kh * g + j) * d;
+            float m = -INFINITY;
+            for (int64_t t = 0; t < n_tok; t++) {
+                float acc = 0.0f;
+                for (int64_t x = 0; x < d; x++) acc += qh[x] * table[kb[(kh * d + x) * bs + t]];
+                s[t] = acc * ks[kh * bs + t] * 256.0f * scale;
+                m = s[t] > m ? s[t] : m;
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < n_tok; t++) sum += expf(s[t] - m);
+            mx[(kh * g + j) * nb] = m;
+            sm[(kh * g + j) * nb] = sum;
+        }
+}
+
+#if defined(__AVX512F__)
+__m512 _ZGVeN16v_expf(__m512); /* libmvec's 16-lane expf (linked: -lmvec), what `omp simd` loops call */
+
+#define INDEX_HEADS 4 /* query heads of one KV head scored together: each widened vector feeds 4 x 2 FMA chains */
+
+/* index_block on AVX-512 (bs a multiple of 16): per tile of 16 tokens and KV head, channel x of the 16 keys
+ * is one 16-byte load widened to 16 floats, which meets up to INDEX_HEADS query heads' q[x] broadcast (two
+ * FMA chains per head, even and odd channels): 16 logits per head with no horizontal sums and no buffer. The
+ * keys' scales (with e4m3's 2^8 fold and the logit scale) apply once per logit; per head the tile's max and
+ * exp-sum are kept (a block of several tiles folds them together). */
+static inline __attribute__((always_inline)) void index_block_avx512(const float *q, const uint8_t *kb,
+                                                                    const float *ks, int64_t n_tok, int64_t bs,
+                                                                    int64_t hkv, int64_t g, int64_t d, float scale,
+                                                                    float *mx, float *sm, int64_t nb) {
+    for (int64_t t0 = 0; t0 < n_tok; t0 += TILE) {
+        const int64_t nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
+        const __mmask16 live = (__mmask16)((1u << nt) - 1u);
+        for (int64_t kh = 0; kh < hkv; kh++) {
+            const uint8_t *kk = kb + kh * d * bs + t0;
+            const __m512 vs = _mm512_mul_ps(_mm512_loadu_ps(ks + kh * bs + t0), _mm512_set1_ps(256.0f * scale));
+            for (int64_t j0 = 0; j0 < g; j0 += INDEX_HEADS) {
+                const int64_t nh = g - j0 < INDEX_HEADS ? g - j0 : INDEX_HEADS;
+                const float *qh = q + (kh * g + j0) * d;
+                __m512 a0[INDEX_HEADS], a1[INDEX_HEADS];
+                for (int64_t i = 0; i < INDEX_HEADS; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+                for (int64_t x = 0; x < d; x += 2) {
+                    const __m512 k0 = widen16(kk + x * bs, FP8_E4M3), k1 = widen16(kk + (x + 1) * bs, FP8_E4M3);
+                    for (int64_t i = 0; i < nh; i++) {
+                        a0[i] = _mm512_fmadd_ps(_mm512_set1_ps(qh[i * d + x]), k0, a0[i]);
+                        a1[i] = _mm512_fmadd_ps(_mm512_set1_ps(qh[i * d + x + 1]), k1, a1[i]);
+                    }
+                }
+                for (int64_t i = 0; i < nh; i++) {
+                    const int64_t h = kh * g + j0 + i;
+                    const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,
+                                                         _mm512_mul_ps(_mm512_add_ps(a0[i], a1[i]), vs));
+                    const float m = _mm512_reduce_max_ps(sv);
+                    const float sum = _mm512_reduce_add_ps(_ZGVeN16v_expf(_mm512_sub_ps(sv, _mm512_set1_ps(m))));
+                    if (t0 == 0) {
+                        mx[h * nb] = m;
+                        sm[h * nb] = sum;
+                    } else { /* a block of more than 16 tokens: fold this tile in */
+                        const float big = m > mx[h * nb] ? m : mx[h * nb];
+                        sm[h * nb] = sm[h * nb] * expf(mx[h * nb] - big) + sum * expf(m - big);
+                        mx[h * nb] = big;
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* One row's picks. scratch: bs + 2 * hq * nblocks + hq + 2 * nc floats. The
+ * per-block maxima and exp-sums are kept head-major ([hq, nblocks]) so the logs, Z_h and the scores are
+ * vector loops over the blocks. */
+static inline __attribute__((always_inline)) void index_one(const float *q, const uint8_t *keys, const float *kscales,
+                                                           const int64_t *table, int64_t len, int64_t bs, int64_t hkv,
+                                                           int64_t g, int64_t d, int64_t sink, int64_t window,
+                                                           int64_t budget, float scale, int64_t width, int64_t *out,
+                                                           int64_t *out_len, float *scratch) {
+    const int64_t hq = hkv * g, nblocks = (len + bs - 1) / bs;
+    int64_t k = 0;
+    if (nblocks <= budget) {
+        for (; k < nblocks; k++) out[k] = table[k];
+    } else {
+        const int64_t nc = nblocks - sink - window, m = budget - sink - window; /* nc > m >= 0 */
+        for (; k < sink; k++) out[k] = table[k];
+        if (m > 0) {
+            float *s = scratch, *lse = s + bs, *sm = lse + hq * nblocks;
+            float *z = sm + hq * nblocks, *score = z + hq, *tmp = score + nc;
+            for (int64_t p = 0; p < nblocks; p++) {
+                const int64_t n_tok = p == nblocks - 1 ? len - p * bs : bs;
+                const uint8_t *kb = keys + table[p] * bs * hkv * d;
+                const float *ks = kscales + table[p] * bs * hkv;
+#if defined(__AVX512F__)
+                if (bs % 16 == 0 && d % 2 == 0)
+                    index_block_avx512(q, kb, ks, n_tok, bs, hkv, g, d, scale, lse + p, sm + p, nblocks);
+                else
+#endif
+                    index_block(q, kb, ks, n_tok, bs, hkv, g, d, scale, s, lse + p, sm + p, nblocks);
+            }
+            for (int64_t h = 0; h < hq; h++) { /* lse_h(p) = max + log sum, then Z_h = logsumexp_p lse_h(p) */
+                float *lh = lse + h * nblocks;
+                const float *sh = sm + h * nblocks;
+                float big = -INFINITY;
+#pragma omp simd reduction(max : big)
+                for (int64_t p = 0; p < nblocks; p++) {
+                    lh[p] += logf(sh[p]);
+                    big = lh[p] > big ? lh[p] : big;
+                }
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t p = 0; p < nblocks; p++) sum += expf(lh[p] - big);
+                z[h] = big + logf(sum);
+            }
+            for (int64_t c = 0; c < nc; c++) score[c] = -INFINITY;
+            for (int64_t h = 0; h < hq; h++) {
+                const float *lh = lse + h * nblocks + sink;
+                const float zh = z[h];
+#pragma omp simd
+                for (int64_t c = 0; c < nc; c++) score[c] = lh[c] - zh > score[c] ? lh[c] - zh : score[c];
+            }
+            for (int64_t c = 0; c < nc; c++) tmp[c] = score[c];
+            const float t = quest_kth_largest(tmp, nc, m);
+            int64_t ties = m;
+            for (int64_t c = 0; c < nc; c++) ties -= score[c] > t;
+            for (int64_t c = 0; c < nc; c++)
+                if (score[c] > t || (score[c] == t && ties-- > 0)) out[k++] = table[sink + c];
+        }
+        for (int64_t p = nblocks - window; p < nblocks; p++) out[k++] = table[p];
+    }
+    *out_len = k ? (k - 1) * bs + len - (nblocks - 1) * bs : 0;
+    for (int64_t x = k; x < width; x++) out[x] = table[0];
+}
+
+/* Returns 0 on success; 1 if scratch could not be allocated; 2 for arguments it does not take (as
+ * tierlm_quest_select's, num_ids for num_blocks). Nothing is written on 2. */
+int tierlm_index_select(const float *q, const uint8_t *keys, const float *kscales, const int64_t *block_tables,
+                        const int64_t *seq_lens, int64_t *out_tables, int64_t *out_lens, int64_t nd, int64_t hq,
+                        int64_t hkv, int64_t d, int64_t num_ids, int64_t max_blocks, int64_t width, int64_t bs,
+                        int64_t sink, int64_t window, int64_t budget, float scale) {
+    if (hkv < 1 || hq % hkv || d < 1 || bs < 1 || sink < 0 || window < 0 || budget < sink + window || max_blocks < 1)
+        return 2;
+    int64_t most = 0; /* the most blocks of any row past the budget */
+    for (int64_t n = 0; n < nd; n++) {
+        const int64_t len = seq_lens[n], nblocks = (len + bs - 1) / bs;
+        if (len < 0 || nblocks > max_blocks || (nblocks < budget ? nblocks : budget) > width) return 2;
+        const int64_t *tn = block_tables + n * max_blocks;
+        for (int64_t p = 0; p < nblocks; p++)
+            if (tn[p] < 0 || tn[p] >= num_ids) return 2;
+        if (nblocks > budget && nblocks > most) most = nblocks;
+    }
+    const int64_t g = hq / hkv;
+    const size_t scratch_floats = (size_t)(bs + 2 * hq * most + hq + 2 * most);
+    int failed = 0;
+#pragma omp parallel if (nd > 1)
+    {
+        float *scratch = most ? malloc(scratch_floats * sizeof(float)) : NULL;
+        if (most && !scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n = 0; n < nd; n++) {
+            if (most && !scratch) continue;
+            const float *qn = q + n * hq * d;
+            const int64_t *tn = block_tables + n * max_blocks;
+            int64_t *on = out_tables + n * width;
+            if (d == 64)
+                index_one(qn, keys, kscales, tn, seq_lens[n], bs, hkv, g, 64, sink, window, budget, scale, width, on,
+                          out_lens + n, scratch);
+            else
+                index_one(qn, keys, kscales, tn, seq_lens[n], bs, hkv, g, d, sink, window, budget, scale, width, on,
+                          out_lens + n, scratch);
+        }
+        free(scratch);
+    }
+    return failed;
+}

@@ -142,6 +142,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tierlm_quest_select.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
                                         _I64, _I64, _I64, _F32]
     lib.tierlm_quest_select.restype = ctypes.c_int
+    lib.tierlm_index_select.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                                        _I64, _I64, _I64, _F32]
+    lib.tierlm_index_select.restype = ctypes.c_int
     lib.tierlm_fp8_vector_width.argtypes = []
     lib.tierlm_fp8_vector_width.restype = ctypes.c_int
 
@@ -405,6 +408,77 @@ def quest_select(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, 
     return None if rc else (tables, lens)
 
 
+def index_select(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, block_size: int, sink_blocks: int, window_blocks: int, budget_blocks: int,
+                 scale: float, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """IndexKeySelector.select's picks (attention/index_keys.py, whose torch path is the definition) in one
+    native call, as quest_select's: (compacted tables [N, width], lengths [N]) int64, or None when the
+    arguments do not fit the kernel. keys: one layer's e4m3 index keys [num_ids, Hkv, D, block_size] (bytes),
+    scales [num_ids, Hkv, block_size] fp32, both read in place (must be contiguous)."""
+    lib = _library()
+    if (keys.dtype != torch.uint8 or scales.dtype != torch.float32 or not keys.is_contiguous()
+            or not scales.is_contiguous() or keys.dim() != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != scales.shape):
+        return None
+    q = q.contiguous()
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    nd, hq, d = q.shape
+    nid, hkv, dk, bs = keys.shape
+    if (dk != d or bs != block_size or q.dtype != torch.float32 or block_tables.dtype != torch.int64
+            or seq_lens.dtype != torch.int64 or block_tables.dim() != 2 or block_tables.shape[0] != nd
+            or tuple(seq_lens.shape) != (nd,) or not nd):
+        return None
+    if width is None:
+        width = min(-(-int(seq_lens.max()) // block_size), budget_blocks)
+    tables = torch.empty(nd, width, dtype=torch.int64)
+    lens = torch.empty(nd, dtype=torch.int64)
+    rc = lib.tierlm_index_select(q.data_ptr(), keys.data_ptr(), scales.data_ptr(), block_tables.data_ptr(),
+                                 seq_lens.data_ptr(), tables.data_ptr(), lens.data_ptr(), nd, hq, hkv, d, nid,
+                                 block_tables.shape[1], width, block_size, sink_blocks, window_blocks, budget_blocks,
+                                 float(scale))
+    return None if rc else (tables, lens)
+
+
+def _index_ok(lib: ctypes.CDLL) -> bool:
+    """The index kernel's picks on small cases (blocks of 32 tokens: two AVX-512 tiles where built; of 4: the
+    portable loop) equal a brute-force search over the dequantized keys."""
+    g = torch.Generator().manual_seed(2)
+    for d, bs in ((16, 32), (8, 4)):
+        nid, hkv, hq, sink, window, budget, scale = 40, 2, 4, 1, 2, 6, 0.3
+        keys = (torch.randn(nid, bs, hkv, d, generator=g) * 4).to(torch.float8_e4m3fn)
+        ks = torch.rand(nid, bs, hkv, generator=g) + 0.5
+        q = torch.randn(3, hq, d, generator=g)
+        tables = torch.randperm(nid, generator=g)[:36].view(3, 12)
+        lens = torch.tensor([11 * bs + 1, 3 * bs, 9 * bs + 3])
+        out = (torch.empty(3, budget, dtype=torch.int64), torch.empty(3, dtype=torch.int64))
+        raw = keys.view(torch.uint8).permute(0, 2, 3, 1).contiguous()  # the kernel's [nid, hkv, d, bs]
+        kst = ks.transpose(1, 2).contiguous()  # [nid, hkv, bs]
+        rc = lib.tierlm_index_select(q.data_ptr(), raw.data_ptr(), kst.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                     out[0].data_ptr(), out[1].data_ptr(), 3, hq, hkv, d, nid, 12, budget, bs, sink,
+                                     window, budget, scale)
+        if rc:
+            return False
+        k = keys.float() * ks[..., None]  # [nid, bs, hkv, d]
+        for n in range(3):
+            length = int(lens[n])
+            nblocks = -(-length // bs)
+            if nblocks <= budget:
+                keep = list(range(nblocks))
+            else:
+                kt = k[tables[n, :nblocks]].reshape(nblocks * bs, hkv, d)[:length]  # [T, hkv, d]
+                qg = q[n].view(hkv, hq // hkv, d)
+                logit = torch.einsum("thd,hgd->thg", kt, qg).reshape(length, hq) * scale
+                pad = torch.full((nblocks * bs - length, hq), float("-inf"))
+                lse = torch.cat([logit, pad]).view(nblocks, bs, hq).logsumexp(1)  # [nblocks, hq]
+                share = (lse - lse.logsumexp(0)).amax(1)
+                cand = list(range(sink, nblocks - window))
+                best = sorted(cand, key=lambda c: (-float(share[c]), c))[: budget - sink - window]
+                keep = sorted([*range(sink), *best, *range(nblocks - window, nblocks)])
+            want = tables[n, keep].tolist() + [int(tables[n, 0])] * (budget - len(keep))
+            if out[0][n].tolist() != want or int(out[1][n]) != (len(keep) - 1) * bs + length - (nblocks - 1) * bs:
+                return False
+    return True
+
+
 def _quest_ok(lib: ctypes.CDLL) -> bool:
     """The kernel's picks on a small case (two query heads per KV head, scrambled tables, one row within the
     budget) equal a brute-force search's: bounds by the direct max form, candidates ranked by logsumexp."""
@@ -479,7 +553,7 @@ def _self_check(lib: ctypes.CDLL) -> bool:
     rc = lib.tierlm_paged_decode_f32(q.data_ptr(), dev.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
                                      3, hq, hkv, d, 7, bs, 3, 0.25, spill.data_ptr(), 2)
     ok = ok and rc == 0 and torch.allclose(out, want32, atol=1e-5, rtol=1e-5)
-    ok = ok and _fp8_widening_ok(lib) and _quest_ok(lib)
+    ok = ok and _fp8_widening_ok(lib) and _quest_ok(lib) and _index_ok(lib)
     # FP8: both formats, both scale kinds, per-token and static scales; D = 16 with groups of 8 (the row
     # kernel) and of 16, and D = 64 (the vector kernel's runtime-D and constant-D instances)
     kv64, q64 = torch.randn(2, nb, bs, 1, 64, generator=g), torch.randn(3, 2, 64, generator=g)

@@ -28,6 +28,8 @@ def test_verdicts_count_the_cells_where_each_claim_holds():
     assert "holds in 2/4 cells (1K/c4, 4K/c1)" in dec and "best 2.40x at 4K/c1" in dec  # 1.79x does not count
     assert lines["40% less memory, weights"].startswith("40% less memory, weights: DOES NOT HOLD in any cell")
     assert lines["1.8x faster, prefill"].startswith("1.8x faster, prefill: DOES NOT HOLD")
+    grew = verdicts([_cell(1024, 1, -0.13, 1.0)], [])[0]  # a candidate that needs more KV says so
+    assert grew.endswith("best 13% more at 1K/c1, worst 13% more at 1K/c1"), grew
 
 
 def test_verdicts_report_a_flagged_drift_gate():
@@ -54,16 +56,28 @@ def test_tables_and_heatmaps_put_each_value_in_its_cell(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
-@pytest.mark.parametrize("kw", [dict(contexts=(64,)), dict(concurrency=(0,)), dict(new_tokens=1), dict(reps=0)])
+@pytest.mark.parametrize("kw", [dict(contexts=(64,)), dict(concurrency=(0,)), dict(new_tokens=1), dict(reps=0),
+                                dict(config="v5")])
 def test_claims_plan_rejects_bad_shapes(kw):
     with pytest.raises(InvalidParameterError):
         ClaimsPlan(**kw).check()
 
 
+def test_claims_candidates_name_their_kv_and_selector():
+    from tierlm.bench.configs import get_config, reference_config
+
+    ref = reference_config(None, "auto", "cpu", None, 1 << 30, 4, 512, 512)
+    v4, old = get_config("v4").apply(ref), get_config("v4-fp8").apply(ref)
+    assert get_config("v4").tiers == get_config("v4-fp8").tiers == ("host", "disk")
+    assert (v4.cache.kv_format, v4.sparse.selector) == (ref.cache.kv_format, "index")  # the KV as the reference keeps it
+    assert (old.cache.kv_format, old.sparse.selector) == ("fp8_e4m3", "quest")
+    assert v4.cache.enable_prefix_caching and old.cache.enable_prefix_caching
+
+
 def test_tiny_claims_grid_end_to_end(tmp_path, monkeypatch):
     """Two contexts x two concurrencies on the default model. The KV figure is checked against the layout
     computed here: every sequence ends holding context - 1 tokens, in blocks of 16, and both sides run the same
-    sequences at once; the bytes per block come from the KV formats (fp32 vs FP8 + per-block key bounds)."""
+    sequences at once; the bytes per block come from the layouts (fp32 vs fp32 + the FP8 index keys)."""
     from helpers.bench_cli import run
 
     monkeypatch.setenv("TIERLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -75,11 +89,11 @@ def test_tiny_claims_grid_end_to_end(tmp_path, monkeypatch):
     doc = json.loads((out / "c.json").read_text())
     assert doc["complete"] and len(doc["cells"]) == 4
     eng = doc["engines"]
-    assert eng["reference"]["kv_format"] == "fp32" and eng["v4"]["kv_format"] == "fp8_e4m3"
+    assert eng["reference"]["kv_format"] == "fp32" and eng["v4"]["kv_format"] == "fp32"
     assert eng["v4"]["prefix_caching"] and eng["v4"]["lower_tiers"] == ["host", "disk"]
     layers, hkv, d = 30, 3, 64
     ref_block = 16 * 2 * layers * hkv * d * 4
-    v4_block = 16 * 2 * layers * hkv * (d + 4) + 2 * layers * hkv * d * 4  # e4m3 + fp32 scale; key min/max
+    v4_block = ref_block + 16 * layers * hkv * (d + 4)  # fp32 KV + index keys: e4m3 K + an fp32 scale
     assert eng["reference"]["kv_bytes_per_block"] == ref_block and eng["v4"]["kv_bytes_per_block"] == v4_block
     for c in doc["cells"]:
         blocks = c["concurrency"] * math.ceil((c["context"] - 1) / 16)

@@ -3,7 +3,8 @@ faster"), run as hypotheses on this machine.
 
 Two engines side by side in one process: the reference (config `baseline`: dense, device-only KV in the
 model dtype, no prefix cache, no chunking) and `v4` (prefix cache + chunked prefill + host/disk KV tiers +
-FP8 KV + Quest sparse decoding: bench/configs.py). For every cell of a grid of context lengths x concurrency
+sparse decoding whose blocks FP8 index keys pick, over KV in the model dtype: bench/configs.py; --claims-config
+names another candidate, such as `v4-fp8`, the first v4 with FP8 KV and Quest's picks). For every cell of a grid of context lengths x concurrency
 (full: 1K, 2K, 4K, 8K x 1, 4, 16; --quick: 1K, 2K x 1, 4), `concurrency` prompts of `context - new_tokens`
 tokens (distinct windows of the shipped public-domain text; fresh windows in every rep, so no cell gets
 prefix-cache hits: cold prefill) generate `new_tokens` greedy tokens each (so a sequence ends at `context`), all admitted at once, the two sides taking turns rep
@@ -11,7 +12,7 @@ by rep (the order rotates). Per cell:
 
     memory (reduction = 1 - v4 / reference)
       kv           device KV in use at the run's peak: blocks referenced x bytes per block (data, scales and
-                   the selector's per-block key bounds)
+                   the selector's block metadata: index keys or key bounds)
       activations  peak bytes torch allocated while one prompt of the cell's context is prefilled (every
                    prefill step: v4's chunks too), beyond weights and KV; measured once per context
       weights      resident parameter bytes (v4 does not quantize weights: 0% by construction)
@@ -58,7 +59,8 @@ class ClaimsPlan:
     concurrency: tuple[int, ...] = (1, 4, 16)
     new_tokens: int = 32
     reps: int = 2
-    sparse_budget: int = 1024  # v4's Quest budget in tokens
+    sparse_budget: int = 1024  # v4's sparse budget in tokens
+    config: str = "v4"  # the candidate side's bench config (bench/configs.py), reported as "v4"
     drift_prompts: int = 4  # teacher-forced continuations per context (v4's drift gate)
     needles: int = 4  # passkey probes per context
     model: str | None = None
@@ -81,6 +83,9 @@ class ClaimsPlan:
         if self.new_tokens < 2 or self.reps < 1 or self.drift_prompts < 1 or self.needles < 0:
             raise InvalidParameterError("claims: new tokens must be >= 2, reps and drift prompts >= 1",
                                         "use the defaults")
+        from tierlm.bench.configs import get_config
+
+        get_config(self.config)  # an unknown name: one line listing the known ones
 
 
 QUICK = dict(contexts=(1024, 2048), concurrency=(1, 4), new_tokens=16, reps=1, drift_prompts=2, needles=1)
@@ -148,9 +153,9 @@ def _configs(plan: ClaimsPlan, tiers):
     ref = replace(ref, cache=replace(ref.cache, num_blocks=blocks, memory_bytes=None))
     if tiers is None:
         return ref, None
-    v4 = engine_config("v4", ref, 512, tiers)
+    v4 = engine_config(plan.config, ref, 512, tiers)
     v4 = replace(v4, sparse=replace(v4.sparse, budget_tokens=plan.sparse_budget) if v4.sparse.enabled
-                 else SparseConfig(selector="quest", budget_tokens=plan.sparse_budget))
+                 else SparseConfig(selector="index", budget_tokens=plan.sparse_budget))
     return ref, v4
 
 
@@ -340,12 +345,17 @@ def _where(cells: list[Cell]) -> str:
                      f"/c{c.concurrency}" for c in cells)
 
 
+def _less(reduction: float) -> str:
+    """0.25 -> "25% less", -0.13 -> "13% more"."""
+    return f"{reduction:.0%} less" if reduction >= 0 else f"{-reduction:.0%} more"
+
+
 def verdicts(cells: list[Cell], drift: list[DriftRow]) -> list[str]:
     """One line per claim component: in how many cells it holds, the best and worst cell, and where."""
     lines = []
     for m in MEMORY_METRICS:
         vals = [(c, c.memory_reduction[m]) for c in cells if c.memory_reduction[m] is not None]
-        lines.append(_verdict(f"40% less memory, {m}", vals, lambda v: v >= MEMORY_CLAIM, lambda v: f"{v:.0%} less"))
+        lines.append(_verdict(f"40% less memory, {m}", vals, lambda v: v >= MEMORY_CLAIM, _less))
     for m in SPEED_METRICS:
         vals = [(c, c.speedup[m]) for c in cells if c.speedup[m] is not None]
         lines.append(_verdict(f"1.8x faster, {m}", vals, lambda v: v >= SPEED_CLAIM, lambda v: f"{v:.2f}x"))
@@ -414,7 +424,7 @@ def run_claims(plan: ClaimsPlan, command: str, progress=print) -> ClaimsResult:
                                     keep if n == max(plan.concurrency) else None)
                 result.cells.append(cell)
                 progress(f"claims: {ctx} tokens x {n}: decode {cell.speedup['decode']:.2f}x, prefill "
-                         f"{cell.speedup['prefill']:.2f}x, KV {cell.memory_reduction['kv']:.0%} less "
+                         f"{cell.speedup['prefill']:.2f}x, KV {_less(cell.memory_reduction['kv'])} "
                          f"({time.perf_counter() - t0:.0f} s; {len(result.cells) * plan.reps}/{cells_total})")
             k = min(plan.drift_prompts, len(keep["prompts"]))
             row = drift_check(engines, ctx, keep["prompts"][:k], keep["tokens"][:k], plan.needles)

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list workloads (with knobs) and configurations, then exit")
     g = p.add_argument_group("claims check (--claims)")
     g.add_argument("--claims", action="store_true",
-                   help="test the headline claims: config v4 (prefix cache + tiers + FP8 KV + sparse decode) vs the "
+                   help="test the headline claims: config v4 (prefix cache + tiers + sparse decode picked by FP8 index keys) vs the "
                         "reference over a grid of contexts x --concurrency; memory split KV/activations/weights/"
                         "total, speed split prefill/decode/e2e, heatmaps, verdicts, v4's drift gate")
     g.add_argument("--claims-contexts", type=int, nargs="+", default=None, metavar="TOKENS",
@@ -52,6 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--claims-new-tokens", type=int, default=None, help="greedy tokens per request (default 32)")
     g.add_argument("--claims-budget", type=int, default=1024, metavar="TOKENS",
                    help="v4's sparse budget: KV tokens a decode step reads per sequence (default 1024)")
+    g.add_argument("--claims-config", default="v4", metavar="NAME",
+                   help="the candidate config (default v4; v4-fp8: FP8 KV + Quest picks, the first v4)")
     g.add_argument("--claims-needles", type=int, default=None,
                    help="passkey probes per context in v4's drift gate (default 4; --quick: 1)")
     g = p.add_argument_group("what to run")
@@ -211,7 +213,7 @@ def claims_plan(a):
     return ClaimsPlan(
         contexts=tuple(_or(a.claims_contexts, d["contexts"])), concurrency=tuple(_or(a.concurrency, d["concurrency"])),
         new_tokens=_or(a.claims_new_tokens, d["new_tokens"]), reps=_or(a.reps, d["reps"]),
-        sparse_budget=a.claims_budget, drift_prompts=d["drift_prompts"], needles=_or(a.claims_needles, d["needles"]),
+        sparse_budget=a.claims_budget, config=a.claims_config, drift_prompts=d["drift_prompts"], needles=_or(a.claims_needles, d["needles"]),
         model=a.model, dtype=a.dtype, device=device, out_dir=Path(a.out),
         json_path=Path(a.json) if a.json else None, plots=not a.no_plots, quick=a.quick)
 

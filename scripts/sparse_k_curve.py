@@ -3,7 +3,7 @@ reference's greedy continuations teacher-forced through the sparse engine: decod
 and decode throughput at batch `batch` (all sides in one process, taking turns rep by rep), as a table, JSON
 and a PNG with two panels.
 
-    .venv/bin/python scripts/sparse_k_curve.py [--context 4096] [--kv-format fp8_e4m3] [--ks 256 512 1024 2048 4096]
+    .venv/bin/python scripts/sparse_k_curve.py [--context 4096] [--kv-format fp8_e4m3] [--selector quest|index] [--ks 256 512 1024 2048 4096]
                                                [--batch 8] [--prompts 6] [--new-tokens 32] [--steps 8] [--reps 2]
                                                [--out sparse-k.png] [--json sparse-k.json]
 
@@ -29,8 +29,8 @@ from tierlm.engine.llm import LLM
 from tierlm.engine.llm_engine import LLMEngine
 
 
-def engine(fmt: str, k: int | None, seqs: int, context: int) -> LLMEngine:
-    sparse = SparseConfig(selector="quest", budget_tokens=k) if k else SparseConfig()
+def engine(fmt: str, k: int | None, seqs: int, context: int, selector: str = "quest") -> LLMEngine:
+    sparse = SparseConfig(selector=selector, budget_tokens=k) if k else SparseConfig()
     return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=seqs * (context // 16 + 2) + 4, kv_format=fmt,
                                                     enable_prefix_caching=False),
                                   scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512), sparse=sparse))
@@ -49,7 +49,7 @@ def quality(a, ks: list[int | None]) -> dict:
     del ref
     out = {}
     for k in ks:
-        eng = engine(a.kv_format, k, a.prompts, a.context)
+        eng = engine(a.kv_format, k, a.prompts, a.context, a.selector)
         logits = eng.score(prompts, tokens)
         kl = torch.cat([kl_divergence(x, y) for x, y in zip(base, logits)])
         agree = torch.cat([top1_matches(x, y) for x, y in zip(base, logits)]).double()
@@ -66,7 +66,7 @@ def speed(a, ks: list[int | None]) -> dict:
     sides: dict = {}
     for k in [None, *ks]:
         fmt = "fp32" if k is None else a.kv_format
-        eng = engine(fmt, k, a.batch, a.context)
+        eng = engine(fmt, k, a.batch, a.context, a.selector)
         prompts = PromptSource(eng.tokenizer, ctx, 64).take(a.batch, ctx)
         for p in prompts:  # headroom: tokens early sequences make while the others prefill
             eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=a.steps * a.reps + 4 + headroom(a.batch, ctx),
@@ -99,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--kv-format", default="fp8_e4m3")
+    ap.add_argument("--selector", default="quest", choices=["quest", "index"], help="block selector (default quest)")
     ap.add_argument("--ks", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=6)
@@ -111,7 +112,7 @@ def main() -> None:
     q = quality(a, a.ks)
     s = speed(a, a.ks)
     rows = [{"k": k, **q[k], **s[k]} for k in a.ks]
-    print(f"\ncontext {a.context}, {a.kv_format} + quest, batch {a.batch}; vs dense fp32 in the same run")
+    print(f"\ncontext {a.context}, {a.kv_format} + {a.selector}, batch {a.batch}; vs dense fp32 in the same run")
     print("| k | top-1 agreement | KL mean | decode ms/step | speed-up vs dense fp32 |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['top1_agreement']:.3f} | {r['kl_mean']:.4f} | {r['ms_per_step']:.1f} | "
@@ -126,7 +127,7 @@ def main() -> None:
     ax1.plot(ks, [r["top1_agreement"] for r in rows], "o-")
     ax1.axhline(0.95, ls="--", c="gray", label="gate 0.95")
     ax1.set(xscale="log", xlabel="budget k (tokens)", ylabel="top-1 agreement vs dense fp32",
-            title=f"quality at {a.context} tokens ({a.kv_format})")
+            title=f"quality at {a.context} tokens ({a.kv_format} + {a.selector})")
     ax1.legend()
     ax2.plot(ks, [r["speedup_vs_dense_fp32"] for r in rows], "o-")
     ax2.axhline(1.8, ls="--", c="gray", label="claim 1.8x")
@@ -137,7 +138,7 @@ def main() -> None:
     fig.savefig(a.out, dpi=110)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"context": a.context, "kv_format": a.kv_format, "batch": a.batch, "rows": rows}, f, indent=1)
+            json.dump({"context": a.context, "kv_format": a.kv_format, "selector": a.selector, "batch": a.batch, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

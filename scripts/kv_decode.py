@@ -18,8 +18,8 @@ passages of the shipped public-domain text; prefilled untimed). Then, rep by rep
 (rotating order) runs `steps` decode steps at batch `batch` (every step checked to be decode-only at that
 batch); a row gives each side's median ms per step and
 decode tok/s, and each format / fp32 as the median of the per-rep ratios (each rep's sides ran back to
-back) with min and max. Bytes per step = weights read + batch x context x KV bytes/token, so the table
-also says how many bytes each format moves. After timing, every side's greedy tokens are diffed against
+back) with min and max. Bytes per step = weights read + batch x (context x KV bytes/token + the selector
+metadata a sparse side scans), so the table also says how many bytes each format moves. After timing, every side's greedy tokens are diffed against
 fp32's over the tokens both made (FP8 is lossy: a divergence is reported, not an error). The context is
 C minus a headroom for the tokens sequences make while the others prefill (the table says the exact one).
 """
@@ -84,6 +84,17 @@ def kv_tokens_read(eng: LLMEngine, ctx: int) -> float:
     return (dense * ctx + (layers - dense) * min(ctx, sp.budget_tokens)) / layers
 
 
+def meta_bytes_read(eng: LLMEngine, ctx: int) -> int:
+    """Selector metadata one decode step reads per sequence: every block's (Quest's bounds, the index keys)
+    in each sparse layer of a context past the budget."""
+    sp, layers = eng.config.sparse, eng.model_config.num_layers
+    if not sp.enabled or ctx <= sp.budget_tokens:
+        return 0
+    layer = eng.kv_storage.layers[-1]
+    per_block = sum(t[0].numel() * t.element_size() for t in layer.block_meta.values())
+    return (layers - min(sp.dense_layers, layers)) * -(-ctx // eng.kv_spec.block_size) * per_block
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
@@ -140,7 +151,8 @@ def main() -> None:
             ms = statistics.median(times[fmt]) * 1e3
             ratios = [b / t for b, t in zip(times[base], times[fmt])]
             w = weight_bytes(eng.model)[1]
-            moved = w + a.batch * kv_tokens_read(eng, ctx_eff) * eng.kv_spec.bytes_per_token
+            moved = w + a.batch * (kv_tokens_read(eng, ctx_eff) * eng.kv_spec.bytes_per_token
+                                   + meta_bytes_read(eng, ctx_eff))
             row = {"context": ctx_eff, "batch": a.batch, "kv_format": fmt, "backend": eng.attention_backend.name,
                    "ms_per_step": ms, "decode_tok_s": a.batch / (ms / 1e3), f"speedup_vs_{base}": statistics.median(ratios),
                    "speedup_min": min(ratios), "speedup_max": max(ratios), "bytes_per_step": moved,

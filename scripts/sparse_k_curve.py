@@ -95,6 +95,31 @@ def speed(a, ks: list[int | None]) -> dict:
     return out
 
 
+def plot(rows: list[dict], context: int, kv_format: str, selector: str, batch: int, out: str) -> None:
+    """Two panels: top-1 agreement and decode speed-up against k (log axis, ticks at the measured k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ks = [r["k"] for r in rows]
+    ax1.plot(ks, [r["top1_agreement"] for r in rows], "o-")
+    ax1.axhline(0.95, ls="--", c="gray", label="gate 0.95")
+    ax1.set(ylabel="top-1 agreement vs dense fp32", title=f"quality at {context} tokens ({kv_format} + {selector})")
+    ax2.plot(ks, [r["speedup_vs_dense_fp32"] for r in rows], "o-")
+    ax2.axhline(1.8, ls="--", c="gray", label="claim 1.8x")
+    ax2.set(ylabel="decode speed-up vs dense fp32", title=f"decode, batch {batch}")
+    for ax in (ax1, ax2):
+        ax.set(xscale="log", xlabel="budget k (tokens)")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=4096)
@@ -117,25 +142,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['k']} | {r['top1_agreement']:.3f} | {r['kl_mean']:.4f} | {r['ms_per_step']:.1f} | "
               f"{r['speedup_vs_dense_fp32']:.2f}x [{r['speedup_range'][0]:.2f}..{r['speedup_range'][1]:.2f}] |")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ks = [r["k"] for r in rows]
-    ax1.plot(ks, [r["top1_agreement"] for r in rows], "o-")
-    ax1.axhline(0.95, ls="--", c="gray", label="gate 0.95")
-    ax1.set(xscale="log", xlabel="budget k (tokens)", ylabel="top-1 agreement vs dense fp32",
-            title=f"quality at {a.context} tokens ({a.kv_format} + {a.selector})")
-    ax1.legend()
-    ax2.plot(ks, [r["speedup_vs_dense_fp32"] for r in rows], "o-")
-    ax2.axhline(1.8, ls="--", c="gray", label="claim 1.8x")
-    ax2.set(xscale="log", xlabel="budget k (tokens)", ylabel="decode speed-up vs dense fp32",
-            title=f"decode, batch {a.batch}")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(a.out, dpi=110)
+    plot(rows, a.context, a.kv_format, a.selector, a.batch, a.out)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"context": a.context, "kv_format": a.kv_format, "selector": a.selector, "batch": a.batch, "rows": rows}, f, indent=1)

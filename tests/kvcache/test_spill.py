@@ -6,6 +6,8 @@ sink, the window, a shared block or this step's; and a decode over a staged or g
 the device blocks on both backends."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -228,6 +230,33 @@ def test_bad_spill_sizes_name_the_fix():
         SparseConfig(spill_bytes=1 << 20)
     with pytest.raises(InvalidParameterError, match="--sparse-spill SIZE"):
         SparseConfig(selector="quest", spill_dir="/tmp/x")
+
+
+def test_a_spill_file_the_disk_cannot_hold_fails_at_start_and_leaves_nothing(tmp_path):
+    """The file is reserved whole when the store opens, so a disk without room fails there with one line naming
+    the fix (not with SIGBUS at the first spill past the free space). A real limit: a child process whose file
+    size limit (RLIMIT_FSIZE, 64 KiB) is below the store's size."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_spill import filled
+        from tierlm.core.errors import InvalidParameterError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        try:
+            filled(directory={str(tmp_path)!r})
+        except InvalidParameterError as e:
+            print("ERR", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "cannot reserve" in out.stdout and "--sparse-spill-dir" in out.stdout, out.stdout
+    assert list(tmp_path.iterdir()) == []  # the partial file is removed
+    filled(directory=tmp_path)  # without the limit the same store opens
 
 
 # ---- the scheduler over a spilling manager --------------------------------------------------------------

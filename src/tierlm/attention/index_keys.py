@@ -80,22 +80,13 @@ class IndexKeySelector(QuestSelector):
     def on_write(self, layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
         write_index_keys(layer, slots, k, block_size)
 
-    def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
-               scale: float) -> Picks:
-        """As QuestSelector.select: on the CPU with the native kernels built, one call of
-        kernels.cpu.index_select (the index keys read in place through the tables; ties to the lower position);
-        otherwise `_select_torch`, the definition."""
-        keys, scales = layer.block_meta["index_k"], layer.block_meta["index_s"]
-        if q.device.type == "cpu" and cpu_kernels.usable(scales):
-            longest = -(-int(lens.max()) // self.block_size)
-            if longest <= self.budget_blocks:
-                return Picks(tables, lens)  # every context within the budget: dense, exactly
-            out = cpu_kernels.index_select(q.float(), keys, scales, tables, lens, self.block_size, self.sink_blocks,
-                                           self.window_blocks, self.budget_blocks, scale,
-                                           min(longest, self.budget_blocks))
-            if out is not None:
-                return Picks(*out)
-        return self._select_torch(q, layer, tables, lens, scale)
+    def _select_native(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                       width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One call of kernels.cpu.index_select (the index keys read in place through the tables; ties to the
+        lower position)."""
+        return cpu_kernels.index_select(q, layer.block_meta["index_k"], layer.block_meta["index_s"], tables, lens,
+                                        self.block_size, self.sink_blocks, self.window_blocks, self.budget_blocks,
+                                        scale, width)
 
     def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                       scale: float) -> Picks:

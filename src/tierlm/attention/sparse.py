@@ -123,19 +123,26 @@ class QuestSelector:
                scale: float) -> Picks:
         """q [N, Hq, D] (decode rows); tables [N, MB], lens [N] (the dense decode metadata); scale: the
         attention's logit scale -> the compacted tables and lengths. On the CPU with the native kernels
-        built, one call of kernels.cpu.quest_select (the bounds read in place through the tables; ties go
-        to the lower position); otherwise `_select_torch`, the reference."""
-        lo, hi = layer.block_meta["key_min"], layer.block_meta["key_max"]
-        if q.device.type == "cpu" and cpu_kernels.usable(lo, hi):
+        built, one native call (`_select_native`: the metadata read in place through the tables; ties go to
+        the lower position); otherwise `_select_torch`, the reference. Every selector shares this rule."""
+        qf = q.float()
+        if q.device.type == "cpu" and cpu_kernels.usable(qf):
             longest = -(-int(lens.max()) // self.block_size)
             if longest <= self.budget_blocks:
                 return Picks(tables, lens)  # every context within the budget: dense, exactly
-            out = cpu_kernels.quest_select(q.float(), lo, hi, tables, lens, self.block_size, self.sink_blocks,
-                                           self.window_blocks, self.budget_blocks, scale,
-                                           min(longest, self.budget_blocks))
+            out = self._select_native(qf, layer, tables, lens, scale, min(longest, self.budget_blocks))
             if out is not None:
                 return Picks(*out)
         return self._select_torch(q, layer, tables, lens, scale)
+
+    def _select_native(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                       width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """kernels.cpu.quest_select's (compacted tables, lengths), or None where its arguments do not fit."""
+        lo, hi = layer.block_meta["key_min"], layer.block_meta["key_max"]
+        if not cpu_kernels.usable(lo, hi):
+            return None
+        return cpu_kernels.quest_select(q, lo, hi, tables, lens, self.block_size, self.sink_blocks,
+                                        self.window_blocks, self.budget_blocks, scale, width)
 
     def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
                       scale: float) -> Picks:

@@ -82,6 +82,17 @@ class SpillStore:
         if directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix="tierlm-spill-", suffix=".bin", dir=directory)
+            try:
+                # Reserve every byte now: a mapped file that cannot grow later would kill the process (SIGBUS)
+                # at the first spill past the disk's free space.
+                os.posix_fallocate(fd, 0, total)
+            except OSError as e:
+                os.close(fd)
+                os.unlink(name)
+                raise InvalidParameterError(
+                    f"--sparse-spill-dir {directory}: cannot reserve {total / 2**20:,.0f} MiB for the spill file "
+                    f"({e.strerror or e})", "free space there, pick another --sparse-spill-dir, or lower "
+                    "--sparse-spill (without a directory spilled blocks stay in host memory)") from None
             os.close(fd)
             self.path = Path(name)
             buf = torch.from_file(name, shared=True, size=total, dtype=torch.uint8)

@@ -180,7 +180,8 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sparse decoding (which KV blocks a decode step reads)")
     g.add_argument("--sparse", default="dense", choices=SPARSE_SELECTORS,
                    help="dense (every block) | quest (per-block key bounds pick the blocks; prefill stays dense) | "
-                        "index (a scan of FP8 copies of the keys picks the blocks; torch path, slow for now) | "
+                        "index (a scan of FP8 copies of the keys picks the blocks: far closer to dense than quest; native on the "
+                        "CPU) | "
                         "indexer (a model's trained lightning indexer picks tokens; none of the loadable models has one)")
     g.add_argument("--sparse-budget", type=int, default=d.budget_tokens, metavar="TOKENS",
                    help=f"KV tokens a sparse decode step reads per sequence and layer (default {d.budget_tokens})")

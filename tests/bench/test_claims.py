@@ -109,6 +109,7 @@ def test_tiny_claims_grid_end_to_end(tmp_path, monkeypatch):
     assert all(0.0 <= d["top1_agreement"] <= 1.0 for d in drift.values())
     report = (out / "claims.md").read_text()
     assert "## Verdicts" in report and "1.8x faster, decode" in report and "claims_decode.png" in report
+    assert "Candidate (\"v4\" below): config `v4`" in report
     assert (out / "claims_kv.png").exists()
 
 

@@ -60,7 +60,9 @@ def drift_table(result: ClaimsResult) -> str:
 def write_report(result: ClaimsResult, out_dir: Path, plots: list[Path]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     eng = "\n".join(f"- **{s}**: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in result.engines.items())
+    candidate = result.plan.get("config", "v4")
     doc = [f"# tierlm bench --claims{'' if result.complete else ' (INCOMPLETE)'}", "", f"`{result.command}`", "",
+           f"Candidate (\"v4\" below): config `{candidate}`; reference: config `baseline`.", "",
            "## Verdicts", "", *[f"- {v}" for v in result.verdicts], "", "## Engines", "", eng, "",
            "## Every cell (memory: change v4 vs reference; speed: v4 / reference)", "", headline(result), "",
            "## Drift gate on v4", "", drift_table(result), "", "## Per metric", "", tables(result), "",

@@ -3,10 +3,10 @@ faster"), run as hypotheses on this machine.
 
 Two engines side by side in one process: the reference (config `baseline`: dense, device-only KV in the
 model dtype, no prefix cache, no chunking) and `v4` (prefix cache + chunked prefill + host/disk KV tiers +
-sparse decoding whose blocks FP8 index keys pick, over KV in the model dtype: bench/configs.py; --claims-config
-names another candidate, such as `v4-fp8`, the first v4 with FP8 KV and Quest's picks). For every cell of a grid of context lengths x concurrency
-(full: 1K, 2K, 4K, 8K x 1, 4, 16; --quick: 1K, 2K x 1, 4), `concurrency` prompts of `context - new_tokens`
-tokens (distinct windows of the shipped public-domain text; fresh windows in every rep, so no cell gets
+sparse decoding whose blocks FP8 index keys pick, over KV in the model dtype: bench/configs.py;
+--claims-config names another candidate, such as `v4-fp8`, the first v4 with FP8 KV and Quest's picks).
+For every cell of a grid of context lengths x concurrency (full: 1K, 2K, 4K, 8K x 1, 4, 16; --quick: 1K,
+2K x 1, 4), `concurrency` prompts of `context - new_tokens` tokens (distinct windows of the shipped public-domain text; fresh windows in every rep, so no cell gets
 prefix-cache hits: cold prefill) generate `new_tokens` greedy tokens each (so a sequence ends at `context`), all admitted at once, the two sides taking turns rep
 by rep (the order rotates). Per cell:
 
@@ -140,7 +140,6 @@ class ClaimsResult:
 def _configs(plan: ClaimsPlan, tiers):
     """(reference EngineConfig, v4 EngineConfig): pools that hold the largest cell, the same token capacity."""
     from tierlm.bench.configs import engine_config, reference_config
-    from tierlm.config import SparseConfig
 
     bs = 16
     per_seq = -(-(max(plan.contexts) + 1) // bs)
@@ -154,8 +153,8 @@ def _configs(plan: ClaimsPlan, tiers):
     if tiers is None:
         return ref, None
     v4 = engine_config(plan.config, ref, 512, tiers)
-    v4 = replace(v4, sparse=replace(v4.sparse, budget_tokens=plan.sparse_budget) if v4.sparse.enabled
-                 else SparseConfig(selector="index", budget_tokens=plan.sparse_budget))
+    if v4.sparse.enabled:  # a dense candidate (--claims-config fp8, say) stays dense
+        v4 = replace(v4, sparse=replace(v4.sparse, budget_tokens=plan.sparse_budget))
     return ref, v4
 
 

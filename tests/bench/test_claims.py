@@ -150,3 +150,31 @@ def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst
     assert bad.kl_mean > 10 * good.kl_mean
     print(f"oracle: top-1 {good.top1_agreement:.3f} KL {good.kl_mean:.4f}; inverted: top-1 {bad.top1_agreement:.3f} "
           f"KL {bad.kl_mean:.4f}")
+
+
+def test_v4_drift_gate_passes_the_index_selector_and_flags_it_inverted(monkeypatch):
+    """v4's own selector (`--sparse index`, native scan) at 256 of 512 tokens over fp32 KV holds the gate; the same
+    engine with its block ranking inverted (sink and window kept) is flagged."""
+    from helpers.engine_bugs import sparse_selector_picks_worst
+
+    from tierlm.bench.claims import PromptSource, drift_check
+    from tierlm.bench.engine_driver import greedy
+    from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
+    from tierlm.engine.llm import LLM
+    from tierlm.engine.llm_engine import LLMEngine
+
+    def engine(sparse):
+        return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=3 * 34, kv_format="fp32", enable_prefix_caching=False),
+                                      scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512),
+                                      sparse=sparse))
+
+    ref = engine(SparseConfig())
+    v4 = engine(SparseConfig(selector="index", budget_tokens=256, sink_tokens=16, window_tokens=64, dense_layers=2))
+    prompts = PromptSource(ref.tokenizer, 512, 8).take(3, 500)
+    tokens = [list(r.outputs[0].token_ids) for r in LLM.for_engine(ref).generate(prompts, greedy(12))]
+    engines = {"reference": ref, "v4": v4}
+    good = drift_check(engines, 512, prompts, tokens, needles=0)
+    sparse_selector_picks_worst(monkeypatch)  # QuestSelector.select, which the index selector inherits
+    bad = drift_check(engines, 512, prompts, tokens, needles=0)
+    assert not good.flagged and good.top1_agreement >= 0.95, good
+    assert bad.flagged and bad.reason.startswith("top-1 agreement"), bad

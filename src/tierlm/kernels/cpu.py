@@ -390,22 +390,9 @@ def quest_select(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, 
     lib = _library()
     if not (key_min.is_contiguous() and key_max.is_contiguous()) or key_min.shape != key_max.shape:
         return None
-    q = q.contiguous()
-    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
-    nd, hq, d = q.shape
     nb, hkv, dk = key_min.shape
-    if (dk != d or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64 or block_tables.dim() != 2
-            or block_tables.shape[0] != nd or tuple(seq_lens.shape) != (nd,) or not nd):
-        return None
-    if width is None:
-        width = min(-(-int(seq_lens.max()) // block_size), budget_blocks)
-    tables = torch.empty(nd, width, dtype=torch.int64)
-    lens = torch.empty(nd, dtype=torch.int64)
-    rc = lib.tierlm_quest_select(q.data_ptr(), key_min.data_ptr(), key_max.data_ptr(), block_tables.data_ptr(),
-                                 seq_lens.data_ptr(), tables.data_ptr(), lens.data_ptr(), nd, hq, hkv, d, nb,
-                                 block_tables.shape[1], width, block_size, sink_blocks, window_blocks, budget_blocks,
-                                 float(scale))
-    return None if rc else (tables, lens)
+    return _select_call(lib.tierlm_quest_select, q, key_min, key_max, nb, hkv, dk, block_tables, seq_lens, block_size,
+                        sink_blocks, window_blocks, budget_blocks, scale, width)
 
 
 def index_select(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, block_tables: torch.Tensor,
@@ -419,22 +406,32 @@ def index_select(q: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor, bloc
     if (keys.dtype != torch.uint8 or scales.dtype != torch.float32 or not keys.is_contiguous()
             or not scales.is_contiguous() or keys.dim() != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != scales.shape):
         return None
+    nid, hkv, dk, bs = keys.shape
+    if bs != block_size:
+        return None
+    return _select_call(lib.tierlm_index_select, q, keys, scales, nid, hkv, dk, block_tables, seq_lens, block_size,
+                        sink_blocks, window_blocks, budget_blocks, scale, width)
+
+
+def _select_call(fn, q: torch.Tensor, meta_a: torch.Tensor, meta_b: torch.Tensor, num_ids: int, hkv: int, dk: int,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, sink_blocks: int,
+                 window_blocks: int, budget_blocks: int, scale: float,
+                 width: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The call both block selectors' kernels share (same signature: the layer's two metadata tensors, read in
+    place, then the tables): shapes checked, outputs allocated; None when the kernel does not take them."""
     q = q.contiguous()
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     nd, hq, d = q.shape
-    nid, hkv, dk, bs = keys.shape
-    if (dk != d or bs != block_size or q.dtype != torch.float32 or block_tables.dtype != torch.int64
-            or seq_lens.dtype != torch.int64 or block_tables.dim() != 2 or block_tables.shape[0] != nd
-            or tuple(seq_lens.shape) != (nd,) or not nd):
+    if (dk != d or q.dtype != torch.float32 or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64
+            or block_tables.dim() != 2 or block_tables.shape[0] != nd or tuple(seq_lens.shape) != (nd,) or not nd):
         return None
     if width is None:
         width = min(-(-int(seq_lens.max()) // block_size), budget_blocks)
     tables = torch.empty(nd, width, dtype=torch.int64)
     lens = torch.empty(nd, dtype=torch.int64)
-    rc = lib.tierlm_index_select(q.data_ptr(), keys.data_ptr(), scales.data_ptr(), block_tables.data_ptr(),
-                                 seq_lens.data_ptr(), tables.data_ptr(), lens.data_ptr(), nd, hq, hkv, d, nid,
-                                 block_tables.shape[1], width, block_size, sink_blocks, window_blocks, budget_blocks,
-                                 float(scale))
+    rc = fn(q.data_ptr(), meta_a.data_ptr(), meta_b.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+            tables.data_ptr(), lens.data_ptr(), nd, hq, hkv, d, num_ids, block_tables.shape[1], width, block_size,
+            sink_blocks, window_blocks, budget_blocks, float(scale))
     return None if rc else (tables, lens)
 
 

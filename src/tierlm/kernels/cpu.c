@@ -745,6 +745,23 @@ static inline __attribute__((always_inline)) void quest_one(const float *q, cons
     for (int64_t x = k; x < width; x++) out[x] = table[0];
 }
 
+/* The block selectors' shared argument check: every row's length >= 0, its blocks within max_blocks and its
+ * kept blocks within width, its table ids in [0, num_ids). Returns the most blocks of any row past the budget
+ * (0 if none), or -1 when a row fails. */
+static int64_t select_rows_ok(const int64_t *block_tables, const int64_t *seq_lens, int64_t nd, int64_t max_blocks,
+                              int64_t width, int64_t bs, int64_t budget, int64_t num_ids) {
+    int64_t most = 0;
+    for (int64_t n = 0; n < nd; n++) {
+        const int64_t len = seq_lens[n], nblocks = (len + bs - 1) / bs;
+        if (len < 0 || nblocks > max_blocks || (nblocks < budget ? nblocks : budget) > width) return -1;
+        const int64_t *tn = block_tables + n * max_blocks;
+        for (int64_t p = 0; p < nblocks; p++)
+            if (tn[p] < 0 || tn[p] >= num_ids) return -1;
+        if (nblocks > budget && nblocks > most) most = nblocks;
+    }
+    return most;
+}
+
 /* Returns 0 on success; 1 if scratch could not be allocated; 2 for arguments it does not take (hq not a
  * multiple of hkv, budget < sink + window, a negative length, a row needing more than max_blocks or width
  * entries, a block id outside [0, num_blocks)). Nothing is written on 2. */
@@ -754,15 +771,9 @@ int tierlm_quest_select(const float *q, const float *key_min, const float *key_m
                         int64_t sink, int64_t window, int64_t budget, float scale) {
     if (hkv < 1 || hq % hkv || d < 1 || bs < 1 || sink < 0 || window < 0 || budget < sink + window || max_blocks < 1)
         return 2;
-    int64_t most = 0; /* the most candidates of any row */
-    for (int64_t n = 0; n < nd; n++) {
-        const int64_t len = seq_lens[n], nblocks = (len + bs - 1) / bs;
-        if (len < 0 || nblocks > max_blocks || (nblocks < budget ? nblocks : budget) > width) return 2;
-        const int64_t *tn = block_tables + n * max_blocks;
-        for (int64_t p = 0; p < nblocks; p++)
-            if (tn[p] < 0 || tn[p] >= num_blocks) return 2;
-        if (nblocks > budget && nblocks - sink - window > most) most = nblocks - sink - window;
-    }
+    int64_t most = select_rows_ok(block_tables, seq_lens, nd, max_blocks, width, bs, budget, num_blocks);
+    if (most < 0) return 2;
+    if (most) most -= sink + window; /* the most candidates of any row */
     const int64_t g = hq / hkv;
     const size_t scratch_floats = (size_t)(2 * hq * d + (hq + 3) * most);
     int failed = 0;
@@ -952,15 +963,8 @@ int tierlm_index_select(const float *q, const uint8_t *keys, const float *kscale
                         int64_t sink, int64_t window, int64_t budget, float scale) {
     if (hkv < 1 || hq % hkv || d < 1 || bs < 1 || sink < 0 || window < 0 || budget < sink + window || max_blocks < 1)
         return 2;
-    int64_t most = 0; /* the most blocks of any row past the budget */
-    for (int64_t n = 0; n < nd; n++) {
-        const int64_t len = seq_lens[n], nblocks = (len + bs - 1) / bs;
-        if (len < 0 || nblocks > max_blocks || (nblocks < budget ? nblocks : budget) > width) return 2;
-        const int64_t *tn = block_tables + n * max_blocks;
-        for (int64_t p = 0; p < nblocks; p++)
-            if (tn[p] < 0 || tn[p] >= num_ids) return 2;
-        if (nblocks > budget && nblocks > most) most = nblocks;
-    }
+    const int64_t most = select_rows_ok(block_tables, seq_lens, nd, max_blocks, width, bs, budget, num_ids);
+    if (most < 0) return 2;
     const int64_t g = hq / hkv;
     const size_t scratch_floats = (size_t)(bs + 2 * hq * most + hq + 2 * most);
     int failed = 0;

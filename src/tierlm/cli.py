@@ -197,6 +197,16 @@ def cmd_info(a) -> int:
     for t in tiers["tiers"]:
         where = f"  ({t['location']})" if t.get("location") else ""
         print(f"  {t['tier']:<7} {format_bytes(t['capacity_bytes']):>12} {t['tokens']:>14,} {t['sessions']:>10,}{where}")
+    from tierlm.models.loader.quantized import weight_bytes_by_format
+
+    info["weights"] = weight_bytes_by_format(ckpt)
+    fp32_total = info["weights"][0]["total"]
+    print("Weights by --quantization format (linears + embedding + norms; 'as stored': the GGUF holds these blocks):")
+    print(f"  {'format':<7} {'linears':>10} {'embedding':>10} {'total':>10} {'vs fp32':>8}")
+    for r in info["weights"]:
+        note = "  as stored" if r["as_stored"] else ""
+        print(f"  {r['format']:<7} {format_bytes(r['linears']):>10} {format_bytes(r['embedding']):>10} "
+              f"{format_bytes(r['total']):>10} {r['total'] / fp32_total:>8.3f}{note}")
     k = info["cpu_kernels"]
     print("CPU kernels (fp32 decode attention, add + RMSNorm): "
           + (f"native ({k['library']})" if k["native"] else f"PyTorch paths ({k['reason']})"))

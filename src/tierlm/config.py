@@ -269,8 +269,24 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
     drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    quantization: str = "none"  # weight format: none | q4_0 | q4_1 | q8_0 | int4 | int8 (tierlm.quant.weights)
+    quant_group: int | None = None  # int4's group (32 / 64 / 128; default 32)
+    # how quantized linears take their input: "int16" (rounded per 32 inputs: near-exact, fast) | "int8" (the
+    # fastest, llama.cpp's scheme, measurably lossy) | "fp32" (exact up to summation order, compute-bound)
+    quant_activations: str = "int16"
 
     def __post_init__(self) -> None:
+        from tierlm.quant.weights import WEIGHT_FORMATS
+
+        if self.quantization != "none" and self.quantization not in WEIGHT_FORMATS:
+            raise InvalidParameterError(f"unknown quantization {self.quantization!r}",
+                                        f"use none or one of {', '.join(WEIGHT_FORMATS)}")
+        if self.quant_activations not in ("int16", "int8", "fp32"):
+            raise InvalidParameterError(f"unknown quantized-activation mode {self.quant_activations!r}",
+                                        "use int16, int8 or fp32")
+        if self.quant_group is not None and self.quantization != "int4":
+            raise InvalidParameterError("--quant-group applies to --quantization int4 only",
+                                        "drop --quant-group, or use --quantization int4")
         if self.dtype not in DTYPE_CHOICES:
             raise InvalidParameterError(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -66,6 +66,9 @@ def test_info_says_why_the_cpu_kernels_are_off(tmp_path):
     (["generate", "hi", "--sparse-spill", "1GiB"], "add --sparse quest"),
     (["generate", "hi", "--sparse", "quest", "--sparse-spill", "1GiB", "--num-kv-blocks", "64",
       "--sparse-staging", "2048", "--attention-backend", "torch"], "lower --sparse-staging"),  # cpu: no staging
+    (["generate", "hi", "--quantization", "int4", "--quant-group", "128"],
+     "has 576 inputs, not a multiple of the int4 group 128 (use a group that divides 576 (e.g. 64))"),
+    (["generate", "hi", "--quantization", "q4_1", "--quant-group", "64"], "--quant-group applies to --quantization int4"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     r = run(*args)

@@ -130,6 +130,25 @@ CONFIGS["v4-fp8"] = BenchConfig(
     "lossy; not in `all`", _v4_fp8, tiers=("host", "disk"), lossy=True, in_default=False)
 
 
+def _weights(fmt: str, activations: str = "int16", group: int | None = None) -> Transform:
+    def apply(c: EngineConfig) -> EngineConfig:
+        return replace(c, quantization=fmt, quant_group=group, quant_activations=activations)
+    return apply
+
+
+# Quantized weights (tierlm.quant.weights; run when named). q4_1 runs the default model's own GGUF blocks with
+# fp32 activations: the same numbers as the fp32 weights up to summation order, so it is gated on exact tokens.
+for _name, _summary, _apply, _lossy in (
+        ("q4_1", "Q4_1 weights as stored in the GGUF (96 MB vs 540 MB fp32 on the default model), fp32 activations: "
+                 "the fp32 model's numbers up to summation order; exact", _weights("q4_1", "fp32"), False),
+        ("q4_1-int8", "Q4_1 weights with activations rounded to int8 per 32 values (llama.cpp's scheme; integer "
+                      "dot products): the fastest; lossy", _weights("q4_1"), True),
+        ("int8", "int8 weights per output channel, int8 activations; lossy", _weights("int8"), True),
+        ("int4", "int4 weights quantized from fp32 in groups of 32 (scale + min), int8 activations; lossy",
+         _weights("int4"), True)):
+    CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _apply, lossy=_lossy, in_default=False)
+
+
 def get_config(name: str) -> BenchConfig:
     try:
         return CONFIGS[name]

@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="GGUF file, Hugging Face directory, or 'default'")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (both sides)")
     p.add_argument("--candidate", default=None, metavar="CONFIG",
-                   help="KV format name or key=value,... over kv_format, kv_scales, attention_backend, dtype "
+                   help="KV format name or key=value,... over kv_format, kv_scales, attention_backend, dtype, "
+                        "quantization, quant_group, quant_activations "
                         "(default with --golden: the config the golden file recorded)")
     p.add_argument("--reference", default="auto", metavar="CONFIG",
                    help="as --candidate (default: the model dtype's KV format, default backend and dtype)")

@@ -1,11 +1,12 @@
 """The two sides of a drift run: CONFIG strings and the engines built from them.
 
     CONFIG := KV_FORMAT | KEY=VALUE[,KEY=VALUE...]      (one bare KV format name may stand for kv_format=)
-    KEY    := kv_format | kv_scales | attention_backend | dtype
+    KEY    := kv_format | kv_scales | attention_backend | dtype | quantization | quant_group | quant_activations
 
     fp8_e4m3
     kv_format=fp8_e4m3_static,kv_scales=/path/scales.json
     kv_format=fp32,attention_backend=torch
+    quantization=int4,quant_group=32
 
 Unset keys are "auto": the model dtype's KV format, the engine's default backend and dtype. The reference
 defaults to all of them. Both engines get the same block pool (counted in blocks, not bytes, so both
@@ -20,7 +21,7 @@ from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.registry import DTYPE_CHOICES, KV_FORMATS, get_kv_format, implemented_kv_formats
 
-KEYS = ("kv_format", "kv_scales", "attention_backend", "dtype")
+KEYS = ("kv_format", "kv_scales", "attention_backend", "dtype", "quantization", "quant_group", "quant_activations")
 EXAMPLE = "e.g. fp8_e4m3 or kv_format=fp8_e4m3_static,kv_scales=scales.json"
 
 
@@ -30,11 +31,15 @@ class Side:
     kv_scales: str | None = None
     attention_backend: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"  # weight format (tierlm.quant.weights)
+    quant_group: str | None = None
+    quant_activations: str = "int16"
 
     @property
     def label(self) -> str:
         """The canonical CONFIG string (keys that are not auto; "auto" when none)."""
-        items = [f"{k}={v}" for k, v in asdict(self).items() if v not in (None, "auto")]
+        items = [f"{k}={v}" for k, v in asdict(self).items()
+                 if v not in (None, "auto", "none") and (k, v) != ("quant_activations", "int16")]
         if items == [f"kv_format={self.kv_format}"]:
             return self.kv_format
         return ",".join(items) or "auto"
@@ -75,6 +80,12 @@ def _validate(side: Side, flag: str) -> None:
                                         f"use auto or one of {', '.join(implemented_kv_formats())}")
     if side.dtype not in DTYPE_CHOICES:
         raise InvalidParameterError(f"{flag}: unknown dtype {side.dtype!r}", f"use one of {', '.join(DTYPE_CHOICES)}")
+    if side.quant_group is not None and not side.quant_group.isdigit():
+        raise InvalidParameterError(f"{flag}: quant_group {side.quant_group!r} is not a number", "write e.g. quant_group=32")
+    try:
+        _quant_fields(side)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"{flag}: {exc.problem}", exc.fix) from None
     from tierlm.attention import BACKENDS
 
     if side.attention_backend != "auto" and side.attention_backend not in BACKENDS:
@@ -89,6 +100,14 @@ def _validate(side: Side, flag: str) -> None:
                                         "give the path `tierlm calibrate` wrote")
 
 
+def _quant_fields(side: Side) -> dict:
+    """The EngineConfig fields of a side's weight format, checked by EngineConfig's own rules."""
+    fields = {"quantization": side.quantization, "quant_group": int(side.quant_group) if side.quant_group else None,
+              "quant_activations": side.quant_activations}
+    EngineConfig(**fields)
+    return fields
+
+
 def engine_config(side: Side, model: str | None, device: str, num_blocks: int, block_size: int = 16,
                   max_num_seqs: int = 64) -> EngineConfig:
     """Sequences are capped at the pool (max_model_len = num_blocks * block_size; the model's context when
@@ -98,7 +117,7 @@ def engine_config(side: Side, model: str | None, device: str, num_blocks: int, b
                         kv_scales_path=str(Path(side.kv_scales).expanduser()) if side.kv_scales else None)
     return EngineConfig(model=None if model in (None, "", "default") else model, dtype=side.dtype, device=device,
                         max_model_len=num_blocks * block_size, cache=cache, scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
-                        attention_backend=side.attention_backend)
+                        attention_backend=side.attention_backend, **_quant_fields(side))
 
 
 def describe_engine(side: Side, engine) -> dict:

@@ -22,7 +22,8 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", attention_backend: str = "auto", tiers: TierConfig | None = None,
                  kv_format: str | None = None, kv_scales: str | None = None,
-                 drift_guard: DriftGuardConfig | None = None, sparse: SparseConfig | None = None):
+                 drift_guard: DriftGuardConfig | None = None, sparse: SparseConfig | None = None,
+                 quantization: str = "none", quant_group: int | None = None, quant_activations: str = "int16"):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed, kv_format=kv_format,
                             kv_scales_path=kv_scales)
@@ -32,7 +33,8 @@ class LLM:
                                           cache=cache, scheduler=sched, attention_backend=attention_backend,
                                           tiers=tiers or TierConfig(),
                                           drift_guard=drift_guard or DriftGuardConfig(),
-                                          sparse=sparse or SparseConfig())))
+                                          sparse=sparse or SparseConfig(), quantization=quantization,
+                                          quant_group=quant_group, quant_activations=quant_activations)))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":

@@ -121,8 +121,19 @@ class LLMEngine:
         if ckpt.config.sliding_window:
             # Attention here is full-context; within the window that is exactly sliding-window attention.
             self.max_model_len = min(self.max_model_len, ckpt.config.sliding_window)
-        self.model = build_model(ckpt.config, ckpt.weights, self.dtype, self.device, self.max_model_len)
+        packed = None
+        if config.quantization != "none":
+            from tierlm.models.loader.quantized import load_quantized
+
+            packed = load_quantized(ckpt, config.quantization, config.quant_group)
+        self.model = build_model(ckpt.config, ckpt.weights, self.dtype, self.device, self.max_model_len, packed,
+                                 config.quant_activations)
+        del packed
         self.weights_digest = ckpt.weights_digest
+        # what the numbers are computed in: the dtype, and the weight format when quantized (KV keys name it)
+        self.compute_key = compute if config.quantization == "none" else (
+            f"{compute}+{config.quantization}" + (f"-g{config.quant_group}" if config.quant_group else "")
+            + f"/{config.quant_activations}")
         self.model_config_digest = _config_digest(ckpt.config)
         del ckpt
         self.load_seconds = time.perf_counter() - t0
@@ -205,7 +216,7 @@ class LLMEngine:
             per_layer = self.kv_scales.scales(self.kv_spec.format.scheme().type.max).to(self.device)
             for layer, sc in zip(self.kv_storage.layers, per_layer):
                 layer.static_scales = sc.clone()
-        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, compute,
+        extra_keys = (self.model_config.model_id, self.weights_digest, self.model_config_digest, self.compute_key,
                       self._kv_key(kv_format), cc.tenant_salt)
         self.tiers = self._build_tiers(self.config, extra_keys)
         keep = (self.selector.sink_blocks, self.selector.window_blocks) if self.spill is not None else (0, 1)
@@ -229,7 +240,7 @@ class LLMEngine:
         from tierlm.engine.drift_guard import DriftGuard, ReferenceScorer
 
         identity = {"model": self.model_config.model_id, "weights": self.weights_digest,
-                    "config": self.model_config_digest, "compute": dtype_name(self.dtype),
+                    "config": self.model_config_digest, "compute": self.compute_key,
                     "kv": self._kv_key(self.candidate_kv_format)}
         scorer = ReferenceScorer(self.model, self.model_config, self.safe_kv_format, self.config.cache.block_size,
                                  self.device, self.dtype, self.config.attention_backend)

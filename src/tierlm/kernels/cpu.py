@@ -40,6 +40,7 @@ from tierlm.paths import cache_root
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu.c")
+SOURCES = (SOURCE, Path(__file__).with_name("quant.c"))  # one library; quant.c: weight-quantized matmul
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LIBS = ["-lmvec", "-lm"]
 ENV_SWITCH = "TIERLM_CPU_KERNELS"
@@ -62,7 +63,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"\0".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
         src, " ".join(FLAGS + LIBS), version, _cpu_signature(), platform.machine()))).hexdigest()[:16]
@@ -74,7 +75,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], check=True, capture_output=True, text=True,
+        subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, target)
     finally:

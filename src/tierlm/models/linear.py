@@ -63,3 +63,65 @@ def optimize_linears(model: nn.Module) -> int:
                 setattr(module, child_name, PackedLinear(child.weight, child.bias))
                 swapped += 1
     return swapped
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W packed in a quantized format (tierlm.quant.weights). On the CPU it runs the native
+    quantized matmul (kernels/quant.py; activations "int16" / "int8": rounded per 32 inputs, integer dot
+    products; "fp32": exact up to summation order) for up to GEMM_ROWS rows, and from there (prefill) the
+    weight dequantized into a scratch buffer and one fp32 GEMM; elsewhere, or without the native kernels,
+    fp32 activations times the dequantized weight."""
+
+    def __init__(self, pw, bias: torch.Tensor | None = None, activations: str = "int16"):
+        super().__init__()
+        self.fmt, self.bits, self.group = pw.fmt, pw.bits, pw.group
+        self.activations = activations  # "int16" | "int8" | "fp32": kernels/quant.py
+        self.in_features, self.out_features = pw.k, pw.n
+        # buffers, so .to(), state_dict() and memory accounting see the packed bytes
+        self.register_buffer("qdata", pw.data)
+        self.register_buffer("qscales", pw.scales)
+        self.register_buffer("qmins", pw.mins)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tierlm.kernels import quant as qk
+
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        bias = None if self.bias is None else self.bias.float()
+        if x.device.type == "cpu" and qk.qmatmul_usable():
+            x2 = x2.float().contiguous()
+            if x2.shape[0] >= qk.GEMM_ROWS:  # prefill: dequantize once, one fp32 GEMM
+                y = qk.dequant_gemm(x2, self.pw, bias)
+            else:
+                y = qk.qmatmul(x2, self.pw, bias, activations=self.activations)
+        else:
+            y = qk.dequant_matmul(x2, self.pw, bias)
+        return y.to(dtype).view(*lead, self.out_features)
+
+    @property
+    def pw(self):
+        """The packed weight over this module's buffers (wherever .to() has moved them)."""
+        from tierlm.quant.weights import PackedWeight
+
+        return PackedWeight(self.fmt, self.bits, self.group, self.out_features, self.in_features, self.qdata,
+                            self.qscales, self.qmins)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt} (group {self.group})"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table in a quantized format: a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, table: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.dtype = table, dtype  # the same module serves as the tied LM head
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from tierlm.quant.weights import dequantize
+
+        pw = self.table.pw
+        flat = ids.reshape(-1).to(pw.data.device)
+        return dequantize(pw, rows=flat).to(self.dtype).view(*ids.shape, self.embedding_dim)

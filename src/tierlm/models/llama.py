@@ -99,15 +99,19 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
-        if self.lm_head is None:  # tied embeddings
+        if self.lm_head is None:  # tied embeddings (a quantized model always has an lm_head module)
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------------
-    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> None:
-        """Assign Hugging Face-named tensors (fusing q/k/v and gate/up) into a module built on `meta`."""
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str,
+                     packed: dict | None = None) -> None:
+        """Assign Hugging Face-named tensors (fusing q/k/v and gate/up) into a module built on `meta`. With
+        `packed` ({name: quant.weights.PackedWeight}), the linears and the embedding it holds become
+        QuantLinear / QuantEmbedding modules (fused the same way) and their fp32 tensors are not read."""
         c = self.config
         used: set[str] = set()
+        packed = packed or {}
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
@@ -126,22 +130,49 @@ class LlamaForCausalLM(nn.Module):
                                         "the weights do not match config.json; check the checkpoint")
             setattr(module, attr, nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
 
-        put("embed_tokens.weight", take("model.embed_tokens.weight"))
+        def linear(param_path: str, *names: str, bias: tuple[str, ...] = ()) -> None:
+            """A (fused) linear: packed when every part is, else fp32 weights (and bias) as usual."""
+            if names and all(n in packed for n in names):
+                from tierlm.models.linear import QuantLinear
+                from tierlm.quant.weights import concat_rows
+
+                used.update(names)
+                pw = concat_rows([packed[n] for n in names]) if len(names) > 1 else packed[names[0]]
+                b = torch.cat([take(n) for n in bias]).to(device=device, dtype=torch.float32) if bias else None
+                module_path = param_path.rpartition(".")[0]
+                parent, _, child = module_path.rpartition(".")
+                setattr(self.get_submodule(parent) if parent else self, child, QuantLinear(pw.to(device), b))
+                return
+            put(param_path, *(take(n) for n in names))
+            if bias:
+                put(param_path.rpartition(".")[0] + ".bias", *(take(n) for n in bias))
+
+        if "model.embed_tokens.weight" in packed:
+            from tierlm.models.linear import QuantEmbedding
+
+            from tierlm.models.linear import QuantLinear
+
+            used.add("model.embed_tokens.weight")
+            table = QuantLinear(packed["model.embed_tokens.weight"].to(device))
+            self.embed_tokens = QuantEmbedding(table, dtype)
+            if self.lm_head is None:  # tied: the same packed table computes the logits
+                self.lm_head = table
+        else:
+            put("embed_tokens.weight", take("model.embed_tokens.weight"))
         put("norm.weight", take("model.norm.weight"))
-        if self.lm_head is not None:
-            put("lm_head.weight", take("lm_head.weight"))
+        if not c.tie_word_embeddings:
+            linear("lm_head.weight", "lm_head.weight")
         for i in range(c.num_layers):
             p, a = f"model.layers.{i}.", f"layers.{i}.self_attn."
-            put(a + "qkv_proj.weight", *(take(p + f"self_attn.{n}_proj.weight") for n in "qkv"))
-            if c.attention_bias:
-                put(a + "qkv_proj.bias", *(take(p + f"self_attn.{n}_proj.bias") for n in "qkv"))
-            put(a + "o_proj.weight", take(p + "self_attn.o_proj.weight"))
+            linear(a + "qkv_proj.weight", *(p + f"self_attn.{n}_proj.weight" for n in "qkv"),
+                   bias=tuple(p + f"self_attn.{n}_proj.bias" for n in "qkv") if c.attention_bias else ())
+            linear(a + "o_proj.weight", p + "self_attn.o_proj.weight")
             if c.qk_norm:
                 put(a + "q_norm.weight", take(p + "self_attn.q_norm.weight"))
                 put(a + "k_norm.weight", take(p + "self_attn.k_norm.weight"))
             m = f"layers.{i}.mlp."
-            put(m + "gate_up_proj.weight", take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight"))
-            put(m + "down_proj.weight", take(p + "mlp.down_proj.weight"))
+            linear(m + "gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            linear(m + "down_proj.weight", p + "mlp.down_proj.weight")
             put(f"layers.{i}.input_layernorm.weight", take(p + "input_layernorm.weight"))
             put(f"layers.{i}.post_attention_layernorm.weight", take(p + "post_attention_layernorm.weight"))
         meta_left = [n for n, t in self.named_parameters() if t.is_meta]

@@ -75,12 +75,14 @@ def tiny_vocab(default_metadata):
 
 @pytest.fixture
 def make_gguf(tmp_path, tiny_vocab, default_metadata):
-    """make_gguf(arch="llama", name=..., drop=(), quantize_embedding=True, extra=callable(writer))
-    -> (path, hf_weights). Writes HF weights the way llama.cpp would (q/k permuted for llama)."""
+    """make_gguf(arch="llama", name=..., drop=(), quantize_embedding=True, extra=callable(writer),
+    linear_type=None | "Q4_1" | ..., vocab=None | callable(writer)) -> (path, hf_weights). Writes HF weights the
+    way llama.cpp would (q/k permuted for llama; the linears in `linear_type` blocks when given); `vocab` writes
+    the tokenizer.* keys in place of the SmolLM2 slice (its vocabulary must have TINY["vocab"] tokens)."""
     import gguf
 
     def make(arch="llama", name="tiny.gguf", drop=(), quantize_embedding=True, tied=True, extra=None,
-             head_dim=None, seed=0):
+             head_dim=None, seed=0, linear_type=None, vocab=None):
         t = TINY
         weights = tiny_hf_weights(arch, seed=seed, tied=tied, head_dim=head_dim)
         path = tmp_path / name
@@ -97,16 +99,19 @@ def make_gguf(tmp_path, tiny_vocab, default_metadata):
             w.add_value_length(head_dim)
         w.add_rope_freq_base(10000.0)
         w.add_layer_norm_rms_eps(1e-6)
-        tokens, types, merges = tiny_vocab
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(False)
-        w.add_chat_template(default_metadata["tokenizer.chat_template"])
+        if vocab is not None:
+            vocab(w)
+        else:
+            tokens, types, merges = tiny_vocab
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("smollm")
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+            w.add_token_merges(merges)
+            w.add_bos_token_id(1)
+            w.add_eos_token_id(2)
+            w.add_add_bos_token(False)
+            w.add_chat_template(default_metadata["tokenizer.chat_template"])
         if extra:
             extra(w)
         for hf, tensor in weights.items():
@@ -120,6 +125,9 @@ def make_gguf(tmp_path, tiny_vocab, default_metadata):
                 q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
                 w.add_tensor(name_, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
                 weights[hf] = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0))
+            elif linear_type and hf.endswith("_proj.weight"):
+                kind = gguf.GGMLQuantizationType[linear_type]
+                w.add_tensor(name_, gguf.quants.quantize(arr, kind), raw_dtype=kind)
             else:
                 w.add_tensor(name_, arr)
         w.write_header_to_file()

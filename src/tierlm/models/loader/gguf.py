@@ -222,6 +222,20 @@ class GGUFFile:
         check_weights(out, config, str(self.path), _REFETCH)
         return out
 
+    def block_tensors(self, kinds) -> dict[str, tuple[str, np.ndarray, tuple[int, int]]]:
+        """{Hugging Face name: (type name, raw bytes, (rows, cols))} for the 2-D tensors stored in one of
+        `kinds` (e.g. "Q4_1"), untouched: quantized weights run them as stored (models/loader/quantized.py)."""
+        out = {}
+        for t in self._reader.tensors:
+            kind = getattr(t.tensor_type, "name", str(t.tensor_type))
+            name = hf_tensor_name(t.name)
+            if kind in kinds and name is not None and len(t.shape) == 2:
+                if int(t.data.nbytes) != int(t.n_bytes):
+                    raise CorruptModelError(f"{self.path}: tensor {t.name} is cut short", _REFETCH)
+                cols, rows = (int(x) for x in t.shape)
+                out[name] = (kind, np.asarray(t.data).reshape(-1), (rows, cols))
+        return out
+
     # ----------------------------------------------------------------- tokenizer
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf_metadata(self._meta)

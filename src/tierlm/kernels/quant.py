@@ -1,0 +1,164 @@
+"""The weight-quantized matmul (quant.c, built into the same library as cpu.c): y = x W^T + b with W a
+`tierlm.quant.weights.PackedWeight`.
+
+    qmatmul(x, pw, bias, activations="int16")
+        the native kernel. activations "int16" / "int8": x rounded per 32 inputs to 16- / 8-bit integers
+        (amax / 32512 or / 127 steps; int8 is llama.cpp's scheme), exact integer dot products (VNNI vpdpbusd
+        on AVX-512 VNNI: int16 as two int8 planes, 256 hi + lo; the portable loop elsewhere); "fp32": x as it
+        is times the codes widened in registers, i.e. the dequantized weight's product up to summation order
+        (compute-bound: 2-3x slower)
+    reference_qmatmul(x, pw, bias, levels)  the integer modes' PyTorch definition: the same rounded activations
+                                    times the dequantized weight, in fp32 (the tests compare the two)
+    dequant_matmul(x, pw, bias)     fp32 activations times the dequantized weight: the fp32 mode's definition,
+                                    and the fallback when the native kernel is unavailable
+    dequant_gemm(x, pw, bias)       the same product for many rows (prefill, M >= GEMM_ROWS): the weight
+                                    dequantized natively into a reused scratch buffer, then one fp32 GEMM
+                                    (MKL): exact fp32 activations, and faster there than the integer kernel
+
+`qmatmul_usable()` says whether the native kernel is built and passed its own self-check; that check is
+separate from cpu.py's, so a quantized-kernel failure never turns off the attention kernels.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from tierlm.kernels import cpu as _cpu
+from tierlm.quant.weights import QBLOCK, PackedWeight, dequantize, quantize
+
+log = logging.getLogger(__name__)
+_P, _I64, _INT = _cpu._P, _cpu._I64, _cpu._INT
+
+
+@functools.cache
+def _lib():
+    lib = _cpu._library()
+    if lib is None:
+        return None
+    lib.tierlm_qmatmul.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _INT]
+    lib.tierlm_qmatmul.restype = _INT
+    lib.tierlm_qmatmul_f32.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]
+    lib.tierlm_qmatmul_f32.restype = _INT
+    lib.tierlm_qdequant_t.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _INT, _INT]
+    lib.tierlm_qdequant_t.restype = _INT
+    lib.tierlm_qmatmul_vector.argtypes = []
+    lib.tierlm_qmatmul_vector.restype = _INT
+    if not _qmatmul_ok(lib):
+        log.warning("tierlm's quantized matmul failed its self-check; quantized linears use the PyTorch path")
+        return None
+    return lib
+
+
+def qmatmul_usable() -> bool:
+    return _lib() is not None
+
+
+def vector_path() -> bool:
+    """True when the AVX-512 VNNI path is compiled in (else the portable loop runs)."""
+    lib = _lib()
+    return bool(lib is not None and lib.tierlm_qmatmul_vector())
+
+
+ACTIVATIONS = ("int16", "int8", "fp32")
+# Rows from which a product dequantizes the weight and runs one fp32 GEMM instead of the integer kernel: measured
+# on the default model's shapes (2-core AVX-512 VNNI box), the int16 kernel is ahead up to ~128 rows of 576 x 3072
+# and behind from ~128 on the smaller shapes; at 512 rows the GEMM route is 1.1-1.8x faster and within ~5% of
+# the fp32 model's oneDNN linears.
+GEMM_ROWS = 160
+_scratch = threading.local()
+LEVELS = {"int8": 127, "int16": 32512}  # activation rounding steps per 32-block: amax / levels (int16: 127 x 256)
+
+
+def _call(lib, x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, portable: bool,
+          activations: str = "int16") -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != pw.k or x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError(f"qmatmul takes fp32 x [M, {pw.k}] with unit inner stride, got {tuple(x.shape)} {x.dtype}")
+    y = torch.empty(x.shape[0], pw.n, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return y
+    args = (x.data_ptr(), x.stride(0), pw.data.data_ptr(), pw.scales.data_ptr(), pw.mins.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), pw.n, x.shape[0], pw.n, pw.k, pw.group, pw.bits)
+    if activations == "fp32":
+        rc = lib.tierlm_qmatmul_f32(*args, int(portable))
+    else:
+        rc = lib.tierlm_qmatmul(*args, 16 if activations == "int16" else 8, int(portable))
+    if rc != 0:
+        raise RuntimeError(f"tierlm_qmatmul failed (rc {rc}) on x {tuple(x.shape)}, weight [{pw.n}, {pw.k}]")
+    return y
+
+
+def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, portable: bool = False,
+            activations: str = "int16") -> torch.Tensor:
+    """x [M, k] fp32 -> [M, n]. Callers check qmatmul_usable() first."""
+    return _call(_lib(), x, pw, bias, portable, activations)
+
+
+def dequant_gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, k] fp32 times the dequantized weight, through one GEMM on a per-thread scratch copy of W^T."""
+    need = pw.k * pw.n
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _scratch.buf = torch.empty(need, dtype=torch.float32)
+    wt = buf[:need].view(pw.k, pw.n)
+    if _lib().tierlm_qdequant_t(pw.data.data_ptr(), pw.scales.data_ptr(), pw.mins.data_ptr(), wt.data_ptr(), pw.n,
+                                pw.k, pw.group, pw.bits, 0) != 0:
+        raise RuntimeError(f"tierlm_qdequant_t failed on a weight [{pw.n}, {pw.k}]")
+    return torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
+
+
+def dequantize_t(pw: PackedWeight) -> torch.Tensor:
+    """quant.weights.dequantize(pw).T as a contiguous [k, n] tensor, computed natively (equal bit for bit)."""
+    return _dequant_t(_lib(), pw)
+
+
+def _dequant_t(lib, pw: PackedWeight, portable: bool = False) -> torch.Tensor:
+    out = torch.empty(pw.k, pw.n, dtype=torch.float32)
+    if lib.tierlm_qdequant_t(pw.data.data_ptr(), pw.scales.data_ptr(), pw.mins.data_ptr(), out.data_ptr(), pw.n,
+                             pw.k, pw.group, pw.bits, int(portable)) != 0:
+        raise RuntimeError(f"tierlm_qdequant_t failed on a weight [{pw.n}, {pw.k}]")
+    return out
+
+
+def quantize_activations(x: torch.Tensor, levels: int = 32512) -> torch.Tensor:
+    """x [M, K] rounded as the kernel rounds it: per 32-block, d = amax / levels, q = round(x * (1 / d))
+    (nearest even), returned dequantized (q * d) in fp32."""
+    xb = x.float().reshape(x.shape[0], -1, QBLOCK)
+    d = xb.abs().amax(-1, keepdim=True) / float(levels)
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).reshape(x.shape)
+
+
+def reference_qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+                      activations: str = "int16") -> torch.Tensor:
+    """The definition of qmatmul in `activations` mode."""
+    if activations == "fp32":
+        return dequant_matmul(x, pw, bias)
+    return dequant_matmul(quantize_activations(x, LEVELS[activations]), pw, bias)
+
+
+def dequant_matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x.float(), dequantize(pw), bias)
+
+
+def _qmatmul_ok(lib) -> bool:
+    """Native (both paths) == the reference on small shapes of each layout: 4 and 8 bits, groups 32 and the
+    whole row, a padded last tile, 1 to 5 rows (the 4-row chunks and a remainder)."""
+    g = torch.Generator().manual_seed(1)
+    ok = True
+    for fmt, n, k, group in (("q4_1", 40, 64, None), ("q8_0", 16, 96, None), ("int8", 19, 64, None),
+                             ("int4", 33, 128, 64)):
+        w = torch.randn(n, k, generator=g)
+        pw = quantize(w, fmt, group)
+        bias = torch.randn(n, generator=g)
+        for m in (1, 5):
+            x = torch.randn(m, k, generator=g)
+            ok = ok and all(torch.equal(_dequant_t(lib, pw, p), dequantize(pw).T) for p in (False, True))
+            for act in ACTIVATIONS:
+                want = reference_qmatmul(x, pw, bias, act)
+                got = [_call(lib, x, pw, bias, portable, act) for portable in (False, True)]
+                ok = ok and all(torch.allclose(y, want, rtol=1e-4, atol=1e-4) for y in got) and torch.equal(*got)
+    return ok

@@ -1,0 +1,199 @@
+"""Quantized weights for a loaded checkpoint: `load_quantized(ckpt, fmt, group)` -> {Hugging Face name:
+PackedWeight} for every linear weight and the token embedding, built once and cached.
+
+Where each tensor comes from:
+- a GGUF tensor stored in the requested block format (Q4_0 / Q4_1 / Q8_0) is taken as stored: the same
+  numbers, only re-laid out for the kernel (q / k rows un-permuted like the fp32 path);
+- the token embedding (and the LM head) keeps a stored Q4_0 / Q4_1 / Q8_0 format as it is; otherwise it gets
+  q8_0 under a 4-bit request (the output projection is the most sensitive matrix, llama.cpp keeps it wider too)
+  and the requested format under an 8-bit one;
+- everything else is quantized from the checkpoint's fp32 / bf16 weights (quant.weights.quantize).
+
+Cache: `<cache root>/quant/<model>-<weights digest>-<format>[-g<group>]-v<N>/weights.safetensors` (a ModelCache
+entry: written to a temp dir and renamed, with a manifest of xxh3 digests that is checked at every load, so a
+corrupt file is rebuilt, never loaded). Its metadata names the weights digest, format, group and version;
+an entry that disagrees is rebuilt too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tierlm.core.errors import CorruptModelError, InvalidParameterError, ModelNotFoundError
+from tierlm.models.loader.cache import ModelCache
+from tierlm.models.loader.checkpoint import LoadedCheckpoint
+from tierlm.paths import cache_root
+from tierlm.quant.weights import (GGUF_BLOCK_BYTES, WEIGHT_FORMATS, PackedWeight, check_shape, from_gguf_blocks,
+                                  permute_rows, quantize, weight_format)
+
+log = logging.getLogger(__name__)
+QUANT_VERSION = 1  # bump when the packed layout or a quantization rule changes
+FILE = "weights.safetensors"
+EMBED = "model.embed_tokens.weight"
+_LINEAR_SUFFIXES = ("_proj.weight",)
+
+
+def quantized_names(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors a quantized model stores packed: every linear weight, the embedding and an untied LM head."""
+    return sorted(n for n in weights if n.endswith(_LINEAR_SUFFIXES) or n in (EMBED, "lm_head.weight"))
+
+
+def _gguf_tensors(ckpt: LoadedCheckpoint) -> dict[str, tuple[str, object, tuple[int, int]]]:
+    """{HF name: (GGUF type name, raw data, (n, k))} for the block-format tensors of the GGUF `ckpt` came from."""
+    origin = ckpt.origin
+    if ckpt.source != "gguf-cache" or origin is None or not Path(origin).is_file():
+        return {}
+    from tierlm.models.loader.gguf import GGUFFile
+
+    return GGUFFile(origin).block_tensors(GGUF_BLOCK_BYTES)
+
+
+def _unpermute_order(name: str, n: int, ckpt: LoadedCheckpoint) -> torch.Tensor | None:
+    from tierlm.core.registry import get_architecture
+    from tierlm.models.loader.gguf import unpermute_rows
+
+    c = ckpt.config
+    if not get_architecture(c.architecture).permuted_qk or not name.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    heads = c.num_heads if name.endswith("q_proj.weight") else c.num_kv_heads
+    return torch.from_numpy(unpermute_rows(np.arange(n), heads).copy())
+
+
+def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tuple[dict[str, PackedWeight], dict]:
+    """The packed tensors and a {name: "gguf Q4_1" | "quantized q4_1"} account of where each came from."""
+    f = weight_format(fmt)
+    stored = _gguf_tensors(ckpt)
+    packed, sources = {}, {}
+    for name in quantized_names(ckpt.weights):
+        w = ckpt.weights[name]
+        n, k = w.shape
+        kind = stored.get(name, (None,))[0]
+        is_embed = name in (EMBED, "lm_head.weight")
+        want = WEIGHT_FORMATS[kind.lower()] if is_embed and kind else (
+            WEIGHT_FORMATS["q8_0"] if is_embed and f.bits == 4 else f)
+        if kind is not None and kind.lower() == want.name:
+            _, raw, shape = stored[name]
+            pw = from_gguf_blocks(kind, raw, *shape)
+            order = _unpermute_order(name, n, ckpt)
+            if order is not None:
+                pw = permute_rows(pw, order)
+            sources[name] = f"gguf {kind}"
+        else:
+            pw = quantize(w, want.name, group if want is f else None, what=name)
+            sources[name] = f"quantized {want.name}"
+        packed[name] = pw
+    return packed, sources
+
+
+def check_quantizable(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> None:
+    """InvalidParameterError before any work when a linear's shape cannot take `fmt` (e.g. k not a multiple of
+    the group)."""
+    f = weight_format(fmt)
+    for name in quantized_names(ckpt.weights):
+        if name not in (EMBED, "lm_head.weight"):
+            n, k = ckpt.weights[name].shape
+            check_shape(f, n, k, group, f"{name} [{n}, {k}]")
+
+
+def _entry(ckpt: LoadedCheckpoint, fmt: str, group: int | None, root: Path | None) -> Path:
+    tag = f"{fmt}-g{group}" if group else fmt
+    model = ckpt.config.model_id.replace("/", "-")
+    return (root or cache_root() / "quant") / f"{model}-{ckpt.weights_digest[:12]}-{tag}-v{QUANT_VERSION}"
+
+
+def _meta(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> dict[str, str]:
+    return {"tierlm_quant_version": str(QUANT_VERSION), "weights_digest": ckpt.weights_digest, "format": fmt,
+            "group": str(group or "")}
+
+
+def load_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None = None,
+                   root: Path | None = None) -> dict[str, PackedWeight]:
+    """The packed weights of `ckpt` in `fmt`, from the cache or built (and cached) now."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    check_quantizable(ckpt, fmt, group)
+    cache = ModelCache(root or cache_root() / "quant")
+    entry = _entry(ckpt, fmt, group, root)
+    want_meta = _meta(ckpt, fmt, group)
+    if entry.is_dir():
+        try:
+            cache.verify(entry)
+            with safe_open(str(entry / FILE), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                if any(meta.get(k) != v for k, v in want_meta.items()):
+                    raise CorruptModelError(f"{entry} was made for another model, format or version", "rebuilt")
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            names = quantized_names(ckpt.weights)
+            return {n: PackedWeight.from_tensors(json.loads(meta["formats"])[n], tensors, n) for n in names}
+        except (CorruptModelError, ModelNotFoundError, ValueError, KeyError, OSError) as exc:
+            log.warning("quantized weights %s are unusable (%s); rebuilding them", entry, exc)
+            cache.discard(entry)
+    start = time.perf_counter()
+    packed, sources = build_quantized(ckpt, fmt, group)
+
+    def write(tmp: Path) -> None:
+        tensors = {}
+        for name, pw in packed.items():
+            tensors.update(pw.tensors(name))
+        meta = dict(want_meta, formats=json.dumps({n: p.fmt for n, p in packed.items()}), sources=json.dumps(sources))
+        save_file(tensors, str(tmp / FILE), metadata=meta)
+
+    cache.build(entry, write)
+    log.info("quantized %s to %s in %.1fs (%s)", ckpt.config.model_id, fmt, time.perf_counter() - start, entry)
+    return packed
+
+
+def packed_bytes(n: int, k: int, bits: int, group: int) -> int:
+    """Bytes of an [n, k] weight in the packed layout: codes, and an fp16 scale and offset per group (rows padded
+    to the 16-row tile)."""
+    rows = -(-n // 16) * 16
+    return rows * k * bits // 8 + rows * (k // group) * 4
+
+
+def weight_bytes_by_format(ckpt: LoadedCheckpoint, group: int | None = None) -> list[dict]:
+    """What the model's weights take in each format, computed from the shapes (nothing is quantized): rows of
+    {"format", "linears", "embedding", "other", "total"} bytes and "as_stored", "fp32" / "bf16" first, then each weight
+    format as `--quantization` would build it (the embedding per the rule above)."""
+    stored = {n: v[0] for n, v in _gguf_tensors(ckpt).items()}
+    names = set(quantized_names(ckpt.weights))
+    other = sum(t.numel() for n, t in ckpt.weights.items() if n not in names)
+    rows = []
+    for dense, size in (("fp32", 4), ("bf16", 2)):
+        lin = sum(ckpt.weights[n].numel() * size for n in names if n not in (EMBED, "lm_head.weight"))
+        emb = sum(ckpt.weights[n].numel() * size for n in names if n in (EMBED, "lm_head.weight"))
+        rows.append({"format": dense, "linears": lin, "embedding": emb, "other": other * size})
+    for f in WEIGHT_FORMATS.values():
+        lin = emb = 0
+        try:
+            for n in sorted(names):
+                rows_, k = ckpt.weights[n].shape
+                if n in (EMBED, "lm_head.weight"):
+                    kind = stored.get(n)
+                    e = WEIGHT_FORMATS[kind.lower()] if kind else (WEIGHT_FORMATS["q8_0"] if f.bits == 4 else f)
+                    emb += packed_bytes(rows_, k, e.bits, check_shape(e, rows_, k, None, n))
+                else:
+                    lin += packed_bytes(rows_, k, f.bits, check_shape(f, rows_, k, group if f.name == "int4" else None, n))
+        except InvalidParameterError:
+            continue  # a format this model's shapes cannot take
+        rows.append({"format": f.name, "linears": lin, "embedding": emb, "other": other * 4})
+    linear_kinds = {v.lower() for n, v in stored.items() if n not in (EMBED, "lm_head.weight")}
+    for r in rows:
+        r["total"] = r["linears"] + r["embedding"] + r["other"]
+        r["as_stored"] = r["format"] in linear_kinds  # the GGUF's linears are in this format: run as they are
+    return rows
+
+
+def parse_quantization(value: str | None) -> str | None:
+    """'none' / None -> None; a known format name -> itself; else InvalidParameterError."""
+    if value in (None, "none"):
+        return None
+    if value not in WEIGHT_FORMATS:
+        raise InvalidParameterError(f"unknown quantization {value!r}",
+                                    f"use none or one of {', '.join(WEIGHT_FORMATS)}")
+    return value

@@ -1,0 +1,243 @@
+"""Weight formats for quantized linears: one packed layout (codes + per-group fp16 scale and offset) that
+GGUF's Q4_0 / Q4_1 / Q8_0 blocks and tierlm's own int4 / int8 weights all map onto exactly.
+
+A weight [N, K] is stored as unsigned codes u of `bits` bits with, per output row and group of `group`
+consecutive inputs, an fp16 scale d and an fp16 offset m: value = d * u + m.
+
+    format   bits  group          from
+    q4_0       4   32             GGUF Q4_0 blocks (m = -8 d), or fp32 by llama.cpp's rule
+    q4_1       4   32             GGUF Q4_1 blocks (m = the block min), or fp32
+    q8_0       8   32             GGUF Q8_0 blocks (u = q + 128, m = -128 d), or fp32
+    int4       4   32 / 64 / 128  fp32, asymmetric per group (min / max), as Q4_1 with a wider group
+    int8       8   K (per row)    fp32, symmetric per output channel (u = q + 128, m = -128 d)
+
+The GGUF mappings are exact: -8 d and -128 d are fp16 multiples of d by a power of two. The packed
+layout (`PackedWeight`) interleaves the codes for the CPU kernel (kernels/quant.c describes it); the
+PyTorch `dequantize` here is the definition the kernel is tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tierlm.core.errors import InvalidParameterError
+
+TILE = 16  # output rows per tile of the packed layout
+QBLOCK = 32  # activation block; every group is a multiple of it
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    bits: int
+    group: int | None  # None: the whole row (per output channel)
+    doc: str
+
+
+WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
+    WeightFormat("q4_0", 4, 32, "GGUF Q4_0: 4-bit, symmetric, group 32"),
+    WeightFormat("q4_1", 4, 32, "GGUF Q4_1: 4-bit, scale + min, group 32"),
+    WeightFormat("q8_0", 8, 32, "GGUF Q8_0: 8-bit, symmetric, group 32"),
+    WeightFormat("int4", 4, 32, "4-bit, scale + min per group (32, 64 or 128)"),
+    WeightFormat("int8", 8, None, "8-bit, symmetric, one scale per output channel"),
+)}
+INT4_GROUPS = (32, 64, 128)
+
+
+def weight_format(name: str) -> WeightFormat:
+    if name not in WEIGHT_FORMATS:
+        raise InvalidParameterError(f"unknown weight format {name!r}", f"use one of {', '.join(WEIGHT_FORMATS)}")
+    return WEIGHT_FORMATS[name]
+
+
+@dataclass
+class PackedWeight:
+    """A quantized [n, k] weight in the kernel's layout: `data` uint8 [tiles, k * bits / 8 * 16] (interleaved
+    codes), `scales` / `mins` fp16 [tiles, k / group, 16]; rows past n are zero."""
+    fmt: str
+    bits: int
+    group: int
+    n: int
+    k: int
+    data: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "PackedWeight":
+        return PackedWeight(self.fmt, self.bits, self.group, self.n, self.k, self.data.to(device),
+                            self.scales.to(device), self.mins.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.mins))
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The three tensors under `prefix` (for safetensors), with the shape facts in a small int tensor."""
+        meta = torch.tensor([self.bits, self.group, self.n, self.k], dtype=torch.int64)
+        return {f"{prefix}.qdata": self.data, f"{prefix}.qscales": self.scales, f"{prefix}.qmins": self.mins,
+                f"{prefix}.qmeta": meta}
+
+    @classmethod
+    def from_tensors(cls, fmt: str, tensors: dict[str, torch.Tensor], prefix: str) -> "PackedWeight":
+        bits, group, n, k = (int(v) for v in tensors[f"{prefix}.qmeta"].tolist())
+        pw = cls(fmt, bits, group, n, k, tensors[f"{prefix}.qdata"], tensors[f"{prefix}.qscales"],
+                 tensors[f"{prefix}.qmins"])
+        pw.check()
+        return pw
+
+    def check(self) -> None:
+        """Shapes consistent with (bits, group, n, k); ValueError otherwise (a damaged cache entry)."""
+        tiles = -(-self.n // TILE)
+        want = ((tiles, self.k * self.bits // 8 * TILE), (tiles, self.k // self.group, TILE))
+        got = (tuple(self.data.shape), tuple(self.scales.shape))
+        if (self.bits not in (4, 8) or self.group % QBLOCK or self.k % self.group or got != want
+                or tuple(self.mins.shape) != want[1] or self.data.dtype != torch.uint8
+                or self.scales.dtype != torch.float16 or self.mins.dtype != torch.float16):
+            raise ValueError(f"packed weight {self.fmt} [{self.n}, {self.k}] has inconsistent tensors {got}")
+
+
+def check_shape(fmt: WeightFormat, n: int, k: int, group: int | None, what: str) -> int:
+    """The group a [n, k] weight gets in `fmt`; InvalidParameterError naming the fix when k cannot take it."""
+    g = k if fmt.group is None else (group or fmt.group)
+    if fmt.name == "int4" and g not in INT4_GROUPS:
+        raise InvalidParameterError(f"int4 group {g} is not supported", f"use a group of {INT4_GROUPS}")
+    if k % g or g % QBLOCK:
+        fix = (f"use a group that divides {k} (e.g. {max(x for x in INT4_GROUPS if k % x == 0)})"
+               if fmt.name == "int4" and any(k % x == 0 for x in INT4_GROUPS)
+               else "use --quantization none or a format whose group divides it")
+        raise InvalidParameterError(f"{what} has {k} inputs, not a multiple of the {fmt.name} group {g}"
+                                    + ("" if g % QBLOCK == 0 else f" (groups must be multiples of {QBLOCK})"), fix)
+    return g
+
+
+# ---- packing -------------------------------------------------------------------------------------------
+def pack(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int) -> PackedWeight:
+    """codes uint8 [n, k] (< 2**bits), scales / mins fp16 [n, k / group] -> the kernel's interleaved layout."""
+    n, k = codes.shape
+    group = k // scales.shape[1]
+    tiles = -(-n // TILE)
+    pad = tiles * TILE - n
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+        mins = torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])
+    c = codes.to(torch.uint8).view(tiles, TILE, k)
+    if bits == 8:  # [tile, k/4, 16 rows, 4]
+        data = c.view(tiles, TILE, k // 4, 4).permute(0, 2, 1, 3)
+    else:  # [tile, k/8, 16 rows, 4]: inputs 8c + j in the low nibble, 8c + 4 + j in the high one
+        c8 = c.view(tiles, TILE, k // 8, 2, 4)
+        data = (c8[:, :, :, 0] | (c8[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
+    data = data.reshape(tiles, -1).contiguous()
+    sc = scales.to(torch.float16).view(tiles, TILE, -1).transpose(1, 2).contiguous()
+    mn = mins.to(torch.float16).view(tiles, TILE, -1).transpose(1, 2).contiguous()
+    return PackedWeight(fmt, bits, group, n, k, data, sc, mn)
+
+
+def codes_of(pw: PackedWeight) -> torch.Tensor:
+    """The codes uint8 [n, k] back from the interleaved layout."""
+    tiles = pw.data.shape[0]
+    if pw.bits == 8:
+        c = pw.data.view(tiles, pw.k // 4, TILE, 4).permute(0, 2, 1, 3)
+    else:
+        d = pw.data.view(tiles, pw.k // 8, TILE, 4).permute(0, 2, 1, 3)
+        c = torch.stack((d & 0x0F, d >> 4), dim=3)  # [tile, 16, k/8, 2, 4]
+    return c.reshape(tiles * TILE, pw.k)[: pw.n]
+
+
+def dequantize(pw: PackedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight [n, k] (or only `rows`, e.g. an embedding lookup): d * u + m, computed in fp32."""
+    tiles = pw.data.shape[0]
+    sc = pw.scales.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n]
+    mn = pw.mins.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n]
+    if rows is None:
+        codes = codes_of(pw)
+    else:
+        codes, sc, mn = _codes_rows(pw, rows), sc[rows], mn[rows]
+    u = codes.float().view(codes.shape[0], -1, pw.group)
+    return (u * sc.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).view(codes.shape[0], pw.k)
+
+
+def _codes_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    tile, r = rows // TILE, rows % TILE
+    if pw.bits == 8:
+        return pw.data.view(-1, pw.k // 4, TILE, 4)[tile, :, r].reshape(len(rows), pw.k)
+    d = pw.data.view(-1, pw.k // 8, TILE, 4)[tile, :, r]  # [R, k/8, 4]
+    return torch.stack((d & 0x0F, d >> 4), dim=2).reshape(len(rows), pw.k)
+
+
+# ---- quantizing fp32 weights ------------------------------------------------------------------------------
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    return w.float().reshape(w.shape[0], -1, group)
+
+
+def quantize(w: torch.Tensor, fmt_name: str, group: int | None = None, what: str = "weight") -> PackedWeight:
+    """An fp32 / bf16 weight [n, k] quantized into `fmt_name` (rules in the module docstring)."""
+    fmt = weight_format(fmt_name)
+    n, k = w.shape
+    g = check_shape(fmt, n, k, group, what)
+    x = _grouped(w, g)
+    if fmt.name in ("q4_1", "int4"):  # asymmetric: llama.cpp's quantize_row_q4_1 rule
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d = (hi - lo) / 15
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        u = ((x - lo) * inv + 0.5).floor().clamp(0, 15)
+        scales, mins = d.half(), lo.half()
+    elif fmt.name == "q4_0":  # symmetric around 8: d = (the signed value of largest magnitude) / -8
+        idx = x.abs().argmax(-1, keepdim=True)
+        d = x.gather(-1, idx) / -8
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        u = (x * inv + 8.5).floor().clamp(0, 15)
+        scales = d.half()
+        mins = -8 * scales
+    else:  # q8_0 / int8: symmetric int8 stored with the +128 offset
+        d = x.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        u = torch.round(x * inv).clamp(-127, 127) + 128
+        scales = d.half()
+        mins = -128 * scales
+    return pack(fmt.name, u.to(torch.uint8).view(n, k), scales.view(n, -1), mins.view(n, -1), fmt.bits)
+
+
+# ---- GGUF blocks as stored ----------------------------------------------------------------------------------
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def from_gguf_blocks(kind: str, raw: np.ndarray, n: int, k: int) -> PackedWeight:
+    """A GGUF tensor's raw blocks (uint8, n rows of k / 32 blocks) packed without changing any value.
+    Q4_0 / Q4_1 hold element j in the low nibble of byte j and element j + 16 in its high nibble."""
+    size = GGUF_BLOCK_BYTES[kind]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // QBLOCK, size)
+    d = torch.from_numpy(blocks[:, :, 0:2].copy().view(np.float16)[..., 0])  # [n, k/32]
+    if kind == "Q8_0":
+        q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8)).to(torch.int16)
+        codes, mins = (q + 128).to(torch.uint8), -128 * d
+    else:
+        off = 4 if kind == "Q4_1" else 2
+        qs = torch.from_numpy(blocks[:, :, off:off + 16].copy())  # [n, k/32, 16]
+        codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # elements 0..15, 16..31
+        mins = torch.from_numpy(blocks[:, :, 2:4].copy().view(np.float16)[..., 0]) if kind == "Q4_1" else -8 * d
+    fmt = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}[kind]
+    return pack(fmt, codes.reshape(n, k), d, mins, 8 if kind == "Q8_0" else 4)
+
+
+def permute_rows(pw: PackedWeight, order: torch.Tensor) -> PackedWeight:
+    """The same weight with its output rows reordered (exact: rows are whole groups)."""
+    tiles = pw.data.shape[0]
+    sc = pw.scales.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n][order]
+    mn = pw.mins.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n][order]
+    return pack(pw.fmt, codes_of(pw)[order], sc, mn, pw.bits)
+
+
+def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """Weights with the same inputs and format stacked along the outputs (fused q/k/v, gate/up)."""
+    first = parts[0]
+    if any((p.fmt, p.bits, p.group, p.k) != (first.fmt, first.bits, first.group, first.k) for p in parts):
+        raise ValueError("cannot fuse weights of different formats or input sizes")
+
+    def rows(p: PackedWeight, t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(p.data.shape[0] * TILE, -1)[: p.n]
+
+    return pack(first.fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([rows(p, p.scales) for p in parts]),
+                torch.cat([rows(p, p.mins) for p in parts]), first.bits)

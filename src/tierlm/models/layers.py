@@ -37,13 +37,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], with Llama-3 style frequency scaling when configured."""
+    """Inverse frequencies [head_dim / 2], with Llama-3 style frequency scaling when configured.
+    rope_type "freq_factors" (GGUF rope_freqs) divides each frequency by its own factor: inv / factors."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if kind in (None, "default"):
         return inv.float()
     if kind == "linear":
         return (inv / scaling["factor"]).float()
+    if kind == "freq_factors":
+        factors = torch.tensor(scaling["factors"], dtype=torch.float64)
+        if factors.shape != inv.shape:
+            from tierlm.core.errors import CorruptModelError
+
+            raise CorruptModelError(f"rope_scaling has {factors.numel()} frequency factors, expected {inv.numel()} "
+                                    f"(head_dim {head_dim} / 2)", "re-convert the model or fix its config.json")
+        return (inv / factors).float()
     if kind == "llama3":
         factor = scaling["factor"]
         lo, hi = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -56,7 +65,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
     from tierlm.core.errors import UnsupportedModelError
 
-    raise UnsupportedModelError(f"unsupported rope_scaling type {kind!r}", "use a model with default, linear or llama3 RoPE")
+    raise UnsupportedModelError(f"unsupported rope_scaling type {kind!r}",
+                                "use a model with default, linear, llama3 or freq_factors RoPE")
 
 
 class RotaryEmbedding(nn.Module):

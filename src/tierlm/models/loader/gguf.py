@@ -6,7 +6,9 @@ Facts about the format (from llama.cpp's converter and gguf-py):
   (out, in) matrix in PyTorch order;
 - for the 'llama' architecture the converter permutes the rows of attn_q / attn_k inside each head so
   llama.cpp can rotate adjacent pairs; we undo that here so GGUF and Hugging Face weights share one
-  ("rotate_half") RoPE. qwen2 / qwen3 GGUFs are stored unpermuted (NEOX-style RoPE).
+  ("rotate_half") RoPE. qwen2 / qwen3 GGUFs are stored unpermuted (NEOX-style RoPE);
+- Llama 3.1/3.2 GGUFs carry their llama3 RoPE scaling as a tensor, rope_freqs.weight (one divisor per
+  frequency: inv_freq / rope_freqs), not as metadata; it becomes rope_scaling {"rope_type": "freq_factors"}.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tierlm.models.loader.weight_layout import check_weights
 
 GGUF_ARCHITECTURES = gguf_architecture_names()  # from the one registry (tierlm.core.registry)
 _REFETCH = "re-download or re-convert the GGUF file"
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (Llama 3.1/3.2 GGUFs)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -127,9 +130,6 @@ class GGUFFile:
             raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported",
                                         f"use a {', '.join(GGUF_ARCHITECTURES)} model")
         names = {t.name for t in self._reader.tensors}
-        if "rope_freqs.weight" in names:
-            raise UnsupportedModelError(f"{self.path} stores per-frequency RoPE factors (Llama 3.1-style rope_freqs)",
-                                        "load the model's Hugging Face directory instead of the GGUF")
         hidden = int(self._arch_value("embedding_length", required=True))
         heads = int(self._arch_value("attention.head_count", required=True))
         kv_heads = int(self._arch_value("attention.head_count_kv", heads))
@@ -154,6 +154,8 @@ class GGUFFile:
             orig = self._arch_value("rope.scaling.original_context_length")
             if orig:
                 rope_scaling["original_max_position_embeddings"] = int(orig)
+        if ROPE_FREQS in names:
+            rope_scaling = self._freq_factors(head_dim, rope_scaling)
         window = self._arch_value("attention.sliding_window")
         bos = self._meta.get("tokenizer.ggml.bos_token_id")
         eos_ids = []
@@ -182,6 +184,29 @@ class GGUFFile:
             model_id=model_id or self.path.stem.replace(".", "-"),
         )
 
+    def _freq_factors(self, head_dim: int, rope_scaling: dict | None) -> dict:
+        """rope_scaling for a GGUF with rope_freqs.weight (llama.cpp's per-frequency divisors, written for Llama
+        3.1/3.2): {"rope_type": "freq_factors", "factors": [head_dim / 2 floats]}; linear scaling folds in."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = next(t for t in self._reader.tensors if t.name == ROPE_FREQS)
+        try:
+            factors = np.asarray(dequantize(t.data, GGMLQuantizationType(int(t.tensor_type))), dtype=np.float64)
+        except (NotImplementedError, ValueError) as exc:
+            raise CorruptModelError(f"{self.path}: {ROPE_FREQS} is unreadable: {_first_line(exc)}", _REFETCH) from exc
+        factors = factors.reshape(-1)
+        if factors.size != head_dim // 2 or not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise CorruptModelError(f"{self.path}: {ROPE_FREQS} holds {factors.size} factors, expected "
+                                    f"{head_dim // 2} positive ones (head_dim {head_dim} / 2)", _REFETCH)
+        if rope_scaling is not None:
+            if rope_scaling["rope_type"] != "linear":
+                raise UnsupportedModelError(f"{self.path}: {ROPE_FREQS} together with {rope_scaling['rope_type']!r} "
+                                            "RoPE scaling is not supported",
+                                            "use a GGUF with rope_freqs alone or with linear scaling")
+            factors = factors * rope_scaling["factor"]  # llama.cpp: freq_scale and freq_factors both divide
+        return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
+
     # ----------------------------------------------------------------- weights
     def weights(self, config: ModelConfig) -> dict[str, torch.Tensor]:
         """Every tensor dequantized to fp32, renamed to Hugging Face names, q/k un-permuted (llama)."""
@@ -190,6 +215,8 @@ class GGUFFile:
 
         out: dict[str, torch.Tensor] = {}
         for t in self._reader.tensors:
+            if t.name == ROPE_FREQS:  # not a weight: config() carries it as rope_scaling["factors"]
+                continue
             name = hf_tensor_name(t.name)
             if name is None:
                 raise UnsupportedModelError(f"{self.path}: tensor {t.name!r} has no place in a {config.architecture} model",

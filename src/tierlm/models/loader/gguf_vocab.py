@@ -1,23 +1,34 @@
 """GGUFVocab: the tokenizer stored in GGUF metadata (tokenizer.ggml.*), rebuilt as a `tokenizers` BPE.
 
-Only byte-level BPE vocabularies (tokenizer.ggml.model == "gpt2") are supported. The pre-tokenizer
-follows llama.cpp's `tokenizer.ggml.pre` type:
+Two vocabulary kinds (tokenizer.ggml.model) are supported:
+- "gpt2": byte-level BPE with the file's merges. The pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre`:
   smollm / starcoder / refact / ...: every digit on its own, then the GPT-2 byte-level regex;
   gpt2 / default: the GPT-2 byte-level regex;
   llama-bpe (Llama 3) and qwen2: their own split regex, then byte-level without the GPT-2 regex.
+- "llama": SentencePiece BPE (Llama 2, Mistral 7B v0.1, TinyLlama). No merges are stored: every split (a, b)
+  of a normal piece into two normal pieces is a merge, ranked by the piece's score (higher first), which is
+  the order llama.cpp's SPM tokenizer merges in. Spaces become U+2581, one is prepended to each text run
+  (tokenizer.ggml.add_space_prefix, default true), characters without a piece fall back to <0xXX> byte
+  tokens, and BOS is added unless tokenizer.ggml.add_bos_token says otherwise. tokenizer.ggml.pre is ignored.
 Token types (llama.cpp): 1 NORMAL, 2 UNKNOWN, 3 CONTROL, 4 USER_DEFINED, 5 UNUSED, 6 BYTE.
-CONTROL tokens become special added tokens (one id each, skipped by decode(skip_special_tokens));
+CONTROL tokens (and UNKNOWN ones in a "llama" vocabulary) become special added tokens (one id each, skipped
+by decode(skip_special_tokens));
 USER_DEFINED tokens become plain added tokens (one id each, kept by decode).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
 
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNKNOWN = 2
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+SPM_SPACE = "\u2581"  # SentencePiece's space marker
+
+MODELS = ("gpt2", "llama")
 
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _GPT2 = ("gpt2", "gpt-2", "default")
@@ -39,6 +50,16 @@ def _optional_id(meta: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
     return value
 
 
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **options):
+    from tokenizers import models
+
+    try:
+        return models.BPE(vocab=vocab, merges=merges, **options)
+    except Exception as exc:  # tokenizers raises its own exception type for bad merges
+        raise CorruptModelError(f"the GGUF tokenizer is inconsistent: {exc}",
+                                "re-download or re-convert the GGUF file") from exc
+
+
 @dataclass
 class GGUFVocab:
     """The vocabulary facts of a GGUF file, plus the backend tokenizer built from them."""
@@ -54,6 +75,9 @@ class GGUFVocab:
     add_bos_token: bool
     add_eos_token: bool
     chat_template: str | None
+    model: str = "gpt2"  # tokenizer.ggml.model
+    scores: list[float] = field(default_factory=list)  # "llama": one per token, the merge ranking
+    add_space_prefix: bool = True  # "llama": prepend U+2581 to each text run
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> "GGUFVocab":
@@ -61,17 +85,23 @@ class GGUFVocab:
         if model is None:
             raise CorruptModelError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)",
                                     "use a GGUF converted with its tokenizer, or a Hugging Face model directory")
-        if model != "gpt2":
-            raise UnsupportedModelError(f"GGUF tokenizer type {model!r} is not supported (only byte-level BPE 'gpt2')",
+        if model not in MODELS:
+            raise UnsupportedModelError(f"GGUF tokenizer type {model!r} is not supported "
+                                        "(only byte-level BPE 'gpt2' and SentencePiece BPE 'llama')",
                                         "use the model's Hugging Face directory with tokenizer.json instead")
+        spm = model == "llama"
         tokens = list(meta.get("tokenizer.ggml.tokens") or [])
-        merges = list(meta.get("tokenizer.ggml.merges") or [])
-        if not tokens or not merges:
+        merges = [] if spm else list(meta.get("tokenizer.ggml.merges") or [])
+        if not tokens or not (spm or merges):
             raise CorruptModelError("the GGUF tokenizer has no tokens or no merges",
                                     "re-download or re-convert the GGUF file")
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         if len(types) != len(tokens):
             raise CorruptModelError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types",
+                                    "re-download or re-convert the GGUF file")
+        scores = [float(x) for x in meta.get("tokenizer.ggml.scores") or []] if spm else []
+        if spm and len(scores) != len(tokens):
+            raise CorruptModelError(f"GGUF SentencePiece tokenizer has {len(tokens)} tokens but {len(scores)} scores",
                                     "re-download or re-convert the GGUF file")
         n = len(tokens)
         eos = _optional_id(meta, "tokenizer.ggml.eos_token_id", n)
@@ -87,9 +117,11 @@ class GGUFVocab:
             eos_token_ids=tuple(eos_ids),
             pad_token_id=_optional_id(meta, "tokenizer.ggml.padding_token_id", n),
             unk_token_id=_optional_id(meta, "tokenizer.ggml.unknown_token_id", n),
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", spm)),  # llama.cpp: on for SPM
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
+            model=str(model), scores=scores,
+            add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
         )
 
     def token(self, token_id: int | None) -> str | None:
@@ -115,34 +147,69 @@ class GGUFVocab:
                                     f"use a model whose tokenizer.ggml.pre is one of {', '.join(supported)}, "
                                     "or its Hugging Face directory with tokenizer.json")
 
-    def build(self):
-        """The backend `tokenizers.Tokenizer` (byte-level BPE, added tokens, byte-level decoder)."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
+    def _vocab(self) -> dict[str, int]:
         vocab: dict[str, int] = {}
         for i, tok in enumerate(self.tokens):
             vocab.setdefault(tok, i)
         if len(vocab) != len(self.tokens):
             raise CorruptModelError("the GGUF vocabulary has duplicate tokens",
                                     "re-download or re-convert the GGUF file")
+        return vocab
+
+    def spm_merges(self) -> list[tuple[str, str]]:
+        """SentencePiece BPE merges rebuilt from the scores: every (a, b) with a, b and a+b normal pieces, the
+        best-scored a+b first (ties: lower id of a+b, then the longer a)."""
+        normal = {t: i for i, (t, kind) in enumerate(zip(self.tokens, self.token_types)) if kind == TOKEN_TYPE_NORMAL}
+        ranked = []
+        for piece, i in normal.items():
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in normal and right in normal:
+                    ranked.append((-self.scores[i], i, -cut, left, right))
+        ranked.sort()
+        return [(left, right) for *_, left, right in ranked]
+
+    def build(self):
+        """The backend `tokenizers.Tokenizer`: byte-level BPE ("gpt2") or SentencePiece BPE ("llama")."""
+        if self.model == "llama":
+            return self._build_spm()
+        from tokenizers import Tokenizer, decoders, processors
+
+        vocab = self._vocab()
         pairs = []
         for merge in self.merges:
             left, sep, right = merge.partition(" ")
             if not sep:
                 raise CorruptModelError(f"malformed GGUF merge {merge!r}", "re-download or re-convert the GGUF file")
             pairs.append((left, right))
-        try:
-            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                             ignore_merges=self.pre in ("llama-bpe", "llama3"))
-        except Exception as exc:  # tokenizers raises its own exception type for bad merges
-            raise CorruptModelError(f"the GGUF tokenizer is inconsistent: {exc}",
-                                    "re-download or re-convert the GGUF file") from exc
+        bpe = _bpe(vocab, pairs, fuse_unk=False, byte_fallback=False, ignore_merges=self.pre in ("llama-bpe", "llama3"))
         tok = Tokenizer(bpe)
         tok.pre_tokenizer = self._pre_tokenizer()
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        return self._add_tokens(tok, (TOKEN_TYPE_CONTROL,))
+
+    def _build_spm(self):
+        """SentencePiece BPE: merges from the scores, byte fallback, U+2581 for spaces (see the module doc)."""
+        from tokenizers import Tokenizer, decoders, normalizers
+
+        unk = self.token(self.unk_token_id)
+        if unk is None:
+            unk = next((t for t, kind in zip(self.tokens, self.token_types) if kind == TOKEN_TYPE_UNKNOWN), None)
+        tok = Tokenizer(_bpe(self._vocab(), self.spm_merges(), unk_token=unk, fuse_unk=True, byte_fallback=True))
+        prefix = [normalizers.Prepend(SPM_SPACE)] if self.add_space_prefix else []
+        tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", SPM_SPACE)])
+        strip = [decoders.Strip(content=" ", left=1)] if self.add_space_prefix else []
+        tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(),
+                                         decoders.Fuse()] + strip)
+        return self._add_tokens(tok, (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN))
+
+    def _add_tokens(self, tok, special_types: tuple[int, ...]):
+        """Tokens of `special_types` as special added tokens, USER_DEFINED ones as plain added tokens."""
+        from tokenizers import AddedToken
+
         special = [AddedToken(t, special=True, normalized=False)
-                   for t, kind in zip(self.tokens, self.token_types) if kind == TOKEN_TYPE_CONTROL]
+                   for t, kind in zip(self.tokens, self.token_types) if kind in special_types]
         user = [AddedToken(t, special=False, normalized=False)
                 for t, kind in zip(self.tokens, self.token_types) if kind == TOKEN_TYPE_USER_DEFINED]
         if special:

@@ -134,3 +134,30 @@ def test_transposed_dequantization_and_the_gemm_route(fmt, group, n, k):
         assert torch.isnan(buf[k * n:]).all()
     x, bias = torch.randn(kq.GEMM_ROWS + 3, k, generator=g), torch.randn(n, generator=g)
     torch.testing.assert_close(kq.dequant_gemm(x, pw, bias), kq.dequant_matmul(x, pw, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_quant_linear_rebinds_its_kernel_arguments():
+    """QuantLinear binds the kernel's arguments once (decode fast path); changing the activation mode or moving
+    the module drops them, so the next call uses the new mode and buffers, never stale pointers."""
+    from tierlm.models.linear import QuantLinear
+
+    g = torch.Generator().manual_seed(3)
+    pw = quantize(torch.randn(40, 96, generator=g), "q4_1")
+    bias = torch.randn(40, generator=g)
+    lin = QuantLinear(pw, bias)
+    x = torch.randn(3, 2, 96, generator=g)
+    x2 = x.view(6, 96)
+    torch.testing.assert_close(lin(x).view(6, 40), kq.reference_qmatmul(x2, pw, bias, "int16"), rtol=1e-4, atol=1e-4)
+    lin.activations = "fp32"
+    torch.testing.assert_close(lin(x).view(6, 40), kq.dequant_matmul(x2, pw, bias), rtol=1e-5, atol=1e-5)
+    lin.activations = "int8"
+    want8 = kq.reference_qmatmul(x2, pw, bias, "int8")
+    torch.testing.assert_close(lin(x).view(6, 40), want8, rtol=1e-4, atol=1e-4)
+    moved = QuantLinear(pw, bias, "int8")
+    moved(x)
+    moved.to(torch.float32)  # _apply: the bound pointers are dropped
+    assert "_plan" not in moved.__dict__
+    torch.testing.assert_close(moved(x).view(6, 40), want8, rtol=1e-4, atol=1e-4)
+    # many rows take the dequantize-and-GEMM route: fp32 activations whatever the mode
+    xl = torch.randn(kq.GEMM_ROWS, 96, generator=g)
+    torch.testing.assert_close(moved(xl), kq.dequant_matmul(xl, pw, bias), rtol=1e-5, atol=1e-4)

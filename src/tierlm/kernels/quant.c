@@ -510,3 +510,21 @@ int tierlm_qmatmul(const float *x, int64_t ldx, const uint8_t *w, const uint16_t
     free(q); free(dx); free(gs);
     return failed ? -1 : 0;
 }
+
+/* One quantized linear's fixed arguments, built once by the caller (kernels/quant.py QLinearPlan), so a decode
+ * step's call crosses the language boundary with four arguments instead of fifteen. act_bits 8, 16, or 32
+ * (fp32 activations). */
+typedef struct {
+    const uint8_t *w;
+    const uint16_t *scales, *mins;
+    const float *bias;
+    int64_t n, k, group;
+    int32_t bits, act_bits;
+} tierlm_qlinear;
+
+int tierlm_qlinear_run(const tierlm_qlinear *L, const float *x, float *y, int64_t M) {
+    if (L->act_bits == 32)
+        return tierlm_qmatmul_f32(x, L->k, L->w, L->scales, L->mins, L->bias, y, L->n, M, L->n, L->k, L->group, L->bits, 0);
+    return tierlm_qmatmul(x, L->k, L->w, L->scales, L->mins, L->bias, y, L->n, M, L->n, L->k, L->group, L->bits,
+                          L->act_bits, 0);
+}

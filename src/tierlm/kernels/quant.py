@@ -20,6 +20,7 @@ separate from cpu.py's, so a quantized-kernel failure never turns off the attent
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import threading
@@ -45,6 +46,8 @@ def _lib():
     lib.tierlm_qmatmul_f32.restype = _INT
     lib.tierlm_qdequant_t.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.tierlm_qdequant_t.restype = _INT
+    lib.tierlm_qlinear_run.argtypes = [ctypes.POINTER(_QLinearArgs), _P, _P, _I64]
+    lib.tierlm_qlinear_run.restype = _INT
     lib.tierlm_qmatmul_vector.argtypes = []
     lib.tierlm_qmatmul_vector.restype = _INT
     if not _qmatmul_ok(lib):
@@ -63,7 +66,13 @@ def vector_path() -> bool:
     return bool(lib is not None and lib.tierlm_qmatmul_vector())
 
 
+class _QLinearArgs(ctypes.Structure):
+    _fields_ = [("w", _P), ("scales", _P), ("mins", _P), ("bias", _P), ("n", _I64), ("k", _I64), ("group", _I64),
+                ("bits", ctypes.c_int32), ("act_bits", ctypes.c_int32)]
+
+
 ACTIVATIONS = ("int16", "int8", "fp32")
+_ACT_BITS = {"int8": 8, "int16": 16, "fp32": 32}
 # Rows from which a product dequantizes the weight and runs one fp32 GEMM instead of the integer kernel: measured
 # on the default model's shapes (2-core AVX-512 VNNI box), the int16 kernel is ahead up to ~128 rows of 576 x 3072
 # and behind from ~128 on the smaller shapes; at 512 rows the GEMM route is 1.1-1.8x faster and within ~5% of
@@ -95,6 +104,28 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             activations: str = "int16") -> torch.Tensor:
     """x [M, k] fp32 -> [M, n]. Callers check qmatmul_usable() first."""
     return _call(_lib(), x, pw, bias, portable, activations)
+
+
+class QLinearPlan:
+    """A quantized linear's fixed kernel arguments, bound once: `run(x)` is qmatmul(x, pw, bias, activations)
+    for a contiguous fp32 x [M, k] with M < GEMM_ROWS, at a few microseconds less per call (the decode path
+    runs five of these per layer). Holds references to the tensors it points into."""
+
+    max_rows = GEMM_ROWS
+
+    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, activations: str):
+        self.lib = _lib()
+        self.n, self.keep = pw.n, (pw.data, pw.scales, pw.mins, bias)
+        self.args = _QLinearArgs(pw.data.data_ptr(), pw.scales.data_ptr(), pw.mins.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), pw.n, pw.k, pw.group, pw.bits,
+                                 _ACT_BITS[activations])
+        self.ref = ctypes.byref(self.args)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        if self.lib.tierlm_qlinear_run(self.ref, x.data_ptr(), y.data_ptr(), x.shape[0]) != 0:
+            raise RuntimeError(f"tierlm_qlinear_run failed on x {tuple(x.shape)}")
+        return y
 
 
 def dequant_gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

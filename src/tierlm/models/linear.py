@@ -75,29 +75,53 @@ class QuantLinear(nn.Module):
     def __init__(self, pw, bias: torch.Tensor | None = None, activations: str = "int16"):
         super().__init__()
         self.fmt, self.bits, self.group = pw.fmt, pw.bits, pw.group
-        self.activations = activations  # "int16" | "int8" | "fp32": kernels/quant.py
+        self.activations = activations  # "int16" | "int8" | "fp32": kernels/quant.py (a property)
         self.in_features, self.out_features = pw.k, pw.n
-        # buffers, so .to(), state_dict() and memory accounting see the packed bytes
+        # buffers, so .to(), state_dict() and memory accounting see the packed bytes; the fp16 scales and offsets
+        # are kept as their int16 bit patterns, so a .to(dtype) of the model moves them without converting them
         self.register_buffer("qdata", pw.data)
-        self.register_buffer("qscales", pw.scales)
-        self.register_buffer("qmins", pw.mins)
+        self.register_buffer("qscales", pw.scales.view(torch.int16))
+        self.register_buffer("qmins", pw.mins.view(torch.int16))
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.__dict__.get("_plan")
+        if plan is not None and x.dtype is torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+            x2 = x.view(-1, self.in_features)
+            if x2.shape[0] < plan.max_rows:  # decode: the integer kernel, arguments bound once (fast path)
+                return plan.run(x2).view(*x.shape[:-1], self.out_features)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         from tierlm.kernels import quant as qk
 
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
-        bias = None if self.bias is None else self.bias.float()
+        bias = None if self.bias is None else self.bias.float().contiguous()
         if x.device.type == "cpu" and qk.qmatmul_usable():
             x2 = x2.float().contiguous()
-            if x2.shape[0] >= qk.GEMM_ROWS:  # prefill: dequantize once, one fp32 GEMM
+            if "_plan" not in self.__dict__:
+                self.__dict__["_plan"] = qk.QLinearPlan(self.pw, bias, self.activations)
+            if x2.shape[0] < qk.GEMM_ROWS:
+                y = self.__dict__["_plan"].run(x2)
+            else:  # prefill: dequantize once, one fp32 GEMM
                 y = qk.dequant_gemm(x2, self.pw, bias)
-            else:
-                y = qk.qmatmul(x2, self.pw, bias, activations=self.activations)
         else:
             y = qk.dequant_matmul(x2, self.pw, bias)
         return y.to(dtype).view(*lead, self.out_features)
+
+    @property
+    def activations(self) -> str:
+        return self.__dict__["_activations"]
+
+    @activations.setter
+    def activations(self, mode: str) -> None:
+        self.__dict__["_activations"] = mode
+        self.__dict__.pop("_plan", None)  # the bound kernel arguments name the mode
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_plan", None)  # buffers may move: the bound pointers would be stale
+        return super()._apply(fn, recurse)
 
     @property
     def pw(self):
@@ -105,7 +129,7 @@ class QuantLinear(nn.Module):
         from tierlm.quant.weights import PackedWeight
 
         return PackedWeight(self.fmt, self.bits, self.group, self.out_features, self.in_features, self.qdata,
-                            self.qscales, self.qmins)
+                            self.qscales.view(torch.float16), self.qmins.view(torch.float16))
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt} (group {self.group})"

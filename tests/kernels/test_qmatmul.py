@@ -161,3 +161,33 @@ def test_quant_linear_rebinds_its_kernel_arguments():
     # many rows take the dequantize-and-GEMM route: fp32 activations whatever the mode
     xl = torch.randn(kq.GEMM_ROWS, 96, generator=g)
     torch.testing.assert_close(moved(xl), kq.dequant_matmul(xl, pw, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_embedding_rows_dequantize_natively():
+    from tierlm.models.linear import QuantEmbedding, QuantLinear
+
+    pw = quantize(torch.randn(50, 64), "q8_0")
+    ids = torch.tensor([[3, 49, 0], [16, 15, 3]])
+    assert torch.equal(kq.dequantize_rows(pw, ids.reshape(-1)), dequantize(pw)[ids.reshape(-1)])
+    emb = QuantEmbedding(QuantLinear(pw), torch.float32)
+    assert torch.equal(emb(ids), dequantize(pw)[ids])
+    with pytest.raises(IndexError, match="outside the embedding table"):
+        kq.dequantize_rows(pw, torch.tensor([50]))
+
+
+@pytest.mark.parametrize("activations", ["int16", "fp32"])
+def test_fused_mlp_matches_the_modules(activations):
+    """quant_mlp (one native call: gate_up, silu * up, down) equals the two QuantLinear modules with torch's
+    silu in between, for decode-sized batches; prefill-sized batches are left to the modules."""
+    from tierlm.models.linear import QuantLinear, quant_mlp
+
+    g = torch.Generator().manual_seed(5)
+    gate_up = QuantLinear(quantize(torch.randn(2 * 96, 64, generator=g), "q4_1"), activations=activations)
+    down = QuantLinear(quantize(torch.randn(64, 96, generator=g), "q8_0"), activations=activations)
+    for m in (1, 5):
+        x = torch.randn(m, 64, generator=g)
+        gate, up = gate_up(x).split(96, dim=-1)
+        want = down(torch.nn.functional.silu(gate) * up)
+        torch.testing.assert_close(quant_mlp(gate_up, down, x), want, rtol=1e-4, atol=1e-4)
+    assert quant_mlp(gate_up, down, torch.randn(kq.GEMM_ROWS, 64)) is None
+    assert quant_mlp(torch.nn.Linear(64, 192), down, torch.randn(1, 64)) is None

@@ -528,3 +528,49 @@ int tierlm_qlinear_run(const tierlm_qlinear *L, const float *x, float *y, int64_
     return tierlm_qmatmul(x, L->k, L->w, L->scales, L->mins, L->bias, y, L->n, M, L->n, L->k, L->group, L->bits,
                           L->act_bits, 0);
 }
+
+/* Rows rows[0..R) of the fp32 weight (an embedding lookup), out [R, K] = d * u + m (rounded twice, as
+ * tierlm_qdequant_t). Returns 0, or -1 on bad arguments (a row id outside [0, N)). */
+int tierlm_qdequant_rows(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, const int64_t *rows,
+                         int64_t R, float *out, int64_t N, int64_t K, int64_t G, int bits) {
+    if (N <= 0 || K <= 0 || G <= 0 || G % QBLOCK || K % G || (bits != 4 && bits != 8)) return -1;
+    const int64_t ng = K / G, tile_bytes = TILE * K * bits / 8;
+    for (int64_t i = 0; i < R; i++)
+        if (rows[i] < 0 || rows[i] >= N) return -1;
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t t = rows[i] / TILE;
+        const int r = (int)(rows[i] % TILE);
+        const uint8_t *wt = w + t * tile_bytes;
+        const uint16_t *st = scales + t * ng * TILE, *mt = mins + t * ng * TILE;
+        for (int64_t g = 0; g < ng; g++) {
+            const float d = half_to_float_q(st[g * TILE + r]), m = half_to_float_q(mt[g * TILE + r]);
+            for (int64_t k = g * G; k < (g + 1) * G; k++) out[i * K + k] = d * (float)code_at(wt, k, r, bits) + m;
+        }
+    }
+    return 0;
+}
+
+#pragma omp declare simd notinbranch
+float expf(float);
+
+/* A gated MLP on quantized weights in one call: y = down(silu(g) * u) with [g | u] = gate_up(x), for the decode
+ * path (one language crossing and no intermediate tensors instead of two linears and three elementwise ops).
+ * gate_up: n = 2 I outputs (gate first); down: k = I. Returns 0, or -1 on bad arguments / no memory. */
+int tierlm_qmlp_run(const tierlm_qlinear *gate_up, const tierlm_qlinear *down, const float *x, float *y, int64_t M) {
+    const int64_t inter = down->k;
+    if (gate_up->n != 2 * inter) return -1;
+    float *h = malloc(sizeof(float) * (size_t)(M * 2 * inter)), *a = malloc(sizeof(float) * (size_t)(M * inter));
+    int rc = (h && a) ? tierlm_qlinear_run(gate_up, x, h, M) : -1;
+    if (rc == 0) {
+        for (int64_t m = 0; m < M; m++) {
+            const float *g = h + m * 2 * inter, *u = g + inter;
+            float *am = a + m * inter;
+#pragma omp simd
+            for (int64_t i = 0; i < inter; i++) am[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        rc = tierlm_qlinear_run(down, a, y, M);
+    }
+    free(h);
+    free(a);
+    return rc;
+}

@@ -46,6 +46,10 @@ def _lib():
     lib.tierlm_qmatmul_f32.restype = _INT
     lib.tierlm_qdequant_t.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.tierlm_qdequant_t.restype = _INT
+    lib.tierlm_qdequant_rows.argtypes = [_P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
+    lib.tierlm_qdequant_rows.restype = _INT
+    lib.tierlm_qmlp_run.argtypes = [ctypes.POINTER(_QLinearArgs), ctypes.POINTER(_QLinearArgs), _P, _P, _I64]
+    lib.tierlm_qmlp_run.restype = _INT
     lib.tierlm_qlinear_run.argtypes = [ctypes.POINTER(_QLinearArgs), _P, _P, _I64]
     lib.tierlm_qlinear_run.restype = _INT
     lib.tierlm_qmatmul_vector.argtypes = []
@@ -128,6 +132,15 @@ class QLinearPlan:
         return y
 
 
+def mlp_run(gate_up: QLinearPlan, down: QLinearPlan, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(g) * u) with [g | u] = gate_up(x) in one native call (x contiguous fp32, fewer than GEMM_ROWS
+    rows): the decode path of a gated MLP."""
+    y = torch.empty(x.shape[0], down.n, dtype=torch.float32)
+    if gate_up.lib.tierlm_qmlp_run(gate_up.ref, down.ref, x.data_ptr(), y.data_ptr(), x.shape[0]) != 0:
+        raise RuntimeError(f"tierlm_qmlp_run failed on x {tuple(x.shape)}")
+    return y
+
+
 def dequant_gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, k] fp32 times the dequantized weight, through one GEMM on a per-thread scratch copy of W^T."""
     need = pw.k * pw.n
@@ -139,6 +152,17 @@ def dequant_gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
                                 pw.k, pw.group, pw.bits, 0) != 0:
         raise RuntimeError(f"tierlm_qdequant_t failed on a weight [{pw.n}, {pw.k}]")
     return torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
+
+
+def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """quant.weights.dequantize(pw, rows=rows) natively (equal bit for bit): an embedding lookup. IndexError
+    for a row outside the table."""
+    rows = rows.to(torch.int64).contiguous()
+    out = torch.empty(rows.numel(), pw.k, dtype=torch.float32)
+    if _lib().tierlm_qdequant_rows(pw.data.data_ptr(), pw.scales.data_ptr(), pw.mins.data_ptr(), rows.data_ptr(),
+                                   rows.numel(), out.data_ptr(), pw.n, pw.k, pw.group, pw.bits) != 0:
+        raise IndexError(f"a token id outside the embedding table [0, {pw.n})")
+    return out
 
 
 def dequantize_t(pw: PackedWeight) -> torch.Tensor:
@@ -188,6 +212,11 @@ def _qmatmul_ok(lib) -> bool:
         for m in (1, 5):
             x = torch.randn(m, k, generator=g)
             ok = ok and all(torch.equal(_dequant_t(lib, pw, p), dequantize(pw).T) for p in (False, True))
+            rows = torch.tensor([0, n - 1, n // 2], dtype=torch.int64)
+            got_rows = torch.empty(3, k)
+            ok = ok and lib.tierlm_qdequant_rows(pw.data.data_ptr(), pw.scales.data_ptr(), pw.mins.data_ptr(),
+                                                 rows.data_ptr(), 3, got_rows.data_ptr(), n, k, pw.group,
+                                                 pw.bits) == 0 and torch.equal(got_rows, dequantize(pw)[rows])
             for act in ACTIVATIONS:
                 want = reference_qmatmul(x, pw, bias, act)
                 got = [_call(lib, x, pw, bias, portable, act) for portable in (False, True)]

@@ -100,15 +100,24 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float().contiguous()
         if x.device.type == "cpu" and qk.qmatmul_usable():
             x2 = x2.float().contiguous()
-            if "_plan" not in self.__dict__:
-                self.__dict__["_plan"] = qk.QLinearPlan(self.pw, bias, self.activations)
             if x2.shape[0] < qk.GEMM_ROWS:
-                y = self.__dict__["_plan"].run(x2)
+                y = self.plan().run(x2)
             else:  # prefill: dequantize once, one fp32 GEMM
                 y = qk.dequant_gemm(x2, self.pw, bias)
         else:
             y = qk.dequant_matmul(x2, self.pw, bias)
         return y.to(dtype).view(*lead, self.out_features)
+
+    def plan(self):
+        """The bound kernel arguments (kernels/quant.py QLinearPlan), or None off the native CPU path."""
+        plan = self.__dict__.get("_plan")
+        if plan is None and self.qdata.device.type == "cpu":
+            from tierlm.kernels import quant as qk
+
+            if qk.qmatmul_usable():
+                bias = None if self.bias is None else self.bias.float().contiguous()
+                plan = self.__dict__["_plan"] = qk.QLinearPlan(self.pw, bias, self.activations)
+        return plan
 
     @property
     def activations(self) -> str:
@@ -135,6 +144,21 @@ class QuantLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.fmt} (group {self.group})"
 
 
+def quant_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """down(silu(gate) * up) in one native call when both are QuantLinear on the CPU path and x is a decode-sized
+    fp32 batch; None otherwise (the caller runs the modules)."""
+    if not (isinstance(gate_up, QuantLinear) and isinstance(down, QuantLinear)) or x.dtype is not torch.float32 \
+            or x.device.type != "cpu":
+        return None
+    x2 = x.reshape(-1, gate_up.in_features)
+    plans = gate_up.plan(), down.plan()
+    if plans[0] is None or plans[1] is None or x2.shape[0] >= plans[0].max_rows:
+        return None
+    from tierlm.kernels.quant import mlp_run
+
+    return mlp_run(plans[0], plans[1], x2.contiguous()).view(*x.shape[:-1], down.out_features)
+
+
 class QuantEmbedding(nn.Module):
     """An embedding table in a quantized format: a lookup dequantizes only the rows it reads."""
 
@@ -144,8 +168,11 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from tierlm.kernels import quant as qk
         from tierlm.quant.weights import dequantize
 
         pw = self.table.pw
         flat = ids.reshape(-1).to(pw.data.device)
-        return dequantize(pw, rows=flat).to(self.dtype).view(*ids.shape, self.embedding_dim)
+        rows = qk.dequantize_rows(pw, flat) if flat.device.type == "cpu" and qk.qmatmul_usable() else \
+            dequantize(pw, rows=flat)
+        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)

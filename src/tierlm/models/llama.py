@@ -13,6 +13,7 @@ from tierlm.attention import AttentionContext
 from tierlm.config import ModelConfig
 from tierlm.core.errors import CorruptModelError
 from tierlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope
+from tierlm.models.linear import quant_mlp
 
 
 class Attention(nn.Module):
@@ -49,6 +50,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = quant_mlp(self.gate_up_proj, self.down_proj, x)  # quantized weights, decode: one native call
+        if fused is not None:
+            return fused
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -6,6 +6,8 @@
                                 [--new-tokens 128] [--reps 3] [--attention-backend auto|cpu|torch]
                                 [--no-peer] [--peer-cache static|dynamic] [--peer-compile] [--no-reference]
                                 [--progress] [--json out.json]
+                                [--quantization q4_1 [--quant-activations int16] [--baseline]]
+                                [--llama-server http://127.0.0.1:8090]
 
 Rows: prefill tok/s for each --prefill-len (one prompt, one new token; the recompute baseline every later
 technique is measured against), then decode and e2e tok/s for each --batch (greedy, EOS ignored). Decode
@@ -25,6 +27,12 @@ divergence may be either side's. So after the timed runs (the bf16 engine and pe
 engine in fp32 on the same device, the reference config, generates the same decode prompts greedily, and
 each batch also reports tierlm vs that reference and transformers vs that reference (--no-reference skips
 it). In fp32 runs tierlm is the reference itself and only the tierlm-vs-transformers diff is reported.
+
+Quantized weights and llama.cpp: --quantization runs the tierlm side on that weight format (--quant-activations
+as the engine flag); --baseline adds the unquantized engine as a side of its own ("tierlm-fp32"), so the
+speed-up is paired in the same run; --llama-server URL adds llama.cpp's server (scripts/llama_server.sh serve,
+same GGUF, same threads) as a side, driven over HTTP through its native /completion endpoint with the same token
+ids. Every other side's column gets a "tierlm / side" ratio, and its decode tokens are diffed against tierlm's.
 
 --model takes the default model, a .gguf file or a Hugging Face directory (e.g. random weights in the
 default model's shape: python tests/helpers/random_model.py OUT --like CONFIG_DIR).
@@ -72,7 +80,7 @@ def kv_blocks_for(seq_lens: list[int], batches: list[int], decode_len: int) -> i
 
 
 def make_llm(model: str | None, dtype: str, device: str, max_num_seqs: int, max_seq_len: int, num_kv_blocks: int,
-             attention_backend: str = "auto"):
+             attention_backend: str = "auto", quantization: str = "none", quant_activations: str = "int16"):
     """The engine both the timed runs and the reference use: no prefix cache, chunked prefill at the engine
     default (512 tokens a step), context max_seq_len tokens (capped at the model's), and a pool of at least
     num_kv_blocks blocks that also holds one whole context (so the engine caps nothing further)."""
@@ -81,7 +89,7 @@ def make_llm(model: str | None, dtype: str, device: str, max_num_seqs: int, max_
     blocks = max(num_kv_blocks, -(-max_seq_len // BLOCK_SIZE))
     return LLM(model, dtype=dtype, device=device, enable_prefix_caching=False, max_model_len=max_seq_len,
                block_size=BLOCK_SIZE, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
-               attention_backend=attention_backend)
+               attention_backend=attention_backend, quantization=quantization, quant_activations=quant_activations)
 
 
 def reference_tokens(model: str | None, device: str, prompt_sets: list[list[list[int]]], new_tokens: int,
@@ -125,9 +133,10 @@ def cap_prefill_lens(lens: list[int], context: int) -> tuple[list[int], list[str
     return out, notes
 
 
-def achieved_gb_s(row: PhaseRow, tok_s: float | None, weight_bytes: int, kv_bytes_per_token: int) -> float | None:
+def achieved_gb_s(row: PhaseRow, tok_s: float | None, weight_bytes: int | None,
+                  kv_bytes_per_token: int) -> float | None:
     """Decode rows: bytes one step reads (every weight once + the batch's KV at the mean context) x steps/s."""
-    if row.phase != "decode" or not tok_s:
+    if row.phase != "decode" or not tok_s or weight_bytes is None:
         return None
     ctx = row.prompt_len + row.new_tokens / 2
     return (weight_bytes + row.batch * ctx * kv_bytes_per_token) * (tok_s / row.batch) / 1e9
@@ -144,23 +153,23 @@ class _Table:
 
     def __init__(self, names: list[str], gb_s, bandwidth: float):
         self.names, self.gb_s, self.bw = names, gb_s, bandwidth
-        self.ratio_head = f"{names[0]} / {names[1]}" if len(names) > 1 else ""
 
     def header(self) -> str:
         cols = "".join(f"  {n + ' tok/s':>18}" for n in self.names)
-        ratio = f"  {self.ratio_head:>22}  {'per-rep range':<13}" if self.ratio_head else ""
+        ratio = "".join(f"  {self.names[0] + ' / ' + n:>24}  {'per-rep range':<13}" for n in self.names[1:])
         gbs = "".join(f"  {n + ' GB/s (% bw)':>26}" for n in self.names)
         return f"{'phase':<8} {'shape':<46}{cols}{ratio}{gbs}"
 
     def line(self, row: PhaseRow) -> str:
         cols = "".join(f"  {_num(row.tok_per_s.get(n)):>18}" for n in self.names)
         ratio = ""
-        if self.ratio_head:
-            rng = f"{row.ratio_range[0]:.2f}x-{row.ratio_range[1]:.2f}x" if row.ratio_range else ""
-            ratio = f"  {(f'{row.ratio:.2f}x' if row.ratio is not None else ''):>22}  {rng:<13}"
+        for n in self.names[1:]:
+            r = row.ratios.get(n)
+            rng = f"{r[1]:.2f}x-{r[2]:.2f}x" if r else ""
+            ratio += f"  {(f'{r[0]:.2f}x' if r else ''):>24}  {rng:<13}"
         gbs = ""
         for n in self.names:
-            g = self.gb_s(row, row.tok_per_s.get(n))
+            g = self.gb_s(row, row.tok_per_s.get(n), n)
             gbs += f"  {(f'{g:.1f} ({100 * g / self.bw:.0f}%)' if g is not None and self.bw else ''):>26}"
         return f"{row.phase:<8} {row.shape:<46}{cols}{ratio}{gbs}".rstrip()
 
@@ -194,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
                          "engine in fp32 (built after the timed runs)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--progress", action="store_true", help="print each row as soon as it is measured")
+    ap.add_argument("--quantization", default="none", help="weight format of the tierlm side (none, q4_1, q8_0, ...)")
+    ap.add_argument("--quant-activations", default="int16", choices=["int16", "int8", "fp32"])
+    ap.add_argument("--baseline", action="store_true",
+                    help="with --quantization: also run the unquantized engine as side tierlm-fp32")
+    ap.add_argument("--llama-server", default=None, metavar="URL",
+                    help="also drive llama.cpp's llama-server at URL (scripts/llama_server.sh serve)")
     return ap
 
 
@@ -219,7 +234,8 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     decode_len = a.prompt_len + a.new_tokens
     max_seq_len = max(max(a.prefill_len) + 1, decode_len)
     blocks = kv_blocks_for([max_seq_len], a.batch, decode_len)
-    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, a.attention_backend)
+    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, a.attention_backend,
+                   a.quantization, a.quant_activations)
     engine, tokenizer = llm.engine, llm.tokenizer
     context = engine.max_model_len
     if decode_len > context:
@@ -229,20 +245,32 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     device = engine.device
     peer = None if a.no_peer else load_peer(a.model, dtype, a.device)
     sides = [EngineSide(engine)]
+    from tierlm.bench.memory import weight_bytes as model_weight_bytes
+
+    weights = {"tierlm": model_weight_bytes(engine.model)[1]}  # what one step reads (the bench's definition)
+    base = None
+    if a.baseline and a.quantization != "none":
+        base = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, a.attention_backend)
+        sides.append(EngineSide(base.engine, name=f"tierlm-{a.dtype}"))
+        weights[sides[-1].name] = model_weight_bytes(base.engine.model)[1]
+    if a.llama_server:
+        from tierlm.bench.http_driver import check_server
+        from tierlm.bench.phases import LlamaServerSide
+
+        check_server(a.llama_server)
+        sides.append(LlamaServerSide(a.llama_server))
     if peer is not None:
         sides.append(TransformersSide(peer, cache_implementation=None if a.peer_cache == "dynamic" else "static",
                                       compile=a.peer_compile))
     names = [s.name for s in sides]
     cfg = engine.model_config
-    from tierlm.bench.memory import weight_bytes as model_weight_bytes
-
-    weight_bytes = model_weight_bytes(llm.engine.model)[1]  # what one step reads (the bench's definition)
+    weight_bytes = weights["tierlm"]
     kv_tok = engine.kv_spec.bytes_per_token
     backend = engine.attention_backend.name
     chunk = engine.config.scheduler.max_num_batched_tokens
     bw = measure_bandwidth(1 << 30 if device.type == "cuda" else 256 << 20, device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    gb_s = lambda row, tok_s: achieved_gb_s(row, tok_s, weight_bytes, kv_tok)  # noqa: E731
+    gb_s = lambda row, tok_s, name: achieved_gb_s(row, tok_s, weights.get(name), kv_tok)  # noqa: E731
     table = _Table(names, gb_s, bw)
     for n in notes:
         print(f"note: {n}")
@@ -253,15 +281,15 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     rows = measure_paired(sides, tokenizer, shapes,
                           progress=(lambda r: print(table.line(r), flush=True)) if a.progress else None)
     decode_rows = [r for r in rows if r.phase == "decode"]
-    gate = [{"batch": r.batch, **diff(r.tokens["tierlm"], r.tokens["transformers"])}
-            for r in decode_rows if "transformers" in r.tokens]
+    gate = [{"batch": r.batch, "side": n, **diff(r.tokens["tierlm"], r.tokens[n])}
+            for r in decode_rows for n in names[1:] if n in r.tokens]
 
     reference, reference_error = None, None
     if a.dtype != REFERENCE_DTYPE and not a.no_reference and decode_rows:
         # After every timed run: free the timed engine and peer, then generate the same prompts with tierlm in
         # fp32 on the same device. A failure here (e.g. no room for fp32 weights) must not lose the
         # measurements: it is reported.
-        llm = engine = peer = sides = None
+        llm = engine = peer = sides = base = None
         free_device_memory(device)
         try:
             ref = reference_tokens(a.model, a.device, [make_prompts(tokenizer, r.batch, a.prompt_len)
@@ -283,7 +311,7 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     for n in notes:
         print(f"note: {n}")
     for g in gate:
-        print(_diff_line("vs transformers", g["batch"], g))
+        print(_diff_line(f"vs {g['side']}", g["batch"], g))
     if reference_error:
         print(f"fp32 reference check failed: {reference_error}")
     for r in reference or []:
@@ -295,7 +323,9 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         env = {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "bandwidth_gb_s": bw, "device": device.type,
                "dtype": a.dtype, "model": cfg.model_id, "peer_compile": a.peer_compile, "peer_cache": a.peer_cache,
-               "attention_backend": backend, "max_num_batched_tokens": chunk, "context": context, "reps": a.reps}
+               "attention_backend": backend, "max_num_batched_tokens": chunk, "context": context, "reps": a.reps,
+               "quantization": a.quantization, "quant_activations": a.quant_activations,
+               "weight_bytes_per_step": weights, "llama_server": a.llama_server}
         if device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(device)
             env["cuda"] = torch.version.cuda
@@ -307,7 +337,7 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         for r in rows:
             d = dataclasses.asdict(r)
             del d["tokens"]
-            d["achieved_gb_s"] = {n: gb_s(r, r.tok_per_s.get(n)) for n in names} if r.phase == "decode" else None
+            d["achieved_gb_s"] = {n: gb_s(r, r.tok_per_s.get(n), n) for n in names} if r.phase == "decode" else None
             out_rows.append(d)
         out = {"environment": env, "sides": names, "rows": out_rows, "correctness": gate, "notes": notes}
         if reference is not None:

@@ -15,10 +15,12 @@ side's median tok/s over the reps, and sides[0] / sides[1] as the median of the 
 and last, so wall-clock time covers the queued device work.
 
 A `Side` is one engine under test: `EngineSide` (tierlm, through the in-process driver
-`engine_driver.run_engine`) and `TransformersSide` (transformers' generate()).
+`engine_driver.run_engine`), `TransformersSide` (transformers' generate()) and `LlamaServerSide` (llama.cpp's
+server over HTTP).
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -61,6 +63,8 @@ class PhaseRow:
     tok_per_s: dict[str, float | None]  # side name -> median tok/s over reps
     ratio: float | None  # sides[0] / sides[1]: median of the per-rep ratios; None with one side
     ratio_range: tuple[float, float] | None  # min, max of the per-rep ratios
+    # sides[0] / each other side: (median, min, max) of the per-rep ratios (ratio above is sides[1]'s)
+    ratios: dict[str, tuple[float, float, float]]
     tokens: dict[str, list[list[int]]]  # first timed rep's greedy tokens per side (decode rows; [] otherwise)
 
 
@@ -171,6 +175,48 @@ class TransformersSide:
                       tokens=out[:, x.shape[1]:].tolist())
 
 
+class LlamaServerSide:
+    """llama.cpp's llama-server over HTTP (scripts/llama_server.sh), through its native streaming /completion
+    endpoint: the prompt as token ids, greedy, EOS ignored, `cache_prompt` off (every rep recomputes, as the
+    engine sides do), token ids returned. The batch's requests are sent at once (one thread each); prefill
+    ends when the last of them has its first token. Its times include HTTP and JSON, a few hundred
+    microseconds per token on loopback, which the in-process sides do not pay."""
+
+    def __init__(self, url: str, name: str = "llama.cpp", timeout: float = 600.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.name = name
+        self.client = httpx.Client(timeout=timeout)
+
+    def _one(self, prompt: list[int], new_tokens: int, start: float) -> tuple[float, float, list[int]]:
+        body = {"prompt": list(prompt), "n_predict": new_tokens, "temperature": 0.0, "top_k": 1, "stream": True,
+                "ignore_eos": True, "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"]}
+        first, tokens = None, []
+        with self.client.stream("POST", f"{self.url}/completion", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"{self.name}: HTTP {resp.status_code} from {self.url}/completion: {resp.read()[:200]!r}")
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                got = chunk.get("tokens") or []
+                if got and first is None:
+                    first = time.perf_counter() - start
+                tokens.extend(got)
+        return first if first is not None else time.perf_counter() - start, time.perf_counter() - start, tokens
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        from concurrent.futures import ThreadPoolExecutor
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(lambda p: self._one(p, new_tokens, start), prompts))
+        first = max(r[0] for r in results)
+        total = max(r[1] for r in results)
+        return Timing(prefill_s=first, decode_s=total - first, total_s=total, tokens=[r[2] for r in results])
+
+
 def _paired(sides: list[Side], prompts: list[list[int]], new_tokens: int, reps: int) -> list[list[Timing]]:
     """Per side, its `reps` timings: one untimed warm-up each, then the sides in turn rep by rep."""
     for side in sides:
@@ -189,16 +235,18 @@ def _rate(work: float, seconds: float) -> float | None:
 def _row(phase: str, batch: int, prompt_len: int, new_tokens: int, shape: str, sides: list[Side],
          timings: list[list[Timing]], speed: Callable[[Timing], float | None], keep_tokens: bool) -> PhaseRow:
     speeds = [[speed(t) for t in ts] for ts in timings]
-    ratio, ratio_range = None, None
-    if len(sides) > 1:
-        per_rep = [a / b for a, b in zip(speeds[0], speeds[1]) if a is not None and b]
+    ratios = {}
+    for side, sp in zip(sides[1:], speeds[1:]):
+        per_rep = [a / b for a, b in zip(speeds[0], sp) if a is not None and b]
         if per_rep:
-            ratio, ratio_range = statistics.median(per_rep), (min(per_rep), max(per_rep))
+            ratios[side.name] = (statistics.median(per_rep), min(per_rep), max(per_rep))
+    first = ratios.get(sides[1].name) if len(sides) > 1 else None
+    ratio, ratio_range = (first[0], first[1:]) if first else (None, None)
     return PhaseRow(
         phase=phase, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, shape=shape,
         tok_per_s={s.name: (statistics.median(v) if (v := [x for x in sp if x is not None]) else None)
                    for s, sp in zip(sides, speeds)},
-        ratio=ratio, ratio_range=ratio_range,
+        ratio=ratio, ratio_range=ratio_range, ratios=ratios,
         tokens={s.name: (ts[0].tokens if keep_tokens else []) for s, ts in zip(sides, timings)})
 
 

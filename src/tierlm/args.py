@@ -11,8 +11,7 @@ import re
 from tierlm.config import (PREEMPTION_MODES, SPARSE_SELECTORS, TIER_POLICIES, WRITE_POLICIES, CacheConfig,
                            DriftGuardConfig, EngineConfig, SchedulerConfig, SparseConfig, TierConfig)
 from tierlm.core.errors import InvalidParameterError
-from tierlm.core.registry import DTYPE_CHOICES, implemented_kv_formats
-from tierlm.quant.weights import WEIGHT_FORMATS
+from tierlm.core.registry import DTYPE_CHOICES, QUANT_ACTIVATIONS, WEIGHT_FORMAT_NAMES, implemented_kv_formats
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -157,13 +156,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--quantization", default="none", choices=["none", *WEIGHT_FORMATS],
+    g.add_argument("--quantization", default="none", choices=["none", *WEIGHT_FORMAT_NAMES],
                    help="weight format: none (the checkpoint's dtype) | q4_1, q4_0, q8_0 (GGUF blocks: run as stored "
                         "when the GGUF holds them, else quantized) | int8 (per output channel) | int4 (per group, "
                         "see --quant-group); built once and cached. CPU: a native int8-dot kernel")
     g.add_argument("--quant-group", type=int, default=None, metavar="N",
                    help="int4 group size: 32 (default), 64 or 128; must divide every linear's input size")
-    g.add_argument("--quant-activations", default="int16", choices=["int16", "int8", "fp32"],
+    g.add_argument("--quant-activations", default="int16", choices=QUANT_ACTIVATIONS,
                    help="how a quantized linear takes its input on the CPU: int16 (default: rounded per 32 values to "
                         "16 bits, integer dot products; near-exact) | int8 (8 bits: the fastest, llama.cpp's scheme, "
                         "measurably lossy) | fp32 (exact up to summation order: the fp32 model's greedy tokens; "

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierlm.core.errors import InvalidParameterError
-from tierlm.core.registry import DTYPE_CHOICES, architecture_names, get_kv_format, implemented_kv_formats
+from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, WEIGHT_FORMAT_NAMES, architecture_names,
+                                  get_kv_format, implemented_kv_formats)
 
 
 @dataclass(frozen=True)
@@ -277,12 +278,10 @@ class EngineConfig:
     quant_activations: str = "int16"
 
     def __post_init__(self) -> None:
-        from tierlm.quant.weights import WEIGHT_FORMATS
-
-        if self.quantization != "none" and self.quantization not in WEIGHT_FORMATS:
+        if self.quantization != "none" and self.quantization not in WEIGHT_FORMAT_NAMES:
             raise InvalidParameterError(f"unknown quantization {self.quantization!r}",
-                                        f"use none or one of {', '.join(WEIGHT_FORMATS)}")
-        if self.quant_activations not in ("int16", "int8", "fp32"):
+                                        f"use none or one of {', '.join(WEIGHT_FORMAT_NAMES)}")
+        if self.quant_activations not in QUANT_ACTIVATIONS:
             raise InvalidParameterError(f"unknown quantized-activation mode {self.quant_activations!r}",
                                         "use int16, int8 or fp32")
         if self.quant_group is not None and self.quantization != "int4":

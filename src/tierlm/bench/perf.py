@@ -53,6 +53,7 @@ from tierlm.bench.machine import measure_bandwidth
 from tierlm.bench.phases import EngineSide, PhaseRow, PhaseShapes, TransformersSide, make_prompts, measure_paired
 from tierlm.bench.transformers_peer import load_peer
 from tierlm.core.errors import TierlmError
+from tierlm.core.registry import QUANT_ACTIVATIONS
 
 REFERENCE_DTYPE = "fp32"
 BLOCK_SIZE = 16
@@ -204,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None)
     ap.add_argument("--progress", action="store_true", help="print each row as soon as it is measured")
     ap.add_argument("--quantization", default="none", help="weight format of the tierlm side (none, q4_1, q8_0, ...)")
-    ap.add_argument("--quant-activations", default="int16", choices=["int16", "int8", "fp32"])
+    ap.add_argument("--quant-activations", default="int16", choices=QUANT_ACTIVATIONS)
     ap.add_argument("--baseline", action="store_true",
                     help="with --quantization: also run the unquantized engine as side tierlm-fp32")
     ap.add_argument("--llama-server", default=None, metavar="URL",

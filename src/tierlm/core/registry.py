@@ -78,6 +78,10 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("fp16", "float16"),
 )}
 DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": bf16 on CUDA, fp32 on CPU (no native bf16 there)
+# Weight formats of --quantization (defined in tierlm.quant.weights, which checks it holds exactly these; named
+# here so flags and config validation need no torch import)
+WEIGHT_FORMAT_NAMES = ("q4_0", "q4_1", "q8_0", "int4", "int8")
+QUANT_ACTIVATIONS = ("int16", "int8", "fp32")
 
 
 def get_dtype(name: str) -> DType:

@@ -28,6 +28,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from tierlm.core.registry import QUANT_ACTIVATIONS
 from tierlm.kernels import cpu as _cpu
 from tierlm.quant.weights import QBLOCK, PackedWeight, dequantize, quantize
 
@@ -75,7 +76,7 @@ class _QLinearArgs(ctypes.Structure):
                 ("bits", ctypes.c_int32), ("act_bits", ctypes.c_int32)]
 
 
-ACTIVATIONS = ("int16", "int8", "fp32")
+ACTIVATIONS = QUANT_ACTIVATIONS
 _ACT_BITS = {"int8": 8, "int16": 16, "fp32": 32}
 # Rows from which a product dequantizes the weight and runs one fp32 GEMM instead of the integer kernel: measured
 # on the default model's shapes (2-core AVX-512 VNNI box), the int16 kernel is ahead up to ~128 rows of 576 x 3072

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tierlm.core.errors import InvalidParameterError
+from tierlm.core.registry import WEIGHT_FORMAT_NAMES
 
 TILE = 16  # output rows per tile of the packed layout
 QBLOCK = 32  # activation block; every group is a multiple of it
@@ -44,6 +45,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     WeightFormat("int8", 8, None, "8-bit, symmetric, one scale per output channel"),
 )}
 INT4_GROUPS = (32, 64, 128)
+assert tuple(sorted(WEIGHT_FORMATS)) == tuple(sorted(WEIGHT_FORMAT_NAMES)), "core.registry names the formats too"
 
 
 def weight_format(name: str) -> WeightFormat:

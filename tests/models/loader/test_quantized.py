@@ -25,7 +25,7 @@ def test_gguf_blocks_are_taken_as_stored(make_gguf, kind):
     assert set(packed) == set(quantized_names(ckpt.weights))
     for name, pw in packed.items():
         assert torch.equal(dequantize(pw), ckpt.weights[name]), name
-        want = "gguf Q8_0" if name == "model.embed_tokens.weight" else f"gguf {kind}"
+        want = "as stored (GGUF Q8_0)" if name == "model.embed_tokens.weight" else f"as stored (GGUF {kind})"
         assert sources[name] == want
 
 
@@ -34,10 +34,10 @@ def test_other_formats_are_quantized_from_fp32(make_gguf):
     ckpt = load_checkpoint(path)
     packed, sources = quantized.build_quantized(ckpt, "int8", None)
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert sources[q] == "quantized int8" and packed[q].group == ckpt.weights[q].shape[1]
+    assert sources[q] == "re-quantized Q4_1 -> int8" and packed[q].group == ckpt.weights[q].shape[1]
     # an fp32 embedding under a 4-bit request gets q8_0 (the logits matrix stays wide)
     packed4, sources4 = quantized.build_quantized(ckpt, "int4", 64)
-    assert sources4["model.embed_tokens.weight"] == "quantized q8_0"
+    assert sources4["model.embed_tokens.weight"] == "quantized from F32 to q8_0"
     err = (dequantize(packed4[q]) - ckpt.weights[q]).abs().max()
     assert 0 < err < 0.5 * ckpt.weights[q].abs().max()
     # Q4_1's values re-quantized by the same rule in groups of 32 come back unchanged
@@ -74,3 +74,17 @@ def test_a_group_the_shapes_cannot_take_is_refused_before_any_work(make_gguf, mo
     monkeypatch.setattr(quantized, "build_quantized", lambda *a: pytest.fail("built despite a bad group"))
     with pytest.raises(InvalidParameterError, match=r"\[.*64\] has 64 inputs, not a multiple of the int4 group 128"):
         load_quantized(ckpt, "int4", 128)
+
+
+def test_each_tensors_path_is_reported(make_gguf, caplog):
+    """A GGUF type with no kernel (Q5_0) is dequantized and rounded again on request: the load says so, with a
+    count per path; F32 tensors are 'quantized from F32'."""
+    path, _ = make_gguf(linear_type="Q5_0", name="tiny-q50.gguf")
+    ckpt = load_checkpoint(path)
+    with caplog.at_level("INFO"):
+        load_quantized(ckpt, "q4_1")
+    assert "14 re-quantized Q5_0 -> q4_1, 1 as stored (GGUF Q8_0)" in caplog.text
+    assert "rounded a second time" in caplog.text
+    path32, _ = make_gguf(name="tiny-f32.gguf", quantize_embedding=False)
+    packed, sources = quantized.build_quantized(load_checkpoint(path32), "q8_0", None)
+    assert set(sources.values()) == {"quantized from F32 to q8_0"}

@@ -249,6 +249,11 @@ class GGUFFile:
         check_weights(out, config, str(self.path), _REFETCH)
         return out
 
+    def tensor_types(self) -> dict[str, str]:
+        """{Hugging Face name: GGML type name} of every tensor that has one (F32, F16, Q4_1, Q5_K, ...)."""
+        return {hf_tensor_name(t.name): getattr(t.tensor_type, "name", str(t.tensor_type))
+                for t in self._reader.tensors if hf_tensor_name(t.name) is not None}
+
     def block_tensors(self, kinds) -> dict[str, tuple[str, np.ndarray, tuple[int, int]]]:
         """{Hugging Face name: (type name, raw bytes, (rows, cols))} for the 2-D tensors stored in one of
         `kinds` (e.g. "Q4_1"), untouched: quantized weights run them as stored (models/loader/quantized.py)."""

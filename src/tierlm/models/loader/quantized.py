@@ -43,14 +43,33 @@ def quantized_names(weights: dict[str, torch.Tensor]) -> list[str]:
     return sorted(n for n in weights if n.endswith(_LINEAR_SUFFIXES) or n in (EMBED, "lm_head.weight"))
 
 
-def _gguf_tensors(ckpt: LoadedCheckpoint) -> dict[str, tuple[str, object, tuple[int, int]]]:
-    """{HF name: (GGUF type name, raw data, (n, k))} for the block-format tensors of the GGUF `ckpt` came from."""
+def _gguf(ckpt: LoadedCheckpoint):
+    """The GGUF file `ckpt` was converted from, or None (a Hugging Face directory, or the GGUF is gone)."""
     origin = ckpt.origin
     if ckpt.source != "gguf-cache" or origin is None or not Path(origin).is_file():
-        return {}
+        return None
     from tierlm.models.loader.gguf import GGUFFile
 
-    return GGUFFile(origin).block_tensors(GGUF_BLOCK_BYTES)
+    return GGUFFile(origin)
+
+
+def _gguf_tensors(ckpt: LoadedCheckpoint) -> dict[str, tuple[str, object, tuple[int, int]]]:
+    """{HF name: (GGUF type name, raw data, (n, k))} for the block-format tensors of the GGUF `ckpt` came from."""
+    gguf = _gguf(ckpt)
+    return {} if gguf is None else gguf.block_tensors(GGUF_BLOCK_BYTES)
+
+
+_LOSSLESS = ("F32", "F16", "BF16", "F64")
+
+
+def describe_sources(sources: dict[str, str]) -> tuple[str, bool]:
+    """One line counting the tensors per path ("210 as stored (GGUF Q4_1), 1 as stored (GGUF Q8_0)"), and whether
+    any was re-quantized from another lossy GGUF type (a second rounding: the caller warns)."""
+    counts: dict[str, int] = {}
+    for path in sources.values():
+        counts[path] = counts.get(path, 0) + 1
+    line = ", ".join(f"{n} {path}" for path, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return line, any(p.startswith("re-quantized") for p in sources.values())
 
 
 def _unpermute_order(name: str, n: int, ckpt: LoadedCheckpoint) -> torch.Tensor | None:
@@ -65,9 +84,13 @@ def _unpermute_order(name: str, n: int, ckpt: LoadedCheckpoint) -> torch.Tensor 
 
 
 def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tuple[dict[str, PackedWeight], dict]:
-    """The packed tensors and a {name: "gguf Q4_1" | "quantized q4_1"} account of where each came from."""
+    """The packed tensors and a {name: path} account of where each came from: "as stored (GGUF Q4_1)",
+    "quantized from F32 to q4_1", or "re-quantized Q5_K -> q4_1" (a lossy GGUF type with no kernel: dequantized,
+    then rounded again)."""
     f = weight_format(fmt)
     stored = _gguf_tensors(ckpt)
+    gguf = _gguf(ckpt)
+    types = {} if gguf is None else gguf.tensor_types()
     packed, sources = {}, {}
     for name in quantized_names(ckpt.weights):
         w = ckpt.weights[name]
@@ -82,10 +105,12 @@ def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tupl
             order = _unpermute_order(name, n, ckpt)
             if order is not None:
                 pw = permute_rows(pw, order)
-            sources[name] = f"gguf {kind}"
+            sources[name] = f"as stored (GGUF {kind})"
         else:
             pw = quantize(w, want.name, group if want is f else None, what=name)
-            sources[name] = f"quantized {want.name}"
+            src = types.get(name, str(w.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"))
+            sources[name] = (f"quantized from {src} to {want.name}" if src in _LOSSLESS or src.startswith("F")
+                             else f"re-quantized {src} -> {want.name}")
         packed[name] = pw
     return packed, sources
 
@@ -145,7 +170,13 @@ def load_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None = None,
         save_file(tensors, str(tmp / FILE), metadata=meta)
 
     cache.build(entry, write)
-    log.info("quantized %s to %s in %.1fs (%s)", ckpt.config.model_id, fmt, time.perf_counter() - start, entry)
+    line, requantized = describe_sources(sources)
+    log.info("quantized %s to %s in %.1fs: %s (%s)", ckpt.config.model_id, fmt, time.perf_counter() - start, line,
+             entry)
+    if requantized:
+        log.warning("%s: some tensors were stored in a lossy GGUF type with no %s kernel and are rounded a second "
+                    "time (%s); a GGUF in %s, or --quantization none, avoids it", ckpt.config.model_id, fmt, line,
+                    fmt.upper())
     return packed
 
 

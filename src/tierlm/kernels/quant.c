@@ -137,6 +137,30 @@ static void tile_portable(const int8_t *q, int64_t plane, int act_bits, const fl
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define QMATMUL_VNNI 1
+/* The end of group g for R rows: facc += acc * d + m * sums (d, m: the 16 rows' fp16 scale and offset; sums: per
+ * row, the group's activation term, sum over blocks of dx * sum(q), or sum(x) for fp32 activations). */
+QINLINE void group_epilogue(const uint16_t *sc, const uint16_t *mn, int64_t g, const float *sums, int64_t ng, int R,
+                            const __m512 *acc, __m512 *facc) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * TILE)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g * TILE)));
+    for (int i = 0; i < R; i++) {
+        facc[i] = _mm512_fmadd_ps(acc[i], d, facc[i]);
+        facc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[i * ng + g]), facc[i]);
+    }
+}
+
+/* The last tile's rows past N are not stored. */
+QINLINE __mmask16 tile_mask(int64_t n0, int64_t N) {
+    return (N - n0) >= TILE ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1);
+}
+
+/* y rows m0 .. m0+R-1 of one tile = facc + bias. */
+QINLINE void store_rows(float *y, int64_t ldy, int64_t m0, int64_t R, int64_t n0, __mmask16 mask, const float *bias,
+                        const __m512 *facc) {
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < R; i++) _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mask, _mm512_add_ps(facc[i], bv));
+}
+
 /* The 32 inputs of block b as 8 vectors of 16 rows x 4 codes. */
 QINLINE void unpack_block(const uint8_t *w, int64_t b, int bits, __m512i *wv) {
     if (bits == 8) {
@@ -171,12 +195,7 @@ QINLINE void tile_rows_vnni(const int8_t *q, const float *dx, const float *gs, c
                 gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(dx[i * nb + b]), gacc[i]);
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * TILE)));
-        const __m512 mm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g * TILE)));
-        for (int i = 0; i < R; i++) {
-            facc[i] = _mm512_fmadd_ps(gacc[i], d, facc[i]);
-            facc[i] = _mm512_fmadd_ps(mm, _mm512_set1_ps(gs[i * ng + g]), facc[i]);
-        }
+        group_epilogue(sc, mn, g, gs, ng, R, gacc, facc);
     }
 }
 
@@ -204,12 +223,7 @@ QINLINE void tile_rows_vnni16(const int8_t *q, int64_t plane, const float *dx, c
                 gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(dx[i * nb + b]), gacc[i]);
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * TILE)));
-        const __m512 mm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g * TILE)));
-        for (int i = 0; i < R; i++) {
-            facc[i] = _mm512_fmadd_ps(gacc[i], d, facc[i]);
-            facc[i] = _mm512_fmadd_ps(mm, _mm512_set1_ps(gs[i * ng + g]), facc[i]);
-        }
+        group_epilogue(sc, mn, g, gs, ng, R, gacc, facc);
     }
 }
 
@@ -217,8 +231,7 @@ static void tile_vnni16(const int8_t *q, int64_t plane, const float *dx, const f
                         const uint16_t *mn, int64_t M, int64_t K, int64_t G, int bits, const float *bias, float *y,
                         int64_t ldy, int64_t n0, int64_t N) {
     const int64_t nb = K / QBLOCK, ng = K / G;
-    const __mmask16 mask = (N - n0) >= TILE ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    const __mmask16 mask = tile_mask(n0, N);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t R = M - m0 < 4 ? M - m0 : 4;
         __m512 facc[4];
@@ -230,8 +243,7 @@ static void tile_vnni16(const int8_t *q, int64_t plane, const float *dx, const f
             case 2: tile_rows_vnni16(qm, plane, dxm, gsm, w, sc, mn, K, G, bits, 2, facc); break;
             default: tile_rows_vnni16(qm, plane, dxm, gsm, w, sc, mn, K, G, bits, 1, facc); break;
         }
-        for (int64_t i = 0; i < R; i++)
-            _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mask, _mm512_add_ps(facc[i], bv));
+        store_rows(y, ldy, m0, R, n0, mask, bias, facc);
     }
 }
 
@@ -239,8 +251,7 @@ static void tile_vnni(const int8_t *q, const float *dx, const float *gs, const u
                       const uint16_t *mn, int64_t M, int64_t K, int64_t G, int bits, const float *bias, float *y,
                       int64_t ldy, int64_t n0, int64_t N) {
     const int64_t nb = K / QBLOCK, ng = K / G;
-    const __mmask16 mask = (N - n0) >= TILE ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    const __mmask16 mask = tile_mask(n0, N);
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int64_t R = M - m0 < MR ? M - m0 : MR;
         __m512 facc[MR];
@@ -256,8 +267,7 @@ static void tile_vnni(const int8_t *q, const float *dx, const float *gs, const u
             case 2: tile_rows_vnni(qm, dxm, gsm, w, sc, mn, K, G, bits, 2, facc); break;
             default: tile_rows_vnni(qm, dxm, gsm, w, sc, mn, K, G, bits, 1, facc); break;
         }
-        for (int64_t i = 0; i < R; i++)
-            _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mask, _mm512_add_ps(facc[i], bv));
+        store_rows(y, ldy, m0, R, n0, mask, bias, facc);
     }
 }
 #endif
@@ -322,12 +332,7 @@ QINLINE void tile_rows_f32(const float *x, int64_t ldx, const float *xs, const u
                 fma4(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), x, ldx, 8 * c + 4, R, s);
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * TILE)));
-        const __m512 mm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g * TILE)));
-        for (int i = 0; i < R; i++) {
-            facc[i] = _mm512_fmadd_ps(s[i], d, facc[i]);
-            facc[i] = _mm512_fmadd_ps(mm, _mm512_set1_ps(xs[i * ng + g]), facc[i]);
-        }
+        group_epilogue(sc, mn, g, xs, ng, R, s, facc);
     }
 }
 
@@ -335,8 +340,7 @@ static void tile_f32(const float *x, int64_t ldx, const float *xs, const uint8_t
                      const uint16_t *mn, int64_t M, int64_t K, int64_t G, int bits, const float *bias, float *y,
                      int64_t ldy, int64_t n0, int64_t N) {
     const int64_t ng = K / G;
-    const __mmask16 mask = (N - n0) >= TILE ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    const __mmask16 mask = tile_mask(n0, N);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t R = M - m0 < 4 ? M - m0 : 4;
         __m512 facc[MR];
@@ -347,26 +351,26 @@ static void tile_f32(const float *x, int64_t ldx, const float *xs, const uint8_t
             case 2: tile_rows_f32(xm, ldx, xsm, w, sc, mn, K, G, bits, 2, facc); break;
             default: tile_rows_f32(xm, ldx, xsm, w, sc, mn, K, G, bits, 1, facc); break;
         }
-        for (int64_t i = 0; i < R; i++)
-            _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, mask, _mm512_add_ps(facc[i], bv));
+        store_rows(y, ldy, m0, R, n0, mask, bias, facc);
     }
 }
 #endif
 
-/* As tierlm_qmatmul with fp32 activations (exact up to summation order). */
-int tierlm_qmatmul_f32(const float *x, int64_t ldx, const uint8_t *w, const uint16_t *scales, const uint16_t *mins,
-                       const float *bias, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits,
-                       int force_portable) {
-    if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || G % QBLOCK || K % G || (bits != 4 && bits != 8)) return -1;
+/* The activations a tile loop reads: integer (act_bits 8 or 16: q, its low plane, dx) or fp32 (act_bits 32: x);
+ * sums: per row and group, the offset term's activation sum (sum of dx * sum(q), or sum(x)). */
+typedef struct {
+    int act_bits;
+    const int8_t *q;
+    int64_t plane;
+    const float *dx, *x, *sums;
+    int64_t ldx;
+} acts_t;
+
+/* y = x W^T + bias over every tile (OpenMP over tiles): the VNNI path where it exists, else the portable loop. */
+static int run_tiles(const acts_t *a, const uint8_t *w, const uint16_t *scales, const uint16_t *mins,
+                     const float *bias, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits,
+                     int force_portable) {
     const int64_t ng = K / G, tiles = (N + TILE - 1) / TILE, tile_bytes = TILE * K * bits / 8;
-    float *xs = malloc(sizeof(float) * (size_t)(M * ng));
-    if (!xs) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < ng; g++) {
-            float s = 0.0f;
-            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[m * ldx + k];
-            xs[m * ng + g] = s;
-        }
     int vector = 0;
 #ifdef QMATMUL_VNNI
     vector = !force_portable;
@@ -379,7 +383,10 @@ int tierlm_qmatmul_f32(const float *x, int64_t ldx, const uint8_t *w, const uint
         const int64_t n0 = t * TILE;
 #ifdef QMATMUL_VNNI
         if (vector) {
-            tile_f32(x, ldx, xs, wt, st, mt, M, K, G, bits, bias, y, ldy, n0, N);
+            if (a->act_bits == 8) tile_vnni(a->q, a->dx, a->sums, wt, st, mt, M, K, G, bits, bias, y, ldy, n0, N);
+            else if (a->act_bits == 16)
+                tile_vnni16(a->q, a->plane, a->dx, a->sums, wt, st, mt, M, K, G, bits, bias, y, ldy, n0, N);
+            else tile_f32(a->x, a->ldx, a->sums, wt, st, mt, M, K, G, bits, bias, y, ldy, n0, N);
             continue;
         }
 #endif
@@ -388,15 +395,35 @@ int tierlm_qmatmul_f32(const float *x, int64_t ldx, const uint8_t *w, const uint
             failed = 1;
             continue;
         }
-        tile_portable_f32(x, ldx, xs, wt, st, mt, M, K, G, bits, out);
+        if (a->act_bits == 32) tile_portable_f32(a->x, a->ldx, a->sums, wt, st, mt, M, K, G, bits, out);
+        else tile_portable(a->q, a->plane, a->act_bits, a->dx, a->sums, wt, st, mt, M, K, G, bits, out);
         for (int64_t m = 0; m < M; m++)
             for (int64_t r = 0; r < TILE && n0 + r < N; r++)
                 y[m * ldy + n0 + r] = out[m][r] + (bias ? bias[n0 + r] : 0.0f);
         free(out);
     }
     (void)vector;
-    free(xs);
     return failed ? -1 : 0;
+}
+
+/* As tierlm_qmatmul with fp32 activations (exact up to summation order). */
+int tierlm_qmatmul_f32(const float *x, int64_t ldx, const uint8_t *w, const uint16_t *scales, const uint16_t *mins,
+                       const float *bias, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits,
+                       int force_portable) {
+    if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || G % QBLOCK || K % G || (bits != 4 && bits != 8)) return -1;
+    const int64_t ng = K / G;
+    float *xs = malloc(sizeof(float) * (size_t)(M * ng));
+    if (!xs) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[m * ldx + k];
+            xs[m * ng + g] = s;
+        }
+    const acts_t a = {.act_bits = 32, .x = x, .ldx = ldx, .sums = xs};
+    const int rc = run_tiles(&a, w, scales, mins, bias, y, ldy, M, N, K, G, bits, force_portable);
+    free(xs);
+    return rc;
 }
 
 /* The transposed fp32 weight out [K, N] (row-major, so x @ out = x W^T) = d * u + m, rounded twice (mul, then
@@ -468,47 +495,17 @@ int tierlm_qmatmul(const float *x, int64_t ldx, const uint8_t *w, const uint16_t
                    int act_bits, int force_portable) {
     if (M <= 0 || N <= 0 || K <= 0 || G <= 0 || G % QBLOCK || K % G || (bits != 4 && bits != 8)
         || (act_bits != 8 && act_bits != 16)) return -1;
-    const int64_t nb = K / QBLOCK, ng = K / G, tiles = (N + TILE - 1) / TILE;
-    const int64_t tile_bytes = TILE * K * bits / 8;
+    const int64_t nb = K / QBLOCK, ng = K / G;
     int8_t *q = malloc((size_t)(M * K * (act_bits / 8)));
-    const int64_t plane = M * K;  /* the low plane of 16-bit activations */
     float *dx = malloc(sizeof(float) * (size_t)(M * nb)), *gs = malloc(sizeof(float) * (size_t)(M * ng));
-    if (!q || !dx || !gs) {
-        free(q); free(dx); free(gs);
-        return -1;
+    int rc = -1;
+    if (q && dx && gs) {
+        quantize_rows(x, ldx, M, K, G, act_bits, q, dx, gs);
+        const acts_t a = {.act_bits = act_bits, .q = q, .plane = M * K, .dx = dx, .sums = gs};
+        rc = run_tiles(&a, w, scales, mins, bias, y, ldy, M, N, K, G, bits, force_portable);
     }
-    quantize_rows(x, ldx, M, K, G, act_bits, q, dx, gs);
-    int vector = 0;
-#ifdef QMATMUL_VNNI
-    vector = !force_portable;
-#endif
-    int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *wt = w + t * tile_bytes;
-        const uint16_t *st = scales + t * ng * TILE, *mt = mins + t * ng * TILE;
-        const int64_t n0 = t * TILE;
-#ifdef QMATMUL_VNNI
-        if (vector) {
-            if (act_bits == 8) tile_vnni(q, dx, gs, wt, st, mt, M, K, G, bits, bias, y, ldy, n0, N);
-            else tile_vnni16(q, plane, dx, gs, wt, st, mt, M, K, G, bits, bias, y, ldy, n0, N);
-            continue;
-        }
-#endif
-        float (*out)[TILE] = malloc(sizeof(float) * TILE * (size_t)M);
-        if (!out) {
-            failed = 1;
-            continue;
-        }
-        tile_portable(q, plane, act_bits, dx, gs, wt, st, mt, M, K, G, bits, out);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t r = 0; r < TILE && n0 + r < N; r++)
-                y[m * ldy + n0 + r] = out[m][r] + (bias ? bias[n0 + r] : 0.0f);
-        free(out);
-    }
-    (void)vector;
     free(q); free(dx); free(gs);
-    return failed ? -1 : 0;
+    return rc;
 }
 
 /* One quantized linear's fixed arguments, built once by the caller (kernels/quant.py QLinearPlan), so a decode

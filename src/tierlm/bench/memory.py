@@ -99,7 +99,10 @@ def weight_bytes(model) -> tuple[int, int]:
     seen: set[int] = set()
     resident = read = 0
     head = getattr(model, "lm_head", None)
+    # a quantized embedding's table (models/linear.py QuantEmbedding) is gathered too, unless it is the head
+    tables = {id(m.table) for m in model.modules() if hasattr(m, "table") and m.table is not head}
     for module in model.modules():
+        gathered = (isinstance(module, torch.nn.Embedding) and head is not None) or id(module) in tables
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
             if t is None or id(t) in seen:
@@ -107,7 +110,7 @@ def weight_bytes(model) -> tuple[int, int]:
             seen.add(id(t))
             n = t.numel() * t.element_size()
             resident += n
-            if not isinstance(module, torch.nn.Embedding) or head is None:
+            if not gathered:
                 read += n
     return resident, read
 

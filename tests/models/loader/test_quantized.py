@@ -88,3 +88,24 @@ def test_each_tensors_path_is_reported(make_gguf, caplog):
     path32, _ = make_gguf(name="tiny-f32.gguf", quantize_embedding=False)
     packed, sources = quantized.build_quantized(load_checkpoint(path32), "q8_0", None)
     assert set(sources.values()) == {"quantized from F32 to q8_0"}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_bench_counts_what_a_quantized_step_reads(make_gguf, tied):
+    """weight_bytes: a quantized embedding table is only gathered (not read per step) unless it is also the
+    tied LM head; every packed byte is resident."""
+    import torch
+
+    from tierlm.bench.memory import weight_bytes
+    from tierlm.models import build_model
+
+    path, _ = make_gguf(linear_type="Q4_1", name=f"tiny-bytes-{tied}.gguf", tied=tied)
+    ckpt = load_checkpoint(path)
+    packed = load_quantized(ckpt, "q4_1")
+    model = build_model(ckpt.config, ckpt.weights, torch.float32, "cpu", None, packed)
+    resident, read = weight_bytes(model)
+    table = packed["model.embed_tokens.weight"].nbytes
+    rope = sum(b.numel() * b.element_size() for b in model.rope.buffers())  # the RoPE tables count too
+    assert resident == sum(p.nbytes for p in packed.values()) + rope + sum(
+        t.numel() * 4 for n, t in ckpt.weights.items() if n.endswith("norm.weight"))
+    assert resident - read == (0 if tied else table)

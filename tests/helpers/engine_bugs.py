@@ -127,3 +127,23 @@ def sparse_selector_picks_worst(monkeypatch):
     from tierlm.attention.sparse import QuestSelector
 
     monkeypatch.setattr(QuestSelector, "select", _mass_select(invert=True))
+
+
+def quant_nibbles_swapped(monkeypatch):
+    """GGUF Q4 blocks packed with their two nibble halves swapped (element j read from the high nibble of byte j
+    instead of the low one): every 4-bit weight sits 16 places away from where it belongs, on every path that
+    runs the stored blocks (a fresh quantized-weights cache is built with the bug)."""
+    import tierlm.models.loader.quantized as quantized
+
+    real = quantized.from_gguf_blocks
+
+    def broken(kind, raw, n, k):
+        pw = real(kind, raw, n, k)
+        if pw.bits != 4:
+            return pw
+        from tierlm.quant.weights import codes_of, pack, row_params
+
+        codes = codes_of(pw).view(n, k // 32, 2, 16).flip(2).reshape(n, k)
+        return pack(pw.fmt, codes, *row_params(pw), 4)
+
+    monkeypatch.setattr(quantized, "from_gguf_blocks", broken)

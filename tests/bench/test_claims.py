@@ -113,15 +113,13 @@ def test_tiny_claims_grid_end_to_end(tmp_path, monkeypatch):
     assert (out / "claims_kv.png").exists()
 
 
-def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst_blocks(monkeypatch):
+def _sparse_gate_case(selector: str):
     """The claims' drift gate at a sparse budget (256 of 512 tokens, fp32 KV on both sides so only the picks
-    differ): with blocks picked by true attention mass it holds; with the ranking inverted (a sign bug that still
-    keeps sink and window) it flags v4."""
-    from helpers.engine_bugs import sparse_oracle_selector, sparse_selector_picks_worst
-
-    from tierlm.bench.claims import PromptSource, drift_check
+    differ): ({"reference", "v4"} engines, 3 prompts of 500 tokens, the reference's 12 greedy tokens each)."""
+    from tierlm.bench.claims import PromptSource
     from tierlm.bench.engine_driver import greedy
     from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
+    from tierlm.engine.llm import LLM
     from tierlm.engine.llm_engine import LLMEngine
 
     def engine(sparse):
@@ -130,16 +128,21 @@ def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst
                                       sparse=sparse))
 
     ref = engine(SparseConfig())
-    v4 = engine(SparseConfig(selector="quest", budget_tokens=256, sink_tokens=16, window_tokens=64, dense_layers=2))
+    v4 = engine(SparseConfig(selector=selector, budget_tokens=256, sink_tokens=16, window_tokens=64, dense_layers=2))
     prompts = PromptSource(ref.tokenizer, 512, 8).take(3, 500)
-    rids = [ref.add_request(p, greedy(12)) for p in prompts]
-    done = {}
-    while ref.has_unfinished_requests():
-        for o in ref.step():
-            if o.finished:
-                done[o.request_id] = list(o.outputs[0].token_ids)
-    tokens = [done[r] for r in rids]
-    engines = {"reference": ref, "v4": v4}
+    tokens = [list(r.outputs[0].token_ids) for r in LLM.for_engine(ref).generate(prompts, greedy(12))]
+    return {"reference": ref, "v4": v4}, prompts, tokens
+
+
+def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst_blocks(monkeypatch):
+    """The claims' drift gate at a sparse budget (256 of 512 tokens, fp32 KV on both sides so only the picks
+    differ): with blocks picked by true attention mass it holds; with the ranking inverted (a sign bug that still
+    keeps sink and window) it flags v4."""
+    from helpers.engine_bugs import sparse_oracle_selector, sparse_selector_picks_worst
+
+    from tierlm.bench.claims import drift_check
+
+    engines, prompts, tokens = _sparse_gate_case("quest")
     sparse_oracle_selector(monkeypatch)
     good = drift_check(engines, 512, prompts, tokens, needles=0)
     sparse_selector_picks_worst(monkeypatch)
@@ -157,22 +160,9 @@ def test_v4_drift_gate_passes_the_index_selector_and_flags_it_inverted(monkeypat
     engine with its block ranking inverted (sink and window kept) is flagged."""
     from helpers.engine_bugs import sparse_selector_picks_worst
 
-    from tierlm.bench.claims import PromptSource, drift_check
-    from tierlm.bench.engine_driver import greedy
-    from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, SparseConfig
-    from tierlm.engine.llm import LLM
-    from tierlm.engine.llm_engine import LLMEngine
+    from tierlm.bench.claims import drift_check
 
-    def engine(sparse):
-        return LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=3 * 34, kv_format="fp32", enable_prefix_caching=False),
-                                      scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512),
-                                      sparse=sparse))
-
-    ref = engine(SparseConfig())
-    v4 = engine(SparseConfig(selector="index", budget_tokens=256, sink_tokens=16, window_tokens=64, dense_layers=2))
-    prompts = PromptSource(ref.tokenizer, 512, 8).take(3, 500)
-    tokens = [list(r.outputs[0].token_ids) for r in LLM.for_engine(ref).generate(prompts, greedy(12))]
-    engines = {"reference": ref, "v4": v4}
+    engines, prompts, tokens = _sparse_gate_case("index")
     good = drift_check(engines, 512, prompts, tokens, needles=0)
     sparse_selector_picks_worst(monkeypatch)  # QuestSelector.select, which the index selector inherits
     bad = drift_check(engines, 512, prompts, tokens, needles=0)

@@ -137,6 +137,11 @@ def pack(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return PackedWeight(fmt, bits, group, n, k, data, sc, mn)
 
 
+def row_params(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16 scales and offsets back in row order: two [n, k / group] tensors."""
+    return tuple(t.transpose(1, 2).reshape(-1, t.shape[1])[: pw.n] for t in (pw.scales, pw.mins))
+
+
 def codes_of(pw: PackedWeight) -> torch.Tensor:
     """The codes uint8 [n, k] back from the interleaved layout."""
     tiles = pw.data.shape[0]
@@ -150,9 +155,7 @@ def codes_of(pw: PackedWeight) -> torch.Tensor:
 
 def dequantize(pw: PackedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 weight [n, k] (or only `rows`, e.g. an embedding lookup): d * u + m, computed in fp32."""
-    tiles = pw.data.shape[0]
-    sc = pw.scales.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n]
-    mn = pw.mins.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n]
+    sc, mn = row_params(pw)
     if rows is None:
         codes = codes_of(pw)
     else:
@@ -226,10 +229,8 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, n: int, k: int) -> PackedWeight
 
 def permute_rows(pw: PackedWeight, order: torch.Tensor) -> PackedWeight:
     """The same weight with its output rows reordered (exact: rows are whole groups)."""
-    tiles = pw.data.shape[0]
-    sc = pw.scales.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n][order]
-    mn = pw.mins.transpose(1, 2).reshape(tiles * TILE, -1)[: pw.n][order]
-    return pack(pw.fmt, codes_of(pw)[order], sc, mn, pw.bits)
+    sc, mn = row_params(pw)
+    return pack(pw.fmt, codes_of(pw)[order], sc[order], mn[order], pw.bits)
 
 
 def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
@@ -237,9 +238,6 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
     first = parts[0]
     if any((p.fmt, p.bits, p.group, p.k) != (first.fmt, first.bits, first.group, first.k) for p in parts):
         raise ValueError("cannot fuse weights of different formats or input sizes")
-
-    def rows(p: PackedWeight, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(p.data.shape[0] * TILE, -1)[: p.n]
-
-    return pack(first.fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([rows(p, p.scales) for p in parts]),
-                torch.cat([rows(p, p.mins) for p in parts]), first.bits)
+    params = [row_params(p) for p in parts]
+    return pack(first.fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([sc for sc, _ in params]),
+                torch.cat([mn for _, mn in params]), first.bits)

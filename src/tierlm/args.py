@@ -159,11 +159,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default="none", choices=["none", *WEIGHT_FORMAT_NAMES],
                    help="weight format: none (the checkpoint's dtype) | q4_1, q4_0, q8_0 (GGUF blocks: run as stored "
                         "when the GGUF holds them, else quantized) | int8 (per output channel) | int4 (per group, "
-                        "see --quant-group); built once and cached. CPU: a native int8-dot kernel")
+                        "see --quant-group) | fp8, fp8_ue8m0 (e4m3 with an fp32 / power-of-two scale per 128x128 block, "
+                        "DeepSeek-V3's recipe); built once and cached. CPU: native kernels (int8 dot products; FP8 "
+                        "widened to fp32)")
     g.add_argument("--quant-group", type=int, default=None, metavar="N",
                    help="int4 group size: 32 (default), 64 or 128; must divide every linear's input size")
     g.add_argument("--quant-activations", default="int16", choices=QUANT_ACTIVATIONS,
-                   help="how a quantized linear takes its input on the CPU: int16 (default: rounded per 32 values to "
+                   help="how an integer-quantized linear takes its input on the CPU (FP8 weights always take fp32): int16 (default: rounded per 32 values to "
                         "16 bits, integer dot products; near-exact) | int8 (8 bits: the fastest, llama.cpp's scheme, "
                         "measurably lossy) | fp32 (exact up to summation order: the fp32 model's greedy tokens; "
                         "compute-bound, slower)")

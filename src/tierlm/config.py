@@ -271,7 +271,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
     drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
-    quantization: str = "none"  # weight format: none | q4_0 | q4_1 | q8_0 | int4 | int8 (tierlm.quant.weights)
+    quantization: str = "none"  # weight format: none | q4_0 | q4_1 | q8_0 | int4 | int8 | fp8 | fp8_ue8m0 (quant.weights)
     quant_group: int | None = None  # int4's group (32 / 64 / 128; default 32)
     # how quantized linears take their input: "int16" (rounded per 32 inputs: near-exact, fast) | "int8" (the
     # fastest, llama.cpp's scheme, measurably lossy) | "fp32" (exact up to summation order, compute-bound)

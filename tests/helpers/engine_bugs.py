@@ -147,3 +147,17 @@ def quant_nibbles_swapped(monkeypatch):
         return pack(pw.fmt, codes, *row_params(pw), 4)
 
     monkeypatch.setattr(quantized, "from_gguf_blocks", broken)
+
+
+def fp8_scales_inverted(monkeypatch):
+    """An FP8 checkpoint's weight_scale_inv taken for the quantizer's scale (divided by instead of multiplied by,
+    the name's trap) on the path that runs the stored blocks: the fp32 dequantization the baseline computes with
+    stays right (a fresh quantized-weights cache is built with the bug)."""
+    import tierlm.models.loader.quantized as quantized
+
+    real = quantized.pack
+
+    def broken(fmt, codes, scales, mins, bits):
+        return real(fmt, codes, 1.0 / scales if fmt == "fp8" else scales, mins, bits)
+
+    monkeypatch.setattr(quantized, "pack", broken)

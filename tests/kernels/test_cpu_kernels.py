@@ -18,6 +18,11 @@ def test_kernels_build_where_a_compiler_exists():
         pytest.skip("no C compiler on this machine: the PyTorch paths are used")
     assert K.usable(torch.zeros(1))
     assert not K.usable(torch.zeros(1, dtype=torch.bfloat16))
+    # the weight-quantized kernels' own self-check (kernels/quant.py): a failure there turns the native path off
+    # quietly and their tests into skips, so it fails here
+    from tierlm.kernels import quant as kq
+
+    assert kq.qmatmul_usable(), "the library built, so its quantized matmul failed the self-check"
 
 
 def make_case(nd, hkv, g, d, bs, lens, seed):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tierlm.core.errors import InvalidParameterError
-from tierlm.quant.weights import (WEIGHT_FORMATS, check_shape, codes_of, concat_rows, dequantize, from_gguf_blocks,
+from tierlm.quant.weights import (FP8_FORMATS, WEIGHT_FORMATS, check_shape, codes_of, concat_rows, dequantize, from_gguf_blocks,
                                   pack, permute_rows, quantize)
 
 gguf = pytest.importorskip("gguf")
@@ -40,7 +40,7 @@ def test_fp32_quantizers_follow_llama_cpp(kind):
     assert np.abs(ours - ref).max() <= step
 
 
-@pytest.mark.parametrize("fmt", list(WEIGHT_FORMATS))
+@pytest.mark.parametrize("fmt", [f for f in WEIGHT_FORMATS if f not in FP8_FORMATS])  # FP8: test_fp8_weights.py
 def test_quantization_error_is_bounded(fmt):
     """Each value is within half a code step of its group's scale (4-bit Q4_0: one step, its range is
     asymmetric)."""

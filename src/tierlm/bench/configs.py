@@ -149,7 +149,10 @@ for _name, _summary, _apply, _lossy in (
                       "fastest; lossy", _weights("q4_1", "int8"), True),
         ("int8", "int8 weights per output channel, int16 activations; lossy", _weights("int8"), True),
         ("int4", "int4 weights quantized from fp32 in groups of 32 (scale + min), int16 activations; lossy",
-         _weights("int4"), True)):
+         _weights("int4"), True),
+        ("fp8-weights", "FP8 e4m3 weights with an fp32 scale per 128x128 block (DeepSeek-V3's recipe; an FP8 "
+                        "checkpoint's as stored, else quantized), fp32 activations; lossy unless the checkpoint is "
+                        "FP8", _weights("fp8", "fp32"), True)):
     CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _apply, lossy=_lossy, in_default=False)
 
 

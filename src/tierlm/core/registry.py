@@ -80,7 +80,7 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
 DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": bf16 on CUDA, fp32 on CPU (no native bf16 there)
 # Weight formats of --quantization (defined in tierlm.quant.weights, which checks it holds exactly these; named
 # here so flags and config validation need no torch import)
-WEIGHT_FORMAT_NAMES = ("q4_0", "q4_1", "q8_0", "int4", "int8")
+WEIGHT_FORMAT_NAMES = ("q4_0", "q4_1", "q8_0", "int4", "int8", "fp8", "fp8_ue8m0")
 QUANT_ACTIVATIONS = ("int16", "int8", "fp32")
 
 

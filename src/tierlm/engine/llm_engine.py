@@ -133,7 +133,7 @@ class LLMEngine:
         # what the numbers are computed in: the dtype, and the weight format when quantized (KV keys name it)
         self.compute_key = compute if config.quantization == "none" else (
             f"{compute}+{config.quantization}" + (f"-g{config.quant_group}" if config.quant_group else "")
-            + f"/{config.quant_activations}")
+            + f"/{'fp32' if config.quantization.startswith('fp8') else config.quant_activations}")
         self.model_config_digest = _config_digest(ckpt.config)
         del ckpt
         self.load_seconds = time.perf_counter() - t0

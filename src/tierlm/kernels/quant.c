@@ -508,18 +508,196 @@ int tierlm_qmatmul(const float *x, int64_t ldx, const uint8_t *w, const uint16_t
     return rc;
 }
 
+/* ---- FP8 (e4m3) weights ---------------------------------------------------------------------------------
+ * Layout: codes [tile][K][16] (one byte per weight; for each input, the tile's 16 rows side by side), scales fp32
+ * [tile][ceil(K / 128)][16] (each row's scale for each block of 128 inputs; the last block may be shorter).
+ * value = e4m3(u) * s. An e4m3 byte s eeee mmm moved into fp16 bits s 0eeee mmm0000000 is the same number times
+ * 2^-8 exactly, subnormals included (both put their subnormal step at the bottom exponent), so the vector path
+ * widens 16 codes with one vcvtph2ps and the 2^8 goes into the block scale. (e4m3fn's NaN, 0x7f, reads as 480:
+ * quantizers clamp to +-448 and never produce it.) Activations are fp32: per row and block
+ *   y[n] += (s[n, b] * 256) * sum_k half(u[n, k]) x[k]
+ * the dequantized weight's product up to summation order; the portable loop does the same operations in the same
+ * order, so the two agree bit for bit. */
+#define FP8_BLOCK 128
+
+static inline uint16_t e4m3_as_half(uint8_t b) { return (uint16_t)(((b & 0x80u) << 8) | ((b & 0x7fu) << 7)); }
+
+static inline float e4m3_scaled(uint8_t b) { return half_to_float_q(e4m3_as_half(b)); }  /* e4m3(b) * 2^-8 */
+
+static void fp8_tile_portable(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int64_t M, int64_t K,
+                              float out[][TILE]) {
+    const int64_t nkb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int64_t m = 0; m < M; m++)
+        for (int r = 0; r < TILE; r++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nkb; b++) {
+                const int64_t k1 = (b + 1) * FP8_BLOCK < K ? (b + 1) * FP8_BLOCK : K;
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};  /* four chains, input k into chain k % 4 */
+                for (int64_t k = b * FP8_BLOCK; k < k1; k++)
+                    c[k % 4] = fmaf(e4m3_scaled(w[k * TILE + r]), x[m * ldx + k], c[k % 4]);
+                acc = fmaf((c[0] + c[1]) + (c[2] + c[3]), sc[b * TILE + r] * 256.0f, acc);
+            }
+            out[m][r] = acc;
+        }
+}
+
+#ifdef QMATMUL_VNNI
+/* Inputs k and k + 1 of a tile (32 codes) -> two vectors of 16 rows, each value times 2^-8. */
+QINLINE void e4m3_pair(const uint8_t *p, __m512 *w0, __m512 *w1) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8),
+                                      _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x7f)), 7));
+    *w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    *w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+
+/* Rows m0 .. m0+R-1 of one tile. Each row keeps four independent FMA chains (input k into chain k % 4), so the
+ * loop is not bound by the FMA latency at batch 1; the chains are summed pairwise at the end of each block. */
+QINLINE void fp8_rows(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int64_t K, int R, __m512 *facc) {
+    const int64_t nkb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int i = 0; i < R; i++) facc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nkb; b++) {
+        const int64_t k1 = (b + 1) * FP8_BLOCK < K ? (b + 1) * FP8_BLOCK : K;
+        __m512 c[4][4];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < 4; j++) c[i][j] = _mm512_setzero_ps();
+        for (int64_t k = b * FP8_BLOCK; k < k1; k += 4) {
+            __m512 w0, w1, w2, w3;
+            e4m3_pair(w + k * TILE, &w0, &w1);
+            e4m3_pair(w + (k + 2) * TILE, &w2, &w3);
+            for (int i = 0; i < R; i++) {
+                const float *xi = x + i * ldx + k;
+                c[i][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xi[0]), c[i][0]);
+                c[i][1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xi[1]), c[i][1]);
+                c[i][2] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xi[2]), c[i][2]);
+                c[i][3] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xi[3]), c[i][3]);
+            }
+        }
+        const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(sc + b * TILE), _mm512_set1_ps(256.0f));
+        for (int i = 0; i < R; i++) {
+            const __m512 s = _mm512_add_ps(_mm512_add_ps(c[i][0], c[i][1]), _mm512_add_ps(c[i][2], c[i][3]));
+            facc[i] = _mm512_fmadd_ps(s, d, facc[i]);
+        }
+    }
+}
+
+static void fp8_tile(const float *x, int64_t ldx, const uint8_t *w, const float *sc, int64_t M, int64_t K,
+                     const float *bias, float *y, int64_t ldy, int64_t n0, int64_t N) {
+    const __mmask16 mask = tile_mask(n0, N);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t R = M - m0 < 4 ? M - m0 : 4;
+        __m512 facc[4];
+        const float *xm = x + m0 * ldx;
+        switch (R) {
+            case 4: fp8_rows(xm, ldx, w, sc, K, 4, facc); break;
+            case 3: fp8_rows(xm, ldx, w, sc, K, 3, facc); break;
+            case 2: fp8_rows(xm, ldx, w, sc, K, 2, facc); break;
+            default: fp8_rows(xm, ldx, w, sc, K, 1, facc); break;
+        }
+        store_rows(y, ldy, m0, R, n0, mask, bias, facc);
+    }
+}
+#endif
+
+/* y [M, N] = x [M, K] W^T + bias with W in the FP8 layout above (K a multiple of 32). Returns 0, or -1 on bad
+ * arguments / no memory. */
+int tierlm_fp8_matmul(const float *x, int64_t ldx, const uint8_t *w, const float *scales, const float *bias, float *y,
+                      int64_t ldy, int64_t M, int64_t N, int64_t K, int force_portable) {
+    if (M <= 0 || N <= 0 || K <= 0 || K % QBLOCK) return -1;
+    const int64_t tiles = (N + TILE - 1) / TILE, nkb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    int failed = 0;
+    (void)force_portable;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *wt = w + t * TILE * K;
+        const float *st = scales + t * nkb * TILE;
+        const int64_t n0 = t * TILE;
+#ifdef QMATMUL_VNNI
+        if (!force_portable) {
+            fp8_tile(x, ldx, wt, st, M, K, bias, y, ldy, n0, N);
+            continue;
+        }
+#endif
+        float (*out)[TILE] = malloc(sizeof(float) * TILE * (size_t)M);
+        if (!out) {
+            failed = 1;
+            continue;
+        }
+        fp8_tile_portable(x, ldx, wt, st, M, K, out);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t r = 0; r < TILE && n0 + r < N; r++)
+                y[m * ldy + n0 + r] = out[m][r] + (bias ? bias[n0 + r] : 0.0f);
+        free(out);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The transposed fp32 weight out [K, N] = e4m3(u) * s (one rounding: (e4m3 * 2^-8) * (s * 2^8) is the same
+ * product), as quant.weights.dequantize computes it; for prefill's GEMM. */
+int tierlm_fp8_dequant_t(const uint8_t *w, const float *scales, float *out, int64_t N, int64_t K, int force_portable) {
+    if (N <= 0 || K <= 0 || K % QBLOCK) return -1;
+    const int64_t tiles = (N + TILE - 1) / TILE, nkb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    (void)force_portable;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *wt = w + t * TILE * K;
+        const float *st = scales + t * nkb * TILE;
+        const int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
+#ifdef QMATMUL_VNNI
+        if (!force_portable) {
+            const __mmask16 mask = tile_mask(n0, N);
+            for (int64_t b = 0; b < nkb; b++) {
+                const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(st + b * TILE), _mm512_set1_ps(256.0f));
+                const int64_t k1 = (b + 1) * FP8_BLOCK < K ? (b + 1) * FP8_BLOCK : K;
+                for (int64_t k = b * FP8_BLOCK; k < k1; k += 2) {
+                    __m512 w0, w1;
+                    e4m3_pair(wt + k * TILE, &w0, &w1);
+                    _mm512_mask_storeu_ps(out + k * N + n0, mask, _mm512_mul_ps(w0, d));
+                    _mm512_mask_storeu_ps(out + (k + 1) * N + n0, mask, _mm512_mul_ps(w1, d));
+                }
+            }
+            continue;
+        }
+#endif
+        for (int r = 0; r < rows; r++)
+            for (int64_t k = 0; k < K; k++)
+                out[k * N + n0 + r] = e4m3_scaled(wt[k * TILE + r]) * (st[(k / FP8_BLOCK) * TILE + r] * 256.0f);
+    }
+    return 0;
+}
+
+/* Rows rows[0..R) of the fp32 weight, out [R, K] (an embedding lookup), as tierlm_fp8_dequant_t. */
+int tierlm_fp8_dequant_rows(const uint8_t *w, const float *scales, const int64_t *rows, int64_t R, float *out,
+                            int64_t N, int64_t K) {
+    if (N <= 0 || K <= 0 || K % QBLOCK) return -1;
+    const int64_t nkb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int64_t i = 0; i < R; i++)
+        if (rows[i] < 0 || rows[i] >= N) return -1;
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t t = rows[i] / TILE;
+        const int r = (int)(rows[i] % TILE);
+        const uint8_t *wt = w + t * TILE * K;
+        const float *st = scales + t * nkb * TILE;
+        for (int64_t k = 0; k < K; k++)
+            out[i * K + k] = e4m3_scaled(wt[k * TILE + r]) * (st[(k / FP8_BLOCK) * TILE + r] * 256.0f);
+    }
+    return 0;
+}
+
 /* One quantized linear's fixed arguments, built once by the caller (kernels/quant.py QLinearPlan), so a decode
  * step's call crosses the language boundary with four arguments instead of fifteen. act_bits 8, 16, or 32
- * (fp32 activations). */
+ * (fp32 activations); fp8: the FP8 layout (scales are fp32, mins unused, fp32 activations). */
 typedef struct {
     const uint8_t *w;
     const uint16_t *scales, *mins;
     const float *bias;
     int64_t n, k, group;
-    int32_t bits, act_bits;
+    int32_t bits, act_bits, fp8;
 } tierlm_qlinear;
 
 int tierlm_qlinear_run(const tierlm_qlinear *L, const float *x, float *y, int64_t M) {
+    if (L->fp8)
+        return tierlm_fp8_matmul(x, L->k, L->w, (const float *)L->scales, L->bias, y, L->n, M, L->n, L->k, 0);
     if (L->act_bits == 32)
         return tierlm_qmatmul_f32(x, L->k, L->w, L->scales, L->mins, L->bias, y, L->n, M, L->n, L->k, L->group, L->bits, 0);
     return tierlm_qmatmul(x, L->k, L->w, L->scales, L->mins, L->bias, y, L->n, M, L->n, L->k, L->group, L->bits,

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierlm.quant.weights import FP8_FORMATS as _FP8
+
 log = logging.getLogger(__name__)
 BATCH_HINT = 64  # oneDNN picks its blocking for this M; measured best across M = 1..512 here
 
@@ -68,9 +70,11 @@ def optimize_linears(model: nn.Module) -> int:
 class QuantLinear(nn.Module):
     """y = x W^T + b with W packed in a quantized format (tierlm.quant.weights). On the CPU it runs the native
     quantized matmul (kernels/quant.py; activations "int16" / "int8": rounded per 32 inputs, integer dot
-    products; "fp32": exact up to summation order) for up to GEMM_ROWS rows, and from there (prefill) the
+    products; "fp32": exact up to summation order) for up to gemm_rows(pw) rows, and from there (prefill) the
     weight dequantized into a scratch buffer and one fp32 GEMM; elsewhere, or without the native kernels,
-    fp32 activations times the dequantized weight."""
+    fp32 activations times the dequantized weight. FP8 weights take fp32 activations on the CPU whatever
+    `activations` says, and on a GPU with FP8 matmuls (compute capability 8.9+) run through torch._scaled_mm
+    with activations rounded to e4m3 per 128 inputs (kernels/quant.py fp8_scaled_mm)."""
 
     def __init__(self, pw, bias: torch.Tensor | None = None, activations: str = "int16"):
         super().__init__()
@@ -78,9 +82,10 @@ class QuantLinear(nn.Module):
         self.activations = activations  # "int16" | "int8" | "fp32": kernels/quant.py (a property)
         self.in_features, self.out_features = pw.k, pw.n
         # buffers, so .to(), state_dict() and memory accounting see the packed bytes; the fp16 scales and offsets
-        # are kept as their int16 bit patterns, so a .to(dtype) of the model moves them without converting them
+        # (FP8: fp32 scales) are kept as integer bit patterns, so a .to(dtype) of the model moves them without
+        # converting them
         self.register_buffer("qdata", pw.data)
-        self.register_buffer("qscales", pw.scales.view(torch.int16))
+        self.register_buffer("qscales", pw.scales.view(torch.int32 if pw.fp8 else torch.int16))
         self.register_buffer("qmins", pw.mins.view(torch.int16))
         self.register_buffer("bias", None if bias is None else bias.detach())
 
@@ -98,10 +103,16 @@ class QuantLinear(nn.Module):
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.float().contiguous()
-        if x.device.type == "cpu" and qk.qmatmul_usable():
+        if x.device.type == "cuda" and self.fmt in _FP8 and _cuda_fp8(x.device):
+            blocks = self.__dict__.get("_fp8_blocks")
+            if blocks is None:
+                blocks = self.__dict__["_fp8_blocks"] = qk.fp8_weight_blocks(self.pw)
+            y = qk.fp8_scaled_mm(x2, blocks, bias)
+        elif x.device.type == "cpu" and qk.qmatmul_usable():
             x2 = x2.float().contiguous()
-            if x2.shape[0] < qk.GEMM_ROWS:
-                y = self.plan().run(x2)
+            plan = self.plan()
+            if x2.shape[0] < plan.max_rows:
+                y = plan.run(x2)
             else:  # prefill: dequantize once, one fp32 GEMM
                 y = qk.dequant_gemm(x2, self.pw, bias)
         else:
@@ -130,6 +141,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_plan", None)  # buffers may move: the bound pointers would be stale
+        self.__dict__.pop("_fp8_blocks", None)
         return super()._apply(fn, recurse)
 
     @property
@@ -138,10 +150,17 @@ class QuantLinear(nn.Module):
         from tierlm.quant.weights import PackedWeight
 
         return PackedWeight(self.fmt, self.bits, self.group, self.out_features, self.in_features, self.qdata,
-                            self.qscales.view(torch.float16), self.qmins.view(torch.float16))
+                            self.qscales.view(torch.float32 if self.fmt in _FP8 else torch.float16),
+                            self.qmins.view(torch.float16))
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt} (group {self.group})"
+
+
+@functools.cache
+def _cuda_fp8(device: torch.device) -> bool:
+    """Whether torch._scaled_mm has FP8 on this GPU (compute capability 8.9: Ada, Hopper and later)."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def quant_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -152,7 +171,7 @@ def quant_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Ten
         return None
     x2 = x.reshape(-1, gate_up.in_features)
     plans = gate_up.plan(), down.plan()
-    if plans[0] is None or plans[1] is None or x2.shape[0] >= plans[0].max_rows:
+    if plans[0] is None or plans[1] is None or x2.shape[0] >= min(p.max_rows for p in plans):
         return None
     from tierlm.kernels.quant import mlp_run
 

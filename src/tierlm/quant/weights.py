@@ -1,5 +1,6 @@
 """Weight formats for quantized linears: one packed layout (codes + per-group fp16 scale and offset) that
-GGUF's Q4_0 / Q4_1 / Q8_0 blocks and tierlm's own int4 / int8 weights all map onto exactly.
+GGUF's Q4_0 / Q4_1 / Q8_0 blocks and tierlm's own int4 / int8 weights all map onto exactly, and FP8 e4m3 with
+block scales (DeepSeek-V3's weight recipe).
 
 A weight [N, K] is stored as unsigned codes u of `bits` bits with, per output row and group of `group`
 consecutive inputs, an fp16 scale d and an fp16 offset m: value = d * u + m.
@@ -14,6 +15,13 @@ consecutive inputs, an fp16 scale d and an fp16 offset m: value = d * u + m.
 The GGUF mappings are exact: -8 d and -128 d are fp16 multiples of d by a power of two. The packed
 layout (`PackedWeight`) interleaves the codes for the CPU kernel (kernels/quant.c describes it); the
 PyTorch `dequantize` here is the definition the kernel is tested against.
+
+FP8 (`fp8`, `fp8_ue8m0`): each weight one e4m3 byte (torch.float8_e4m3fn), value = e4m3(u) * s, with one
+scale s per block of 128 output rows x 128 inputs (the blocks at the right and bottom edges may be smaller):
+fp32 s = amax / 448 (DeepSeek-V3's weight_scale_inv), or for fp8_ue8m0 that rounded up to a power of two
+(DeepSeek's UE8M0 rule). The packed form keeps one fp32 scale per row and 128-input block (the block scale
+repeated over its rows, so fused projections keep their own blocks) and the codes as [tile][k][16 rows];
+`mins` is empty.
 """
 from __future__ import annotations
 
@@ -43,7 +51,12 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     WeightFormat("q8_0", 8, 32, "GGUF Q8_0: 8-bit, symmetric, group 32"),
     WeightFormat("int4", 4, 32, "4-bit, scale + min per group (32, 64 or 128)"),
     WeightFormat("int8", 8, None, "8-bit, symmetric, one scale per output channel"),
+    WeightFormat("fp8", 8, 128, "FP8 e4m3, an fp32 scale per 128x128 block (DeepSeek-V3)"),
+    WeightFormat("fp8_ue8m0", 8, 128, "FP8 e4m3, a power-of-two (UE8M0) scale per 128x128 block"),
 )}
+FP8_FORMATS = ("fp8", "fp8_ue8m0")
+FP8_BLOCK = 128  # rows and inputs per FP8 scale block
+FP8_MAX = 448.0
 INT4_GROUPS = (32, 64, 128)
 assert tuple(sorted(WEIGHT_FORMATS)) == tuple(sorted(WEIGHT_FORMAT_NAMES)), "core.registry names the formats too"
 
@@ -57,7 +70,8 @@ def weight_format(name: str) -> WeightFormat:
 @dataclass
 class PackedWeight:
     """A quantized [n, k] weight in the kernel's layout: `data` uint8 [tiles, k * bits / 8 * 16] (interleaved
-    codes), `scales` / `mins` fp16 [tiles, k / group, 16]; rows past n are zero."""
+    codes), `scales` / `mins` fp16 [tiles, k / group, 16]; rows past n are zero. FP8: `data` [tiles, k * 16]
+    ([tile][k][16 rows]), `scales` fp32 [tiles, ceil(k / 128), 16], `mins` empty."""
     fmt: str
     bits: int
     group: int
@@ -89,9 +103,20 @@ class PackedWeight:
         pw.check()
         return pw
 
+    @property
+    def fp8(self) -> bool:
+        return self.fmt in FP8_FORMATS
+
     def check(self) -> None:
         """Shapes consistent with (bits, group, n, k); ValueError otherwise (a damaged cache entry)."""
         tiles = -(-self.n // TILE)
+        if self.fp8:
+            want = ((tiles, self.k * TILE), (tiles, -(-self.k // FP8_BLOCK), TILE))
+            got = (tuple(self.data.shape), tuple(self.scales.shape))
+            if (self.bits != 8 or self.group != FP8_BLOCK or self.k % QBLOCK or got != want or self.mins.numel()
+                    or self.data.dtype != torch.uint8 or self.scales.dtype != torch.float32):
+                raise ValueError(f"packed weight {self.fmt} [{self.n}, {self.k}] has inconsistent tensors {got}")
+            return
         want = ((tiles, self.k * self.bits // 8 * TILE), (tiles, self.k // self.group, TILE))
         got = (tuple(self.data.shape), tuple(self.scales.shape))
         if (self.bits not in (4, 8) or self.group % QBLOCK or self.k % self.group or got != want
@@ -102,6 +127,11 @@ class PackedWeight:
 
 def check_shape(fmt: WeightFormat, n: int, k: int, group: int | None, what: str) -> int:
     """The group a [n, k] weight gets in `fmt`; InvalidParameterError naming the fix when k cannot take it."""
+    if fmt.name in FP8_FORMATS:
+        if k % QBLOCK:
+            raise InvalidParameterError(f"{what} has {k} inputs, not a multiple of {QBLOCK} ({fmt.name} needs it)",
+                                        "use --quantization none")
+        return FP8_BLOCK
     g = k if fmt.group is None else (group or fmt.group)
     if fmt.name == "int4" and g not in INT4_GROUPS:
         raise InvalidParameterError(f"int4 group {g} is not supported", f"use a group of {INT4_GROUPS}")
@@ -115,8 +145,11 @@ def check_shape(fmt: WeightFormat, n: int, k: int, group: int | None, what: str)
 
 
 # ---- packing -------------------------------------------------------------------------------------------
-def pack(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int) -> PackedWeight:
-    """codes uint8 [n, k] (< 2**bits), scales / mins fp16 [n, k / group] -> the kernel's interleaved layout."""
+def pack(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int) -> PackedWeight:
+    """codes uint8 [n, k] (< 2**bits), scales / mins fp16 [n, k / group] -> the kernel's interleaved layout.
+    FP8: codes the e4m3 bytes [n, k], scales fp32 [n, ceil(k / 128)], mins None."""
+    if fmt in FP8_FORMATS:
+        return _pack_fp8(fmt, codes, scales)
     n, k = codes.shape
     group = k // scales.shape[1]
     tiles = -(-n // TILE)
@@ -137,14 +170,34 @@ def pack(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return PackedWeight(fmt, bits, group, n, k, data, sc, mn)
 
 
-def row_params(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp16 scales and offsets back in row order: two [n, k / group] tensors."""
-    return tuple(t.transpose(1, 2).reshape(-1, t.shape[1])[: pw.n] for t in (pw.scales, pw.mins))
+def _pack_fp8(fmt: str, codes: torch.Tensor, scales: torch.Tensor) -> PackedWeight:
+    n, k = codes.shape
+    tiles = -(-n // TILE)
+    pad = tiles * TILE - n
+    c = torch.cat([codes.to(torch.uint8), codes.new_zeros(pad, k, dtype=torch.uint8)]) if pad else codes.to(torch.uint8)
+    s = scales.to(torch.float32)
+    s = torch.cat([s, s.new_zeros(pad, s.shape[1])]) if pad else s
+    data = c.view(tiles, TILE, k).transpose(1, 2).reshape(tiles, k * TILE).contiguous()
+    sc = s.view(tiles, TILE, -1).transpose(1, 2).contiguous()
+    pw = PackedWeight(fmt, 8, FP8_BLOCK, n, k, data, sc, torch.empty(0, dtype=torch.float16))
+    pw.check()
+    return pw
+
+
+def row_params(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales and offsets back in row order: two [n, k / group] fp16 tensors (FP8: fp32 scales
+    [n, ceil(k / 128)] and None)."""
+    sc = pw.scales.transpose(1, 2).reshape(-1, pw.scales.shape[1])[: pw.n]
+    if pw.fp8:
+        return sc, None
+    return sc, pw.mins.transpose(1, 2).reshape(-1, pw.mins.shape[1])[: pw.n]
 
 
 def codes_of(pw: PackedWeight) -> torch.Tensor:
     """The codes uint8 [n, k] back from the interleaved layout."""
     tiles = pw.data.shape[0]
+    if pw.fp8:
+        return pw.data.view(tiles, pw.k, TILE).transpose(1, 2).reshape(tiles * TILE, pw.k)[: pw.n]
     if pw.bits == 8:
         c = pw.data.view(tiles, pw.k // 4, TILE, 4).permute(0, 2, 1, 3)
     else:
@@ -156,6 +209,11 @@ def codes_of(pw: PackedWeight) -> torch.Tensor:
 def dequantize(pw: PackedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 weight [n, k] (or only `rows`, e.g. an embedding lookup): d * u + m, computed in fp32."""
     sc, mn = row_params(pw)
+    if pw.fp8:
+        codes = codes_of(pw) if rows is None else pw.data.view(-1, pw.k, TILE)[rows // TILE, :, rows % TILE]
+        sc = sc if rows is None else sc[rows]
+        s = sc.repeat_interleave(FP8_BLOCK, dim=1)[:, : pw.k]
+        return codes.contiguous().view(torch.float8_e4m3fn).float() * s
     if rows is None:
         codes = codes_of(pw)
     else:
@@ -177,11 +235,38 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.float().reshape(w.shape[0], -1, group)
 
 
+def fp8_block_scales(w: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    """The scale of each 128 x 128 block of w [n, k]: [ceil(n / 128), ceil(k / 128)] fp32, amax / 448 (UE8M0: rounded
+    up to a power of two); a block of zeros gets 1."""
+    n, k = w.shape
+    bn, bk = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+    padded = w.float().new_zeros(bn * FP8_BLOCK, bk * FP8_BLOCK)
+    padded[:n, :k] = w.float().abs()
+    amax = padded.view(bn, FP8_BLOCK, bk, FP8_BLOCK).amax(dim=(1, 3))
+    s = amax / FP8_MAX
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def quantize_fp8(w: torch.Tensor, fmt_name: str = "fp8", scales: torch.Tensor | None = None) -> PackedWeight:
+    """w [n, k] in e4m3 with 128 x 128 block scales (`scales` [ceil(n / 128), ceil(k / 128)] fp32 if given, else
+    computed): u = e4m3(clamp(w / s, +-448)), rounded to nearest even by torch's cast."""
+    n, k = w.shape
+    s = fp8_block_scales(w, fmt_name == "fp8_ue8m0") if scales is None else scales.float()
+    row_s = s.repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [n, ceil(k / 128)]
+    full = row_s.repeat_interleave(FP8_BLOCK, dim=1)[:, :k]
+    u = (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return pack(fmt_name, u, row_s, None, 8)
+
+
 def quantize(w: torch.Tensor, fmt_name: str, group: int | None = None, what: str = "weight") -> PackedWeight:
     """An fp32 / bf16 weight [n, k] quantized into `fmt_name` (rules in the module docstring)."""
     fmt = weight_format(fmt_name)
     n, k = w.shape
     g = check_shape(fmt, n, k, group, what)
+    if fmt.name in FP8_FORMATS:
+        return quantize_fp8(w, fmt.name)
     x = _grouped(w, g)
     if fmt.name in ("q4_1", "int4"):  # asymmetric: llama.cpp's quantize_row_q4_1 rule
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
@@ -230,7 +315,7 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, n: int, k: int) -> PackedWeight
 def permute_rows(pw: PackedWeight, order: torch.Tensor) -> PackedWeight:
     """The same weight with its output rows reordered (exact: rows are whole groups)."""
     sc, mn = row_params(pw)
-    return pack(pw.fmt, codes_of(pw)[order], sc[order], mn[order], pw.bits)
+    return pack(pw.fmt, codes_of(pw)[order], sc[order], None if mn is None else mn[order], pw.bits)
 
 
 def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
@@ -239,5 +324,6 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
     if any((p.fmt, p.bits, p.group, p.k) != (first.fmt, first.bits, first.group, first.k) for p in parts):
         raise ValueError("cannot fuse weights of different formats or input sizes")
     params = [row_params(p) for p in parts]
-    return pack(first.fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([sc for sc, _ in params]),
-                torch.cat([mn for _, mn in params]), first.bits)
+    mins = None if first.fp8 else torch.cat([mn for _, mn in params])
+    return pack(first.fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([sc for sc, _ in params]), mins,
+                first.bits)

@@ -1,7 +1,7 @@
 """LoadedCheckpoint: what the loader hands the model: config, weights, tokenizer, and where they came from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ class LoadedCheckpoint:
     blocks) on it. It covers the weights only, not config.json or the tokenizer. For a cache entry it
     comes from the entry's manifest, verified at load; for a Hugging Face directory it is computed at
     load (one chunked read of the weights, ~0.1 s per 0.5 GB from page cache).
+    fp8_stored: for an FP8 checkpoint (loader/fp8_checkpoint.py), each FP8 weight's bytes and block scales as
+    stored; `weights` holds their fp32 dequantization.
     """
 
     config: ModelConfig
@@ -38,3 +40,4 @@ class LoadedCheckpoint:
     source: str
     weights_digest: str
     origin: Path | None = None
+    fp8_stored: dict = field(default_factory=dict)

@@ -11,6 +11,7 @@ import torch
 from tierlm.core.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from tierlm.models.loader.checkpoint import LoadedCheckpoint
 from tierlm.models.loader.config_json import model_config_from_hf
+from tierlm.models.loader.fp8_checkpoint import SCALE_SUFFIX, block_size, split_fp8
 from tierlm.models.loader.manifest import weights_digest
 from tierlm.models.loader.tokenizer import Tokenizer
 from tierlm.models.loader.weight_layout import check_weights, expected_weight_shapes
@@ -93,13 +94,16 @@ class HFDirectory:
         bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_token_id
         config = dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(eos)), bos_token_id=bos)
         tokenizer = tokenizer.with_eos_token_ids(config.eos_token_ids)
-        weights, config = self.weights(config, tie_explicit="tie_word_embeddings" in cfg)
+        fp8_block = block_size(cfg.get("quantization_config"), str(self.path / "config.json"))
+        weights, config, fp8_stored = self.weights(config, tie_explicit="tie_word_embeddings" in cfg,
+                                                   fp8_block=fp8_block)
         if tokenizer.vocab_size > config.vocab_size:
             raise CorruptModelError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                                     f"only {config.vocab_size} embeddings", "use the tokenizer saved with this model")
         digest = weights_digest(self.weight_files(), known=file_digests)
         return LoadedCheckpoint(config=config, weights=weights, tokenizer=tokenizer, path=self.path,
-                                source=source, weights_digest=digest, origin=origin or self.path)
+                                source=source, weights_digest=digest, origin=origin or self.path,
+                                fp8_stored=fp8_stored)
 
     def tokenizer(self) -> Tokenizer:
         tok_json = self.path / "tokenizer.json"
@@ -109,15 +113,19 @@ class HFDirectory:
                                         ".save_pretrained(dir)")
         return Tokenizer.from_file(tok_json, self.path / "tokenizer_config.json")
 
-    def weights(self, config, tie_explicit: bool = True) -> tuple[dict[str, torch.Tensor], object]:
-        """(weights filtered to the config's layout, config with tie_word_embeddings settled)."""
+    def weights(self, config, tie_explicit: bool = True,
+                fp8_block: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], object, dict]:
+        """(weights filtered to the config's layout, config with tie_word_embeddings settled, the FP8 weights as
+        stored: loader/fp8_checkpoint.py)."""
         wanted = set(expected_weight_shapes(dataclasses.replace(config, tie_word_embeddings=False)))
+        wanted |= {n + SCALE_SUFFIX for n in wanted}
         weights: dict[str, torch.Tensor] = {}
         for file in self.weight_files():
             weights.update(read_safetensors(file, wanted, self.fix))
+        weights, fp8_stored = split_fp8(weights, fp8_block, str(self.path))
         if not config.tie_word_embeddings and "lm_head.weight" not in weights and not tie_explicit:
             config = dataclasses.replace(config, tie_word_embeddings=True)  # no head stored: it is the embedding
         if config.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         check_weights(weights, config, str(self.path), self.fix)
-        return weights, config
+        return weights, config, {n: s for n, s in fp8_stored.items() if n in weights}

@@ -4,10 +4,14 @@ PackedWeight} for every linear weight and the token embedding, built once and ca
 Where each tensor comes from:
 - a GGUF tensor stored in the requested block format (Q4_0 / Q4_1 / Q8_0) is taken as stored: the same
   numbers, only re-laid out for the kernel (q / k rows un-permuted like the fp32 path);
+- so is an FP8 checkpoint's weight (loader/fp8_checkpoint.py) under --quantization fp8 when its blocks are 128
+  inputs wide (any number of rows: the packed form keeps a scale per row), and under fp8_ue8m0 when its scales
+  are also powers of two;
 - the token embedding (and the LM head) keeps a stored Q4_0 / Q4_1 / Q8_0 format as it is; otherwise it gets
   q8_0 under a 4-bit request (the output projection is the most sensitive matrix, llama.cpp keeps it wider too)
   and the requested format under an 8-bit one;
-- everything else is quantized from the checkpoint's fp32 / bf16 weights (quant.weights.quantize).
+- everything else is quantized from the checkpoint's fp32 / bf16 weights (quant.weights.quantize), except that an
+  FP8 checkpoint's embedding and head stay as they are stored unless they are FP8 too.
 
 Cache: `<cache root>/quant/<model>-<weights digest>-<format>[-g<group>]-v<N>/weights.safetensors` (a ModelCache
 entry: written to a temp dir and renamed, with a manifest of xxh3 digests that is checked at every load, so a
@@ -28,8 +32,8 @@ from tierlm.core.errors import CorruptModelError, InvalidParameterError, ModelNo
 from tierlm.models.loader.cache import ModelCache
 from tierlm.models.loader.checkpoint import LoadedCheckpoint
 from tierlm.paths import cache_root
-from tierlm.quant.weights import (GGUF_BLOCK_BYTES, WEIGHT_FORMATS, PackedWeight, check_shape, from_gguf_blocks,
-                                  permute_rows, quantize, weight_format)
+from tierlm.quant.weights import (FP8_BLOCK, FP8_FORMATS, GGUF_BLOCK_BYTES, WEIGHT_FORMATS, PackedWeight, check_shape,
+                                  from_gguf_blocks, pack, permute_rows, quantize, weight_format)
 
 log = logging.getLogger(__name__)
 QUANT_VERSION = 1  # bump when the packed layout or a quantization rule changes
@@ -38,9 +42,12 @@ EMBED = "model.embed_tokens.weight"
 _LINEAR_SUFFIXES = ("_proj.weight",)
 
 
-def quantized_names(weights: dict[str, torch.Tensor]) -> list[str]:
-    """The tensors a quantized model stores packed: every linear weight, the embedding and an untied LM head."""
-    return sorted(n for n in weights if n.endswith(_LINEAR_SUFFIXES) or n in (EMBED, "lm_head.weight"))
+def quantized_names(weights: dict[str, torch.Tensor], fp8_stored: dict | None = None) -> list[str]:
+    """The tensors a quantized model stores packed: every linear weight, the embedding and an untied LM head; of an
+    FP8 checkpoint (`fp8_stored` non-empty), the embedding and head only where they are FP8 too (its authors kept
+    them wider, as vLLM does)."""
+    return sorted(n for n in weights if n.endswith(_LINEAR_SUFFIXES) or (
+        n in (EMBED, "lm_head.weight") and (not fp8_stored or n in fp8_stored)))
 
 
 def _gguf(ckpt: LoadedCheckpoint):
@@ -92,14 +99,19 @@ def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tupl
     gguf = _gguf(ckpt)
     types = {} if gguf is None else gguf.tensor_types()
     packed, sources = {}, {}
-    for name in quantized_names(ckpt.weights):
+    for name in quantized_names(ckpt.weights, ckpt.fp8_stored):
         w = ckpt.weights[name]
         n, k = w.shape
         kind = stored.get(name, (None,))[0]
         is_embed = name in (EMBED, "lm_head.weight")
         want = WEIGHT_FORMATS[kind.lower()] if is_embed and kind else (
             WEIGHT_FORMATS["q8_0"] if is_embed and f.bits == 4 else f)
-        if kind is not None and kind.lower() == want.name:
+        fp8 = ckpt.fp8_stored.get(name)
+        if fp8 is not None and want.name in FP8_FORMATS and fp8.block[1] == FP8_BLOCK and (
+                want.name == "fp8" or fp8.pow2_scales):
+            pw = pack(want.name, fp8.codes, fp8.row_scales(), None, 8)
+            sources[name] = f"as stored (FP8 e4m3, {fp8.block[0]}x{fp8.block[1]} blocks)"
+        elif kind is not None and kind.lower() == want.name:
             _, raw, shape = stored[name]
             pw = from_gguf_blocks(kind, raw, *shape)
             order = _unpermute_order(name, n, ckpt)
@@ -108,8 +120,9 @@ def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tupl
             sources[name] = f"as stored (GGUF {kind})"
         else:
             pw = quantize(w, want.name, group if want is f else None, what=name)
-            src = types.get(name, str(w.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"))
-            sources[name] = (f"quantized from {src} to {want.name}" if src in _LOSSLESS or src.startswith("F")
+            src = "F8_E4M3" if fp8 is not None else types.get(
+                name, str(w.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"))
+            sources[name] = (f"quantized from {src} to {want.name}" if src in _LOSSLESS
                              else f"re-quantized {src} -> {want.name}")
         packed[name] = pw
     return packed, sources
@@ -154,7 +167,7 @@ def load_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None = None,
                 if any(meta.get(k) != v for k, v in want_meta.items()):
                     raise CorruptModelError(f"{entry} was made for another model, format or version", "rebuilt")
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            names = quantized_names(ckpt.weights)
+            names = quantized_names(ckpt.weights, ckpt.fp8_stored)
             return {n: PackedWeight.from_tensors(json.loads(meta["formats"])[n], tensors, n) for n in names}
         except (CorruptModelError, ModelNotFoundError, ValueError, KeyError, OSError) as exc:
             log.warning("quantized weights %s are unusable (%s); rebuilding them", entry, exc)
@@ -174,17 +187,20 @@ def load_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None = None,
     log.info("quantized %s to %s in %.1fs: %s (%s)", ckpt.config.model_id, fmt, time.perf_counter() - start, line,
              entry)
     if requantized:
-        log.warning("%s: some tensors were stored in a lossy GGUF type with no %s kernel and are rounded a second "
-                    "time (%s); a GGUF in %s, or --quantization none, avoids it", ckpt.config.model_id, fmt, line,
-                    fmt.upper())
+        fix = ("an FP8 checkpoint with 128-wide blocks (weight_scale_inv)" if fmt in FP8_FORMATS else
+               f"a GGUF in {fmt.upper()}")
+        log.warning("%s: some tensors were stored in a lossy format with no %s kernel and are rounded a second "
+                    "time (%s); %s, or --quantization none, avoids it", ckpt.config.model_id, fmt, line, fix)
     return packed
 
 
-def packed_bytes(n: int, k: int, bits: int, group: int) -> int:
-    """Bytes of an [n, k] weight in the packed layout: codes, and an fp16 scale and offset per group (rows padded
-    to the 16-row tile)."""
+def packed_bytes(n: int, k: int, fmt: str, group: int) -> int:
+    """Bytes of an [n, k] weight in the packed layout: codes, and an fp16 scale and offset per group (FP8: an fp32
+    scale per row and 128-input block); rows padded to the 16-row tile."""
     rows = -(-n // 16) * 16
-    return rows * k * bits // 8 + rows * (k // group) * 4
+    if fmt in FP8_FORMATS:
+        return rows * k + rows * -(-k // FP8_BLOCK) * 4
+    return rows * k * weight_format(fmt).bits // 8 + rows * (k // group) * 4
 
 
 def weight_bytes_by_format(ckpt: LoadedCheckpoint, group: int | None = None) -> list[dict]:
@@ -192,7 +208,7 @@ def weight_bytes_by_format(ckpt: LoadedCheckpoint, group: int | None = None) -> 
     {"format", "linears", "embedding", "other", "total"} bytes and "as_stored", "fp32" / "bf16" first, then each weight
     format as `--quantization` would build it (the embedding per the rule above)."""
     stored = {n: v[0] for n, v in _gguf_tensors(ckpt).items()}
-    names = set(quantized_names(ckpt.weights))
+    names = set(quantized_names(ckpt.weights, ckpt.fp8_stored))
     other = sum(t.numel() for n, t in ckpt.weights.items() if n not in names)
     rows = []
     for dense, size in (("fp32", 4), ("bf16", 2)):
@@ -207,13 +223,15 @@ def weight_bytes_by_format(ckpt: LoadedCheckpoint, group: int | None = None) -> 
                 if n in (EMBED, "lm_head.weight"):
                     kind = stored.get(n)
                     e = WEIGHT_FORMATS[kind.lower()] if kind else (WEIGHT_FORMATS["q8_0"] if f.bits == 4 else f)
-                    emb += packed_bytes(rows_, k, e.bits, check_shape(e, rows_, k, None, n))
+                    emb += packed_bytes(rows_, k, e.name, check_shape(e, rows_, k, None, n))
                 else:
-                    lin += packed_bytes(rows_, k, f.bits, check_shape(f, rows_, k, group if f.name == "int4" else None, n))
+                    lin += packed_bytes(rows_, k, f.name, check_shape(f, rows_, k, group if f.name == "int4" else None, n))
         except InvalidParameterError:
             continue  # a format this model's shapes cannot take
         rows.append({"format": f.name, "linears": lin, "embedding": emb, "other": other * 4})
     linear_kinds = {v.lower() for n, v in stored.items() if n not in (EMBED, "lm_head.weight")}
+    if ckpt.fp8_stored:
+        linear_kinds.add("fp8")
     for r in rows:
         r["total"] = r["linears"] + r["embedding"] + r["other"]
         r["as_stored"] = r["format"] in linear_kinds  # the GGUF's linears are in this format: run as they are

@@ -544,9 +544,9 @@ static void fp8_tile_portable(const float *x, int64_t ldx, const uint8_t *w, con
 #ifdef QMATMUL_VNNI
 /* Inputs k and k + 1 of a tile (32 codes) -> two vectors of 16 rows, each value times 2^-8. */
 QINLINE void e4m3_pair(const uint8_t *p, __m512 *w0, __m512 *w1) {
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8),
-                                      _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x7f)), 7));
+    /* u << 7 puts eeeemmm at bits 13..7 and the sign at bit 14; adding the sign bit to itself moves it to bit 15 */
+    const __m512i v = _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)), 7);
+    const __m512i h = _mm512_add_epi16(v, _mm512_and_si512(v, _mm512_set1_epi16(0x4000)));
     *w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
     *w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }

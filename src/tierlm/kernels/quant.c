@@ -438,22 +438,25 @@ QINLINE void dequant_store(__m512i codes, __m512 d, __m512 m, float *dst, __mmas
 int tierlm_qdequant_t(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, float *out, int64_t N,
                       int64_t K, int64_t G, int bits, int force_portable) {
     if (N <= 0 || K <= 0 || G <= 0 || G % QBLOCK || K % G || (bits != 4 && bits != 8)) return -1;
-    const int64_t ng = K / G, tiles = (N + TILE - 1) / TILE, tile_bytes = TILE * K * bits / 8;
+    const int64_t ng = K / G, nb = K / QBLOCK, tiles = (N + TILE - 1) / TILE, tile_bytes = TILE * K * bits / 8;
     (void)force_portable;
+    /* Threads split the inputs (32 at a time) and walk every tile, so each writes whole rows of W^T, one band of
+     * memory after another (by tiles, each store would land N * 4 bytes from the last: a page apart). */
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *wt = w + t * tile_bytes;
-        const uint16_t *st = scales + t * ng * TILE, *mt = mins + t * ng * TILE;
-        const int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t g = b * QBLOCK / G;
+        for (int64_t t = 0; t < tiles; t++) {
+            const uint8_t *wt = w + t * tile_bytes;
+            const uint16_t *st = scales + t * ng * TILE, *mt = mins + t * ng * TILE;
+            const int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
 #ifdef QMATMUL_VNNI
-        if (!force_portable) {
-            const __mmask16 mask = rows == TILE ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
-            const __m512i byte = _mm512_set1_epi32(0xff), low = _mm512_set1_epi8(0x0f);
-            for (int64_t g = 0; g < ng; g++) {
+            if (!force_portable) {
+                const __mmask16 mask = rows == TILE ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+                const __m512i byte = _mm512_set1_epi32(0xff), low = _mm512_set1_epi8(0x0f);
                 const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + g * TILE)));
                 const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mt + g * TILE)));
                 const int64_t per = bits == 8 ? 4 : 8;  /* inputs per 64-byte code vector */
-                for (int64_t c = g * G / per; c < (g + 1) * G / per; c++) {
+                for (int64_t c = b * QBLOCK / per; c < (b + 1) * QBLOCK / per; c++) {
                     const __m512i v = _mm512_loadu_si512((const void *)(wt + c * 64));
                     for (int half = 0; half < (bits == 8 ? 1 : 2); half++) {
                         const __m512i u = bits == 8 ? v : (half ? _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
@@ -465,15 +468,15 @@ int tierlm_qdequant_t(const uint8_t *w, const uint16_t *scales, const uint16_t *
                         dequant_store(_mm512_srli_epi32(u, 24), d, m, dst + 3 * N, mask);
                     }
                 }
+                continue;
             }
-            continue;
-        }
 #endif
-        for (int r = 0; r < rows; r++)
-            for (int64_t g = 0; g < ng; g++) {
+            for (int r = 0; r < rows; r++) {
                 const float d = half_to_float_q(st[g * TILE + r]), m = half_to_float_q(mt[g * TILE + r]);
-                for (int64_t k = g * G; k < (g + 1) * G; k++) out[k * N + n0 + r] = d * (float)code_at(wt, k, r, bits) + m;
+                for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; k++)
+                    out[k * N + n0 + r] = d * (float)code_at(wt, k, r, bits) + m;
             }
+        }
     }
     return 0;
 }
@@ -639,29 +642,29 @@ int tierlm_fp8_dequant_t(const uint8_t *w, const float *scales, float *out, int6
     const int64_t tiles = (N + TILE - 1) / TILE, nkb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
     (void)force_portable;
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *wt = w + t * TILE * K;
-        const float *st = scales + t * nkb * TILE;
-        const int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
+    for (int64_t kc = 0; kc < K / QBLOCK; kc++) {  /* by 32 inputs, every tile: whole rows of W^T per thread */
+        const int64_t b = kc * QBLOCK / FP8_BLOCK;
+        for (int64_t t = 0; t < tiles; t++) {
+            const uint8_t *wt = w + t * TILE * K;
+            const float *st = scales + t * nkb * TILE;
+            const int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
 #ifdef QMATMUL_VNNI
-        if (!force_portable) {
-            const __mmask16 mask = tile_mask(n0, N);
-            for (int64_t b = 0; b < nkb; b++) {
+            if (!force_portable) {
+                const __mmask16 mask = tile_mask(n0, N);
                 const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(st + b * TILE), _mm512_set1_ps(256.0f));
-                const int64_t k1 = (b + 1) * FP8_BLOCK < K ? (b + 1) * FP8_BLOCK : K;
-                for (int64_t k = b * FP8_BLOCK; k < k1; k += 2) {
+                for (int64_t k = kc * QBLOCK; k < (kc + 1) * QBLOCK; k += 2) {
                     __m512 w0, w1;
                     e4m3_pair(wt + k * TILE, &w0, &w1);
                     _mm512_mask_storeu_ps(out + k * N + n0, mask, _mm512_mul_ps(w0, d));
                     _mm512_mask_storeu_ps(out + (k + 1) * N + n0, mask, _mm512_mul_ps(w1, d));
                 }
+                continue;
             }
-            continue;
-        }
 #endif
-        for (int r = 0; r < rows; r++)
-            for (int64_t k = 0; k < K; k++)
-                out[k * N + n0 + r] = e4m3_scaled(wt[k * TILE + r]) * (st[(k / FP8_BLOCK) * TILE + r] * 256.0f);
+            for (int r = 0; r < rows; r++)
+                for (int64_t k = kc * QBLOCK; k < (kc + 1) * QBLOCK; k++)
+                    out[k * N + n0 + r] = e4m3_scaled(wt[k * TILE + r]) * (st[b * TILE + r] * 256.0f);
+        }
     }
     return 0;
 }

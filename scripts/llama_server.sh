@@ -5,6 +5,8 @@
 #
 #   scripts/llama_server.sh build                  # ~4 min on 2 cores; prints the binary's path
 #   scripts/llama_server.sh serve [GGUF] [PORT]    # default: the embedded model, port 8090, 2 threads, 16 slots
+#   scripts/llama_server.sh quantize IN OUT TYPE   # llama-quantize (built on first use), e.g. the embedded model
+#                                                  # to Q4_K_M: a K-quant GGUF to measure --quantization gguf on
 #
 # Environment: LLAMA_DIR (build dir, default <user cache>/tierlm/peers/llama.cpp), LLAMA_THREADS (2),
 # LLAMA_SLOTS (16), LLAMA_CTX (32768), PYTHON (python3, with pip; for `build` and the default GGUF path).
@@ -48,8 +50,16 @@ serve() {
     -np "${LLAMA_SLOTS:-16}" -c "${LLAMA_CTX:-32768}"
 }
 
+quantize() {
+  [[ $# -eq 3 ]] || { echo "usage: $0 quantize IN.gguf OUT.gguf TYPE (e.g. Q4_K_M)" >&2; exit 2; }
+  [[ -x $BIN ]] || build >/dev/null
+  [[ -x $ROOT/build/bin/llama-quantize ]] || cmake --build "$ROOT/build" --target llama-quantize -j "$(nproc)" >&2
+  "$ROOT/build/bin/llama-quantize" --allow-requantize "$1" "$2" "$3" "${LLAMA_THREADS:-2}"
+}
+
 case "${1:-}" in
   build) build ;;
+  quantize) shift; quantize "$@" ;;
   serve) shift; serve "$@" ;;
-  *) echo "usage: $0 build | serve [GGUF] [PORT]" >&2; exit 2 ;;
+  *) echo "usage: $0 build | serve [GGUF] [PORT] | quantize IN OUT TYPE" >&2; exit 2 ;;
 esac

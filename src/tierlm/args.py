@@ -11,7 +11,7 @@ import re
 from tierlm.config import (PREEMPTION_MODES, SPARSE_SELECTORS, TIER_POLICIES, WRITE_POLICIES, CacheConfig,
                            DriftGuardConfig, EngineConfig, SchedulerConfig, SparseConfig, TierConfig)
 from tierlm.core.errors import InvalidParameterError
-from tierlm.core.registry import DTYPE_CHOICES, QUANT_ACTIVATIONS, WEIGHT_FORMAT_NAMES, implemented_kv_formats
+from tierlm.core.registry import DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION_CHOICES, implemented_kv_formats
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -156,12 +156,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--quantization", default="none", choices=["none", *WEIGHT_FORMAT_NAMES],
+    g.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
                    help="weight format: none (the checkpoint's dtype) | q4_1, q4_0, q8_0 (GGUF blocks: run as stored "
                         "when the GGUF holds them, else quantized) | int8 (per output channel) | int4 (per group, "
-                        "see --quant-group) | fp8, fp8_ue8m0 (e4m3 with an fp32 / power-of-two scale per 128x128 block, "
-                        "DeepSeek-V3's recipe); built once and cached. CPU: native kernels (int8 dot products; FP8 "
-                        "widened to fp32)")
+                        "see --quant-group) | fp8, fp8_ue8m0 (e4m3 with an fp32 / power-of-two scale per 128x128 "
+                        "block, DeepSeek-V3's recipe) | gguf (each tensor in the block type its GGUF stores: "
+                        "Q4_0/Q4_1/Q8_0/Q5_0/Q5_1 exactly, Q4_K/Q5_K with fp16 scales, others as q8_0); built once "
+                        "and cached. CPU: native kernels (int8 dot products; FP8 widened to fp32)")
     g.add_argument("--quant-group", type=int, default=None, metavar="N",
                    help="int4 group size: 32 (default), 64 or 128; must divide every linear's input size")
     g.add_argument("--quant-activations", default="int16", choices=QUANT_ACTIVATIONS,

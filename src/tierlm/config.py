@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierlm.core.errors import InvalidParameterError
-from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, WEIGHT_FORMAT_NAMES, architecture_names,
+from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION_CHOICES, architecture_names,
                                   get_kv_format, implemented_kv_formats)
 
 
@@ -271,16 +271,17 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" or a name in tierlm.attention.backend.BACKENDS (checked before the load)
     drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
-    quantization: str = "none"  # weight format: none | q4_0 | q4_1 | q8_0 | int4 | int8 | fp8 | fp8_ue8m0 (quant.weights)
+    # weight format: none | q4_0 | q4_1 | q8_0 | int4 | int8 | fp8 | fp8_ue8m0 (quant.weights) | gguf (as stored)
+    quantization: str = "none"
     quant_group: int | None = None  # int4's group (32 / 64 / 128; default 32)
     # how quantized linears take their input: "int16" (rounded per 32 inputs: near-exact, fast) | "int8" (the
     # fastest, llama.cpp's scheme, measurably lossy) | "fp32" (exact up to summation order, compute-bound)
     quant_activations: str = "int16"
 
     def __post_init__(self) -> None:
-        if self.quantization != "none" and self.quantization not in WEIGHT_FORMAT_NAMES:
+        if self.quantization not in QUANTIZATION_CHOICES:
             raise InvalidParameterError(f"unknown quantization {self.quantization!r}",
-                                        f"use none or one of {', '.join(WEIGHT_FORMAT_NAMES)}")
+                                        f"use one of {', '.join(QUANTIZATION_CHOICES)}")
         if self.quant_activations not in QUANT_ACTIVATIONS:
             raise InvalidParameterError(f"unknown quantized-activation mode {self.quant_activations!r}",
                                         "use int16, int8 or fp32")

@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from tierlm.core.errors import InvalidParameterError
-from tierlm.quant.weights import (FP8_FORMATS, WEIGHT_FORMATS, check_shape, codes_of, concat_rows, dequantize, from_gguf_blocks,
-                                  pack, permute_rows, quantize)
+from tierlm.quant.weights import (FP8_FORMATS, GGUF_BLOCKS, WEIGHT_FORMATS, check_shape, codes_of, concat_rows,
+                                  dequantize, from_gguf_blocks, pack, permute_rows, quantize, row_params)
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
 def test_gguf_blocks_run_as_stored(kind):
     """Blocks written by gguf-py's quantizer, packed: dequantizing them gives gguf-py's own dequantization,
-    bit for bit (same d, m and codes; the -8 d / -128 d offsets are exact in fp16)."""
+    bit for bit (same d, m and codes; the -8 d / -16 d / -128 d offsets are exact in fp16; 5-bit codes in bytes)."""
     g = np.random.default_rng(0)
     w = (g.standard_normal((37, 160)) * g.uniform(0.01, 3, (37, 1))).astype(np.float32)
     raw = gguf.quants.quantize(w, T[kind])
@@ -25,6 +25,27 @@ def test_gguf_blocks_run_as_stored(kind):
     pw = from_gguf_blocks(kind, raw.reshape(-1), 37, 160)
     assert pw.fmt == kind.lower() and pw.n == 37 and pw.k == 160
     assert torch.equal(dequantize(pw), torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K"])
+def test_k_quant_blocks_keep_their_codes_with_fp16_scales(kind):
+    """K-quant super-blocks (random bytes, any of which is a valid block, with sane d / dmin; gguf-py has no
+    K-quant quantizer) packed: gguf-py's dequantization but for the sub-block scale d * sc and min dmin * m rounded
+    to fp16: each value within 2^-11 of its two terms (the codes are the same)."""
+    g = np.random.default_rng(2)
+    size, per, bits = GGUF_BLOCKS[kind]
+    n, k = 21, 512
+    raw = g.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    for at, scale in ((0, 0.01), (2, 0.004)):  # d, dmin
+        raw[:, :, at:at + 2] = (g.random((n, k // per, 1)) * scale + 1e-4).astype(np.float16).view(np.uint8)
+    want = torch.from_numpy(gguf.quants.dequantize(raw.reshape(n, -1), T[kind]).reshape(n, k))
+    pw = from_gguf_blocks(kind, raw.reshape(-1), n, k)
+    assert (pw.fmt, pw.bits, pw.group) == (kind.lower(), bits, 32)
+    got = dequantize(pw)
+    sc, mn = row_params(pw)
+    span = (sc.float().abs() * (2 ** (5 if kind == "Q5_K" else 4) - 1) + mn.float().abs()).repeat_interleave(32, 1)
+    assert ((got - want).abs() <= 2 ** -11 * span + 1e-9).all()
+    assert (got != want).any(), "the scales are rounded: not every value can be exact"
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
@@ -71,8 +92,14 @@ def test_row_permutation_and_fusion_are_exact():
     order = torch.randperm(20)
     assert torch.equal(dequantize(permute_rows(a, order)), dequantize(a)[order])
     assert torch.equal(dequantize(concat_rows([a, b])), torch.cat([dequantize(a), dequantize(b)]))
+    c = quantize(torch.randn(12, 64), "q8_0")  # 4- and 8-bit parts (a GGUF keeping v in Q8_0): fused in 8 bits
+    mixed = concat_rows([a, c])
+    assert mixed.bits == 8 and mixed.fmt == "q4_1+q8_0"
+    assert torch.equal(dequantize(mixed), torch.cat([dequantize(a), dequantize(c)]))
     with pytest.raises(ValueError):
-        concat_rows([a, quantize(torch.randn(12, 64), "q8_0")])
+        concat_rows([a, quantize(torch.randn(12, 96), "q4_1")])  # other inputs
+    with pytest.raises(ValueError):
+        concat_rows([quantize(torch.randn(12, 128), "int4", 64), quantize(torch.randn(12, 128), "int4", 32)])
 
 
 def test_shapes_that_cannot_take_a_format_name_the_fix():

@@ -81,6 +81,8 @@ DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": bf16 on CUDA, fp32 on CPU (no nativ
 # Weight formats of --quantization (defined in tierlm.quant.weights, which checks it holds exactly these; named
 # here so flags and config validation need no torch import)
 WEIGHT_FORMAT_NAMES = ("q4_0", "q4_1", "q8_0", "int4", "int8", "fp8", "fp8_ue8m0")
+# --quantization values: a weight format, or "gguf" (each tensor in the block format its GGUF stores)
+QUANTIZATION_CHOICES = ("none", *WEIGHT_FORMAT_NAMES, "gguf")
 QUANT_ACTIVATIONS = ("int16", "int8", "fp32")
 
 

@@ -291,25 +291,75 @@ def quantize(w: torch.Tensor, fmt_name: str, group: int | None = None, what: str
 
 
 # ---- GGUF blocks as stored ----------------------------------------------------------------------------------
-GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# GGML block types the packed layout takes, bytes per block, values per block, and code width in the layout. Q4_0,
+# Q4_1, Q8_0, Q5_0 and Q5_1 map exactly (5-bit codes sit in 8-bit ones; -16 d is d times a power of two); the
+# K-quants Q4_K and Q5_K keep their codes and per-32 sub-block min, with the sub-block scale d * sc and min
+# dmin * m (fp16 times a 6-bit integer: up to 17 significant bits) rounded to fp16, within 2^-11 of each. Q6_K's
+# 16-value sub-blocks do not fit the 32-input groups: it is rounded again (quantized.py).
+GGUF_BLOCKS = {"Q4_0": (18, 32, 4), "Q4_1": (20, 32, 4), "Q8_0": (34, 32, 8), "Q5_0": (22, 32, 8),
+               "Q5_1": (24, 32, 8), "Q4_K": (144, 256, 4), "Q5_K": (176, 256, 8)}
+GGUF_BLOCK_BYTES = {kind: size for kind, (size, _, _) in GGUF_BLOCKS.items()}
+EXACT_GGUF = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1")
+
+
+def _f16(b: np.ndarray) -> torch.Tensor:
+    """Two bytes per value at the end of `b` ([..., 2]) as fp16."""
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0])
+
+
+def _k_scales(sc12: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-quant super-block's 12 scale bytes [..., 12] -> the 6-bit scales and mins of its 8 sub-blocks
+    ([..., 8] each; llama.cpp's get_scale_min_k4)."""
+    q = torch.from_numpy(np.ascontiguousarray(sc12)).to(torch.int32)
+    sc = torch.cat((q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)), dim=-1)
+    m = torch.cat((q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)), dim=-1)
+    return sc, m
+
+
+def _high_bits(qh: np.ndarray) -> torch.Tensor:
+    """Q5_0 / Q5_1: the 4 qh bytes [..., 4] -> bit j of the little-endian word for each of the 32 values."""
+    word = torch.from_numpy(np.ascontiguousarray(qh).view("<u4")[..., 0].astype(np.int64))
+    return (word.unsqueeze(-1) >> torch.arange(32)) & 1
 
 
 def from_gguf_blocks(kind: str, raw: np.ndarray, n: int, k: int) -> PackedWeight:
-    """A GGUF tensor's raw blocks (uint8, n rows of k / 32 blocks) packed without changing any value.
-    Q4_0 / Q4_1 hold element j in the low nibble of byte j and element j + 16 in its high nibble."""
-    size = GGUF_BLOCK_BYTES[kind]
-    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // QBLOCK, size)
-    d = torch.from_numpy(blocks[:, :, 0:2].copy().view(np.float16)[..., 0])  # [n, k/32]
+    """A GGUF tensor's raw blocks (uint8, n rows of k values) in the packed layout (GGUF_BLOCKS says how exactly).
+    Q4_0 / Q4_1 / Q5_0 / Q5_1 hold element j in the low nibble of byte j and element j + 16 in its high nibble."""
+    size, per, bits = GGUF_BLOCKS[kind]
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // per, size)
+    if kind in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, :, 0:2]).float(), _f16(b[:, :, 2:4]).float()  # [n, k/256]
+        sc, m = _k_scales(b[:, :, 4:16])  # [n, k/256, 8]
+        off = 16 if kind == "Q4_K" else 48
+        qs = torch.from_numpy(b[:, :, off:off + 128].copy()).view(n, k // per, 4, 32)
+        codes = torch.stack((qs & 0x0F, qs >> 4), dim=3)  # [n, k/256, 4 chunks, 2 (sub-blocks 2j, 2j+1), 32]
+        if kind == "Q5_K":  # bit 2j / 2j + 1 of qh[l] is the fifth bit of value l of sub-block 2j / 2j + 1
+            qh = torch.from_numpy(b[:, :, 16:48].copy()).to(torch.int32).view(n, k // per, 1, 1, 32)
+            shift = torch.arange(8).view(4, 2, 1)
+            codes = codes.to(torch.int32) | (((qh >> shift) & 1) << 4)
+        scales = (d.unsqueeze(-1) * sc.float()).half().reshape(n, -1)
+        mins = (-(dmin.unsqueeze(-1) * m.float())).half().reshape(n, -1)
+        return pack(kind.lower(), codes.reshape(n, k).to(torch.uint8), scales, mins, bits)
+    d = _f16(b[:, :, 0:2])  # [n, k/32]
     if kind == "Q8_0":
-        q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8)).to(torch.int16)
+        q = torch.from_numpy(b[:, :, 2:].copy().view(np.int8)).to(torch.int16)
         codes, mins = (q + 128).to(torch.uint8), -128 * d
     else:
-        off = 4 if kind == "Q4_1" else 2
-        qs = torch.from_numpy(blocks[:, :, off:off + 16].copy())  # [n, k/32, 16]
+        lo = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8}[kind]
+        qs = torch.from_numpy(b[:, :, lo:lo + 16].copy())  # [n, k/32, 16]
         codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # elements 0..15, 16..31
-        mins = torch.from_numpy(blocks[:, :, 2:4].copy().view(np.float16)[..., 0]) if kind == "Q4_1" else -8 * d
-    fmt = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}[kind]
-    return pack(fmt, codes.reshape(n, k), d, mins, 8 if kind == "Q8_0" else 4)
+        if kind in ("Q5_0", "Q5_1"):
+            codes = codes | (_high_bits(b[:, :, lo - 4:lo]).to(torch.uint8) << 4)
+        mins = _f16(b[:, :, 2:4]) if kind in ("Q4_1", "Q5_1") else (-8 if kind == "Q4_0" else -16) * d
+    return pack(kind.lower(), codes.reshape(n, k), d, mins, bits)
+
+
+def widen(pw: PackedWeight) -> PackedWeight:
+    """A 4-bit packed weight as the same values in the 8-bit layout (codes 0..15 in bytes): exact."""
+    if pw.bits == 8:
+        return pw
+    sc, mn = row_params(pw)
+    return pack(pw.fmt, codes_of(pw), sc, mn, 8)
 
 
 def permute_rows(pw: PackedWeight, order: torch.Tensor) -> PackedWeight:
@@ -319,11 +369,15 @@ def permute_rows(pw: PackedWeight, order: torch.Tensor) -> PackedWeight:
 
 
 def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
-    """Weights with the same inputs and format stacked along the outputs (fused q/k/v, gate/up)."""
+    """Weights with the same inputs stacked along the outputs (fused q/k/v, gate/up). Parts of 4- and 8-bit codes
+    (a GGUF that keeps v in Q8_0, say) are fused in 8 bits, exactly; FP8 fuses only with FP8 of the same type."""
     first = parts[0]
-    if any((p.fmt, p.bits, p.group, p.k) != (first.fmt, first.bits, first.group, first.k) for p in parts):
+    if any((p.fp8, p.group, p.k) != (first.fp8, first.group, first.k) for p in parts) or (
+            first.fp8 and any(p.fmt != first.fmt for p in parts)):
         raise ValueError("cannot fuse weights of different formats or input sizes")
+    bits = max(p.bits for p in parts)
+    parts = [widen(p) if p.bits != bits else p for p in parts]
+    fmt = first.fmt if all(p.fmt == first.fmt for p in parts) else "+".join(dict.fromkeys(p.fmt for p in parts))
     params = [row_params(p) for p in parts]
     mins = None if first.fp8 else torch.cat([mn for _, mn in params])
-    return pack(first.fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([sc for sc, _ in params]), mins,
-                first.bits)
+    return pack(fmt, torch.cat([codes_of(p) for p in parts]), torch.cat([sc for sc, _ in params]), mins, bits)

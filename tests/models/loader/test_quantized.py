@@ -90,6 +90,27 @@ def test_each_tensors_path_is_reported(make_gguf, caplog):
     assert set(sources.values()) == {"quantized from F32 to q8_0"}
 
 
+def test_quantization_gguf_runs_each_tensor_as_its_gguf_stores_it(make_gguf, caplog):
+    """--quantization gguf: Q5_0 linears and the Q8_0 embedding as stored (exactly the fp32 path's numbers), the
+    F32 ones as q8_0; info lists the mode; a model that is not a GGUF is refused with the fix."""
+    path, _ = make_gguf(linear_type="Q5_0", name="tiny-q50.gguf")
+    ckpt = load_checkpoint(path)
+    with caplog.at_level("INFO"):
+        packed = load_quantized(ckpt, "gguf")
+    assert "14 as stored (GGUF Q5_0), 1 as stored (GGUF Q8_0)" in caplog.text
+    assert "rounded a second time" not in caplog.text
+    for name, pw in packed.items():
+        assert torch.equal(dequantize(pw), ckpt.weights[name]), name
+    rows = {r["format"]: r for r in quantized.weight_bytes_by_format(ckpt)}
+    assert rows["gguf"]["as_stored"] and rows["gguf"]["linears"] == rows["q8_0"]["linears"]
+    path32, _ = make_gguf(name="tiny-f32.gguf", quantize_embedding=False)
+    _, sources = quantized.build_quantized(load_checkpoint(path32), "gguf", None)
+    assert set(sources.values()) == {"quantized from F32 to q8_0"}
+    hf = load_checkpoint(path32).path  # the converted Hugging Face directory: no GGUF blocks to run
+    with pytest.raises(InvalidParameterError, match="--quantization gguf runs a GGUF's own blocks.*not a GGUF"):
+        load_quantized(load_checkpoint(hf), "gguf")
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_bench_counts_what_a_quantized_step_reads(make_gguf, tied):
     """weight_bytes: a quantized embedding table is only gathered (not read per step) unless it is also the

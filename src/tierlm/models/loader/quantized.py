@@ -32,8 +32,9 @@ from tierlm.core.errors import CorruptModelError, InvalidParameterError, ModelNo
 from tierlm.models.loader.cache import ModelCache
 from tierlm.models.loader.checkpoint import LoadedCheckpoint
 from tierlm.paths import cache_root
-from tierlm.quant.weights import (FP8_BLOCK, FP8_FORMATS, GGUF_BLOCK_BYTES, WEIGHT_FORMATS, PackedWeight, check_shape,
-                                  from_gguf_blocks, pack, permute_rows, quantize, weight_format)
+from tierlm.quant.weights import (EXACT_GGUF, FP8_BLOCK, FP8_FORMATS, GGUF_BLOCK_BYTES, GGUF_BLOCKS, WEIGHT_FORMATS,
+                                  PackedWeight, WeightFormat, check_shape, from_gguf_blocks, pack, permute_rows,
+                                  quantize, weight_format)
 
 log = logging.getLogger(__name__)
 QUANT_VERSION = 1  # bump when the packed layout or a quantization rule changes
@@ -90,11 +91,24 @@ def _unpermute_order(name: str, n: int, ckpt: LoadedCheckpoint) -> torch.Tensor 
     return torch.from_numpy(unpermute_rows(np.arange(n), heads).copy())
 
 
+GGUF_MODE = "gguf"  # --quantization gguf: every tensor in the format its GGUF stores, where the layout takes it
+
+
+def _target(kind: str | None, is_embed: bool, fmt: str) -> tuple[bool, WeightFormat]:
+    """(take the GGUF blocks as stored, else the format to quantize to) for a tensor stored as `kind` (a GGML block
+    type the layout takes, or None) under --quantization `fmt`."""
+    if fmt == GGUF_MODE or (is_embed and kind is not None):
+        return (True, WEIGHT_FORMATS["q8_0"]) if kind is not None else (False, WEIGHT_FORMATS["q8_0"])
+    f = weight_format(fmt)
+    want = WEIGHT_FORMATS["q8_0"] if is_embed and f.bits == 4 else f
+    # Q4_K holds what q4_1 holds (4-bit codes, a scale and min per 32) but for fp16 rounding of its scales
+    return kind is not None and (kind.lower() == want.name or (kind, want.name) == ("Q4_K", "q4_1")), want
+
+
 def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tuple[dict[str, PackedWeight], dict]:
     """The packed tensors and a {name: path} account of where each came from: "as stored (GGUF Q4_1)",
-    "quantized from F32 to q4_1", or "re-quantized Q5_K -> q4_1" (a lossy GGUF type with no kernel: dequantized,
-    then rounded again)."""
-    f = weight_format(fmt)
+    "quantized from F32 to q4_1", or "re-quantized Q6_K -> q4_1" (a lossy GGUF type the layout does not take:
+    dequantized, then rounded again)."""
     stored = _gguf_tensors(ckpt)
     gguf = _gguf(ckpt)
     types = {} if gguf is None else gguf.tensor_types()
@@ -103,23 +117,21 @@ def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tupl
         w = ckpt.weights[name]
         n, k = w.shape
         kind = stored.get(name, (None,))[0]
-        is_embed = name in (EMBED, "lm_head.weight")
-        want = WEIGHT_FORMATS[kind.lower()] if is_embed and kind else (
-            WEIGHT_FORMATS["q8_0"] if is_embed and f.bits == 4 else f)
+        as_stored, want = _target(kind, name in (EMBED, "lm_head.weight"), fmt)
         fp8 = ckpt.fp8_stored.get(name)
         if fp8 is not None and want.name in FP8_FORMATS and fp8.block[1] == FP8_BLOCK and (
                 want.name == "fp8" or fp8.pow2_scales):
             pw = pack(want.name, fp8.codes, fp8.row_scales(), None, 8)
             sources[name] = f"as stored (FP8 e4m3, {fp8.block[0]}x{fp8.block[1]} blocks)"
-        elif kind is not None and kind.lower() == want.name:
+        elif as_stored:
             _, raw, shape = stored[name]
             pw = from_gguf_blocks(kind, raw, *shape)
             order = _unpermute_order(name, n, ckpt)
             if order is not None:
                 pw = permute_rows(pw, order)
-            sources[name] = f"as stored (GGUF {kind})"
+            sources[name] = f"as stored (GGUF {kind}" + ("" if kind in EXACT_GGUF else ", scales rounded to fp16") + ")"
         else:
-            pw = quantize(w, want.name, group if want is f else None, what=name)
+            pw = quantize(w, want.name, group if want.name == fmt else None, what=name)
             src = "F8_E4M3" if fp8 is not None else types.get(
                 name, str(w.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"))
             sources[name] = (f"quantized from {src} to {want.name}" if src in _LOSSLESS
@@ -131,7 +143,10 @@ def build_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> tupl
 def check_quantizable(ckpt: LoadedCheckpoint, fmt: str, group: int | None) -> None:
     """InvalidParameterError before any work when a linear's shape cannot take `fmt` (e.g. k not a multiple of
     the group)."""
-    f = weight_format(fmt)
+    if fmt == GGUF_MODE and _gguf(ckpt) is None:
+        raise InvalidParameterError(f"--quantization gguf runs a GGUF's own blocks, and {ckpt.origin or ckpt.path} is "
+                                    "not a GGUF", "point --model at a .gguf file, or pick a format (q4_1, int8, fp8, ...)")
+    f = weight_format("q8_0" if fmt == GGUF_MODE else fmt)
     for name in quantized_names(ckpt.weights):
         if name not in (EMBED, "lm_head.weight"):
             n, k = ckpt.weights[name].shape
@@ -188,25 +203,27 @@ def load_quantized(ckpt: LoadedCheckpoint, fmt: str, group: int | None = None,
              entry)
     if requantized:
         fix = ("an FP8 checkpoint with 128-wide blocks (weight_scale_inv)" if fmt in FP8_FORMATS else
-               f"a GGUF in {fmt.upper()}")
+               "--quantization gguf (Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q4_K/Q5_K as stored)" if fmt != GGUF_MODE else
+               "a GGUF in those types")
         log.warning("%s: some tensors were stored in a lossy format with no %s kernel and are rounded a second "
                     "time (%s); %s, or --quantization none, avoids it", ckpt.config.model_id, fmt, line, fix)
     return packed
 
 
-def packed_bytes(n: int, k: int, fmt: str, group: int) -> int:
+def packed_bytes(n: int, k: int, bits: int, group: int, fp8: bool = False) -> int:
     """Bytes of an [n, k] weight in the packed layout: codes, and an fp16 scale and offset per group (FP8: an fp32
     scale per row and 128-input block); rows padded to the 16-row tile."""
     rows = -(-n // 16) * 16
-    if fmt in FP8_FORMATS:
+    if fp8:
         return rows * k + rows * -(-k // FP8_BLOCK) * 4
-    return rows * k * weight_format(fmt).bits // 8 + rows * (k // group) * 4
+    return rows * k * bits // 8 + rows * (k // group) * 4
 
 
 def weight_bytes_by_format(ckpt: LoadedCheckpoint, group: int | None = None) -> list[dict]:
     """What the model's weights take in each format, computed from the shapes (nothing is quantized): rows of
     {"format", "linears", "embedding", "other", "total"} bytes and "as_stored", "fp32" / "bf16" first, then each weight
-    format as `--quantization` would build it (the embedding per the rule above)."""
+    format as `--quantization` would build it (GGUF blocks taken as stored where it would, the embedding per the rule
+    above), and for a GGUF "gguf" (its own blocks)."""
     stored = {n: v[0] for n, v in _gguf_tensors(ckpt).items()}
     names = set(quantized_names(ckpt.weights, ckpt.fp8_stored))
     other = sum(t.numel() for n, t in ckpt.weights.items() if n not in names)
@@ -215,34 +232,38 @@ def weight_bytes_by_format(ckpt: LoadedCheckpoint, group: int | None = None) -> 
         lin = sum(ckpt.weights[n].numel() * size for n in names if n not in (EMBED, "lm_head.weight"))
         emb = sum(ckpt.weights[n].numel() * size for n in names if n in (EMBED, "lm_head.weight"))
         rows.append({"format": dense, "linears": lin, "embedding": emb, "other": other * size})
-    for f in WEIGHT_FORMATS.values():
+    for fmt in (*WEIGHT_FORMATS, *((GGUF_MODE,) if stored else ())):
         lin = emb = 0
         try:
             for n in sorted(names):
                 rows_, k = ckpt.weights[n].shape
-                if n in (EMBED, "lm_head.weight"):
-                    kind = stored.get(n)
-                    e = WEIGHT_FORMATS[kind.lower()] if kind else (WEIGHT_FORMATS["q8_0"] if f.bits == 4 else f)
-                    emb += packed_bytes(rows_, k, e.name, check_shape(e, rows_, k, None, n))
+                is_embed = n in (EMBED, "lm_head.weight")
+                as_stored, want = _target(stored.get(n), is_embed, fmt)
+                if as_stored:
+                    size = packed_bytes(rows_, k, GGUF_BLOCKS[stored[n]][2], 32)
                 else:
-                    lin += packed_bytes(rows_, k, f.name, check_shape(f, rows_, k, group if f.name == "int4" else None, n))
+                    g = check_shape(want, rows_, k, group if want.name == fmt == "int4" else None, n)
+                    size = packed_bytes(rows_, k, want.bits, g, want.name in FP8_FORMATS)
+                emb, lin = (emb + size, lin) if is_embed else (emb, lin + size)
         except InvalidParameterError:
             continue  # a format this model's shapes cannot take
-        rows.append({"format": f.name, "linears": lin, "embedding": emb, "other": other * 4})
+        rows.append({"format": fmt, "linears": lin, "embedding": emb, "other": other * 4})
     linear_kinds = {v.lower() for n, v in stored.items() if n not in (EMBED, "lm_head.weight")}
     if ckpt.fp8_stored:
         linear_kinds.add("fp8")
+    if stored:
+        linear_kinds.add(GGUF_MODE)
     for r in rows:
         r["total"] = r["linears"] + r["embedding"] + r["other"]
-        r["as_stored"] = r["format"] in linear_kinds  # the GGUF's linears are in this format: run as they are
+        r["as_stored"] = r["format"] in linear_kinds  # the checkpoint's linears are in this format: run as they are
     return rows
 
 
 def parse_quantization(value: str | None) -> str | None:
-    """'none' / None -> None; a known format name -> itself; else InvalidParameterError."""
+    """'none' / None -> None; a known format name or "gguf" -> itself; else InvalidParameterError."""
     if value in (None, "none"):
         return None
-    if value not in WEIGHT_FORMATS:
+    if value not in WEIGHT_FORMATS and value != GGUF_MODE:
         raise InvalidParameterError(f"unknown quantization {value!r}",
-                                    f"use none or one of {', '.join(WEIGHT_FORMATS)}")
+                                    f"use none, gguf or one of {', '.join(WEIGHT_FORMATS)}")
     return value

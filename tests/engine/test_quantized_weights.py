@@ -99,3 +99,57 @@ def test_quality_on_held_out_text(reference, fmt, activations, min_top1, max_ppl
                    for lg, c in zip(logits, conts)) / sum(map(len, conts))
     assert agree >= min_top1
     assert abs(math.exp(nll(got) - nll(want)) - 1) <= max_ppl_delta
+
+
+def _logprob_run(llm, ids, native: bool, monkeypatch, tokens: int = 24):
+    monkeypatch.setenv("TIERLM_NATIVE_DECODE", "1" if native else "0")
+    calls = []
+    real = kq.DecodeStack.run
+
+    def counted(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(kq.DecodeStack, "run", counted)
+    outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, logprobs=5))
+    return [(o.outputs[0].token_ids, [[(lp.token_id, lp.logprob) for lp in step] for step in o.outputs[0].logprobs])
+            for o in outs], calls
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "fp8"])
+def test_the_native_decode_step_is_the_python_path_bit_for_bit(fmt, monkeypatch):
+    """Decode steps of a quantized model run all decoder layers in one native call (DecodeStack): the same
+    operations in the same order as the Python layers, so tokens and log-probabilities are identical, for batch
+    1 and a batch of 3 with different lengths; steps with prefill rows take the Python path. (No prefix cache: a
+    second run would otherwise prefill through cached blocks, which rounds differently on its own.)"""
+    with LLM(kv_cache_memory=128 << 20, quantization=fmt, enable_prefix_caching=False) as llm:
+        ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
+        for batch in (ids[:1], ids):
+            native, calls = _logprob_run(llm, batch, True, monkeypatch)
+            assert calls and all(calls), "every decode-only step took the native call"
+            python, none = _logprob_run(llm, batch, False, monkeypatch)
+            assert not none
+            assert native == python
+
+
+def test_the_native_decode_step_rebinds_and_steps_aside(monkeypatch):
+    """A changed activation mode rebinds the stack (never stale kernel arguments); FP8 KV, a sparse selector or an
+    unquantized model keep the Python path."""
+    with LLM(kv_cache_memory=128 << 20, quantization="q4_1", enable_prefix_caching=False) as llm:
+        model = llm.engine.model
+        ids = [llm.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])]
+        first, calls = _logprob_run(llm, ids, True, monkeypatch, tokens=8)
+        stack = model.__dict__["_native_stack"][0]
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.activations = "fp32"
+        again, calls = _logprob_run(llm, ids, True, monkeypatch, tokens=8)
+        assert all(calls) and model.__dict__["_native_stack"][0] is not stack
+        python, _ = _logprob_run(llm, ids, False, monkeypatch, tokens=8)
+        assert again == python
+    with LLM(kv_cache_memory=128 << 20, quantization="q4_1", kv_format="fp8_e4m3") as llm:
+        _, calls = _logprob_run(llm, ids, True, monkeypatch, tokens=4)
+        assert calls == [] and llm.engine.model.__dict__.get("_native_stack") is not None  # bound, not taken
+    with LLM(kv_cache_memory=128 << 20) as llm:
+        _, calls = _logprob_run(llm, ids, True, monkeypatch, tokens=4)
+        assert calls == [] and llm.engine.model.__dict__.get("_native_stack") is None

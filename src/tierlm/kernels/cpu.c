@@ -151,6 +151,9 @@ static inline __attribute__((always_inline)) void one_sequence(const float *q, c
 }
 
 /* Returns 0 on success, 1 if the per-sequence scratch would not fit (the caller falls back). */
+/* Whether tierlm_paged_decode_f32 takes this shape (its per-sequence scratch lives on the stack). */
+int tierlm_paged_decode_fits(int64_t hq, int64_t d, int64_t bs) { return hq * bs + 2 * hq + hq * d <= MAX_STACK_FLOATS; }
+
 int tierlm_paged_decode_f32(const float *q, const float *kv_cache, const int64_t *block_tables,
                             const int64_t *seq_lens, float *out, int64_t nd, int64_t hq, int64_t hkv, int64_t d,
                             int64_t num_blocks, int64_t bs, int64_t max_blocks, float scale,

@@ -752,3 +752,78 @@ int tierlm_qmlp_run(const tierlm_qlinear *gate_up, const tierlm_qlinear *down, c
     free(a);
     return rc;
 }
+
+/* ---- a decode step's decoder layers in one call ------------------------------------------------------------
+ * For a Llama-family model on quantized weights with fp32 KV, every row a decode (one new token per sequence):
+ * per layer, the same operations as the Python path (models/llama.py) in the same order, so the result is the
+ * same bit for bit: residual add + RMSNorm (cpu.c), the fused q/k/v linear, RoPE on q and k (x * cos + swap(x)
+ * * sin, with RotaryEmbedding's tables: separate multiplies and add, as torch computes it; -std=c11 keeps the
+ * compiler from contracting them), the new K/V written at their cache slots, paged decode attention (cpu.c),
+ * o_proj, residual add + RMSNorm, and the gated MLP. What it saves is the dispatch between them: about a dozen
+ * Python and torch calls per layer. */
+int tierlm_paged_decode_fits(int64_t hq, int64_t d, int64_t bs);
+int tierlm_paged_decode_f32(const float *q, const float *kv_cache, const int64_t *block_tables,
+                            const int64_t *seq_lens, float *out, int64_t nd, int64_t hq, int64_t hkv, int64_t d,
+                            int64_t num_blocks, int64_t bs, int64_t max_blocks, float scale,
+                            const float *spill, int64_t num_spill);
+void tierlm_add_rms_norm_f32(const float *x, const float *res, const float *w, float *out, float *res_out,
+                             int64_t rows, int64_t dim, float eps);
+
+typedef struct {
+    const tierlm_qlinear *qkv, *o, *gate_up, *down;
+    const float *ln_in, *ln_post;  /* input_layernorm, post_attention_layernorm weights */
+    float *kv;  /* this layer's cache [2, num_blocks, bs, hkv, d] */
+} tierlm_layer_args;
+
+typedef struct {
+    int64_t layers, hidden, hq, hkv, d, num_blocks, bs;
+    float eps, scale;
+} tierlm_stack_dims;
+
+/* x [M, hidden]: the embeddings in, the last layer's MLP output out; residual [M, hidden]: the residual stream
+ * before that output is added (the caller's final norm adds it). cos, sin [M, d]: the rows' RoPE tables; slots
+ * [M]: each new token's cache slot; tables [M, max_blocks], lens [M]: the sequences' blocks and lengths with the
+ * new token. Returns 0, 1 when the attention kernel does not take the shape (nothing is touched: use the Python
+ * path), or -1 on no memory / bad arguments. */
+int tierlm_decode_layers(const tierlm_stack_dims *S, const tierlm_layer_args *L, float *x, float *residual,
+                         const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
+                         int64_t max_blocks, const int64_t *lens, int64_t M) {
+    const int64_t H = S->hidden, hq = S->hq, hkv = S->hkv, d = S->d, half = d / 2, width = (hq + 2 * hkv) * d;
+    if (M <= 0 || d % 2 || !tierlm_paged_decode_fits(hq, d, S->bs)) return 1;
+    float *h = malloc(sizeof(float) * (size_t)(M * H)), *qkv = malloc(sizeof(float) * (size_t)(M * width));
+    float *q = malloc(sizeof(float) * (size_t)(M * hq * d)), *att = malloc(sizeof(float) * (size_t)(M * hq * d));
+    float *rot = malloc(sizeof(float) * (size_t)d);
+    int rc = (h && qkv && q && att && rot) ? 0 : -1;
+    const int64_t plane = S->num_blocks * S->bs * hkv * d;  /* K rows, then V rows */
+    for (int64_t l = 0; l < S->layers && rc == 0; l++) {
+        const tierlm_layer_args *a = L + l;
+        if (l == 0) {
+            memcpy(residual, x, sizeof(float) * (size_t)(M * H));
+            tierlm_add_rms_norm_f32(x, NULL, a->ln_in, h, NULL, M, H, S->eps);
+        } else {
+            tierlm_add_rms_norm_f32(x, residual, a->ln_in, h, residual, M, H, S->eps);
+        }
+        if ((rc = tierlm_qlinear_run(a->qkv, h, qkv, M)) != 0) break;
+        for (int64_t m = 0; m < M; m++) {
+            float *row = qkv + m * width;
+            const float *c = cos + m * d, *s = sin + m * d;
+            for (int64_t head = 0; head < hq + hkv; head++) {  /* q heads, then k heads */
+                float *v = row + head * d;
+                for (int64_t j = 0; j < d; j++) {
+                    const float swapped = j < half ? v[j + half] : v[j - half];
+                    rot[j] = v[j] * c[j] + swapped * s[j];
+                }
+                memcpy(head < hq ? q + (m * hq + head) * d : v, rot, sizeof(float) * (size_t)d);
+            }
+            memcpy(a->kv + slots[m] * hkv * d, row + hq * d, sizeof(float) * (size_t)(hkv * d));
+            memcpy(a->kv + plane + slots[m] * hkv * d, row + (hq + hkv) * d, sizeof(float) * (size_t)(hkv * d));
+        }
+        if (tierlm_paged_decode_f32(q, a->kv, tables, lens, att, M, hq, hkv, d, S->num_blocks, S->bs, max_blocks,
+                                    S->scale, NULL, 0) != 0) { rc = -1; break; }
+        if ((rc = tierlm_qlinear_run(a->o, att, x, M)) != 0) break;
+        tierlm_add_rms_norm_f32(x, residual, a->ln_post, h, residual, M, H, S->eps);
+        if ((rc = tierlm_qmlp_run(a->gate_up, a->down, h, x, M)) != 0) break;
+    }
+    free(h); free(qkv); free(q); free(att); free(rot);
+    return rc;
+}

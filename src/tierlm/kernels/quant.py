@@ -66,6 +66,9 @@ def _lib():
     lib.tierlm_fp8_dequant_t.restype = _INT
     lib.tierlm_fp8_dequant_rows.argtypes = [_P, _P, _P, _I64, _P, _I64, _I64]
     lib.tierlm_fp8_dequant_rows.restype = _INT
+    lib.tierlm_decode_layers.argtypes = [ctypes.POINTER(_StackDims), ctypes.POINTER(_LayerArgs), _P, _P, _P, _P, _P, _P,
+                                         _I64, _P, _I64]
+    lib.tierlm_decode_layers.restype = _INT
     lib.tierlm_qmatmul_vector.argtypes = []
     lib.tierlm_qmatmul_vector.restype = _INT
     if not _qmatmul_ok(lib):
@@ -87,6 +90,17 @@ def vector_path() -> bool:
 class _QLinearArgs(ctypes.Structure):
     _fields_ = [("w", _P), ("scales", _P), ("mins", _P), ("bias", _P), ("n", _I64), ("k", _I64), ("group", _I64),
                 ("bits", ctypes.c_int32), ("act_bits", ctypes.c_int32), ("fp8", ctypes.c_int32)]
+
+
+class _LayerArgs(ctypes.Structure):
+    _fields_ = [("qkv", ctypes.POINTER(_QLinearArgs)), ("o", ctypes.POINTER(_QLinearArgs)),
+                ("gate_up", ctypes.POINTER(_QLinearArgs)), ("down", ctypes.POINTER(_QLinearArgs)),
+                ("ln_in", _P), ("ln_post", _P), ("kv", _P)]
+
+
+class _StackDims(ctypes.Structure):
+    _fields_ = [("layers", _I64), ("hidden", _I64), ("hq", _I64), ("hkv", _I64), ("d", _I64), ("num_blocks", _I64),
+                ("bs", _I64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 ACTIVATIONS = QUANT_ACTIVATIONS
@@ -167,6 +181,45 @@ def mlp_run(gate_up: QLinearPlan, down: QLinearPlan, x: torch.Tensor) -> torch.T
     if gate_up.lib.tierlm_qmlp_run(gate_up.ref, down.ref, x.data_ptr(), y.data_ptr(), x.shape[0]) != 0:
         raise RuntimeError(f"tierlm_qmlp_run failed on x {tuple(x.shape)}")
     return y
+
+
+class DecodeStack:
+    """A decode step's decoder layers as one native call (quant.c tierlm_decode_layers): the same operations as the
+    Python path in the same order, bit for bit, without the dozen Python and torch calls per layer between them.
+    `layers`: per layer (qkv, o, gate_up, down QLinearPlans, input_layernorm weight, post_attention_layernorm
+    weight); `run` returns (MLP output, residual) of the last layer, or None when the attention kernel does not
+    take the shape (nothing was touched)."""
+
+    def __init__(self, layers: list[tuple], hidden: int, hq: int, hkv: int, d: int, eps: float, scale: float):
+        self.lib = _lib()
+        self.max_rows = min(min(p.max_rows for p in layer[:4]) for layer in layers)
+        self.keep = layers
+        self.args = (_LayerArgs * len(layers))()
+        for a, (qkv, o, gate_up, down, ln_in, ln_post) in zip(self.args, layers):
+            a.qkv, a.o, a.gate_up, a.down = (ctypes.pointer(p.args) for p in (qkv, o, gate_up, down))
+            a.ln_in, a.ln_post = ln_in.data_ptr(), ln_post.data_ptr()
+        self.dims = _StackDims(len(layers), hidden, hq, hkv, d, 0, 0, eps, scale)
+        self.hidden, self.kv_ptrs = hidden, None
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: list[torch.Tensor], slots: torch.Tensor,
+            tables: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x [M, hidden] embeddings; cos / sin [M, d]; kv: each layer's cache [2, num_blocks, bs, hkv, d] fp32;
+        slots [M], tables [M, max_blocks], lens [M] int64 (contiguous)."""
+        ptrs = tuple(t.data_ptr() for t in kv)
+        if ptrs != self.kv_ptrs:
+            for a, p in zip(self.args, ptrs):
+                a.kv = p
+            self.kv_ptrs, self.dims.num_blocks, self.dims.bs = ptrs, kv[0].shape[1], kv[0].shape[2]
+        x = x.contiguous().clone()
+        residual = torch.empty_like(x)
+        rc = self.lib.tierlm_decode_layers(ctypes.byref(self.dims), self.args, x.data_ptr(), residual.data_ptr(),
+                                           cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                                           tables.shape[1], lens.data_ptr(), x.shape[0])
+        if rc == 1:
+            return None
+        if rc != 0:
+            raise RuntimeError(f"tierlm_decode_layers failed (rc {rc}) on {x.shape[0]} rows")
+        return x, residual
 
 
 def dequant_gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,8 @@ The forward pass takes the step's flattened tokens and explicit attention metada
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,10 +98,60 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden] (final norm applied)."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions)
+        native = self._native_decode(x, rope, ctx)
+        if native is not None:
+            return self.norm(*native)[0]
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope, ctx)
         return self.norm(x, residual)[0]
+
+    # ---- the native decode step ----------------------------------------------------------------------
+    def _native_decode(self, x: torch.Tensor, rope, ctx: AttentionContext):
+        """(last MLP output, residual) from kernels/quant.py DecodeStack when this step can take it: quantized
+        linears on the CPU, no q/k norm, fp32 KV read by the cpu backend, dense attention, no spill, every row
+        a decode; else None (the layers run one by one). TIERLM_NATIVE_DECODE=0 turns it off."""
+        meta = ctx.meta
+        if meta.num_decodes != x.shape[0] or ctx.selector is not None or ctx.kv.spill is not None \
+                or x.dtype is not torch.float32 or x.device.type != "cpu" \
+                or os.environ.get("TIERLM_NATIVE_DECODE", "1") == "0":
+            return None
+        stack = self._decode_stack()
+        if stack is None or x.shape[0] >= stack.max_rows or type(ctx.backend).__name__ != "CpuBackend":
+            return None
+        layers = [ctx.kv[i] for i in range(len(self.layers))]
+        if any(kv.scheme is not None for kv in layers):
+            return None
+        cos, sin = (t.squeeze(1).contiguous() for t in rope)
+        return stack.run(x, cos, sin, [kv.data for kv in layers], meta.slot_mapping.contiguous(),
+                         meta.decode_block_tables.contiguous(), meta.decode_seq_lens.contiguous())
+
+    def _decode_stack(self):
+        """The bound DecodeStack, rebuilt when a linear's kernel arguments changed (a new activation mode, a move);
+        None when the model cannot take the native step."""
+        from tierlm.models.linear import QuantLinear
+
+        cached = self.__dict__.get("_native_stack")
+        mods = [(L.self_attn.qkv_proj, L.self_attn.o_proj, L.mlp.gate_up_proj, L.mlp.down_proj) for L in self.layers]
+        if cached is not None and all(m.__dict__.get("_plan") is p for ms, ps in zip(mods, cached[1])
+                                      for m, p in zip(ms, ps)):
+            return cached[0]
+        self.__dict__.pop("_native_stack", None)
+        if self.config.qk_norm or not all(
+                isinstance(m, QuantLinear) for ms in mods for m in ms):
+            return None
+        from tierlm.kernels import cpu as cpu_kernels
+        from tierlm.kernels import quant as qk
+
+        plans = [tuple(m.plan() for m in ms) for ms in mods]
+        norms = [(L.input_layernorm.weight, L.post_attention_layernorm.weight) for L in self.layers]
+        if any(p is None for ps in plans for p in ps) or not cpu_kernels.usable(*(w for n in norms for w in n)):
+            return None
+        a = self.layers[0].self_attn
+        stack = qk.DecodeStack([(*ps, *(w.contiguous() for w in n)) for ps, n in zip(plans, norms)],
+                               self.config.hidden_size, a.hq, a.hkv, a.d, self.layers[0].input_layernorm.eps, a.scale)
+        self.__dict__["_native_stack"] = (stack, plans)
+        return stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""

@@ -356,6 +356,14 @@ static void tile_f32(const float *x, int64_t ldx, const float *xs, const uint8_t
 }
 #endif
 
+/* A portable tile's rows into y (+ bias), rows past N not stored; frees `out`. */
+static void store_portable(float (*out)[TILE], const float *bias, float *y, int64_t ldy, int64_t M, int64_t n0,
+                           int64_t N) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t r = 0; r < TILE && n0 + r < N; r++) y[m * ldy + n0 + r] = out[m][r] + (bias ? bias[n0 + r] : 0.0f);
+    free(out);
+}
+
 /* The activations a tile loop reads: integer (act_bits 8 or 16: q, its low plane, dx) or fp32 (act_bits 32: x);
  * sums: per row and group, the offset term's activation sum (sum of dx * sum(q), or sum(x)). */
 typedef struct {
@@ -397,10 +405,7 @@ static int run_tiles(const acts_t *a, const uint8_t *w, const uint16_t *scales, 
         }
         if (a->act_bits == 32) tile_portable_f32(a->x, a->ldx, a->sums, wt, st, mt, M, K, G, bits, out);
         else tile_portable(a->q, a->plane, a->act_bits, a->dx, a->sums, wt, st, mt, M, K, G, bits, out);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t r = 0; r < TILE && n0 + r < N; r++)
-                y[m * ldy + n0 + r] = out[m][r] + (bias ? bias[n0 + r] : 0.0f);
-        free(out);
+        store_portable(out, bias, y, ldy, M, n0, N);
     }
     (void)vector;
     return failed ? -1 : 0;
@@ -627,10 +632,7 @@ int tierlm_fp8_matmul(const float *x, int64_t ldx, const uint8_t *w, const float
             continue;
         }
         fp8_tile_portable(x, ldx, wt, st, M, K, out);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t r = 0; r < TILE && n0 + r < N; r++)
-                y[m * ldy + n0 + r] = out[m][r] + (bias ? bias[n0 + r] : 0.0f);
-        free(out);
+        store_portable(out, bias, y, ldy, M, n0, N);
     }
     return failed ? -1 : 0;
 }

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierlm.attention import AttentionContext
+from tierlm.attention.cpu_backend import CpuBackend
 from tierlm.config import ModelConfig
 from tierlm.core.errors import CorruptModelError
 from tierlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope
@@ -117,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
                 or os.environ.get("TIERLM_NATIVE_DECODE", "1") == "0":
             return None
         stack = self._decode_stack()
-        if stack is None or x.shape[0] >= stack.max_rows or type(ctx.backend).__name__ != "CpuBackend":
+        if stack is None or x.shape[0] >= stack.max_rows or not isinstance(ctx.backend, CpuBackend):
             return None
         layers = [ctx.kv[i] for i in range(len(self.layers))]
         if any(kv.scheme is not None for kv in layers):

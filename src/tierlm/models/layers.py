@@ -20,7 +20,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if cpu_kernels.usable(x, self.weight):
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                            or (residual is not None and residual.requires_grad))
+        if not grad and cpu_kernels.usable(x, self.weight):  # the native kernel has no backward: training uses torch
             out, res = cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
             return out if residual is None else (out, res)
         if residual is not None:

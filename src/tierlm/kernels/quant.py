@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from tierlm.core.registry import QUANT_ACTIVATIONS
 from tierlm.kernels import cpu as _cpu
-from tierlm.quant.weights import (FP8_BLOCK, FP8_MAX, QBLOCK, PackedWeight, codes_of, dequantize, quantize,
-                                  row_params)
+from tierlm.quant.weights import (FP8_BLOCK, FP8_MAX, QBLOCK, PackedWeight, codes_of, dequantize, expand_blocks,
+                                  quantize, row_params)
 
 log = logging.getLogger(__name__)
 _P, _I64, _INT = _cpu._P, _cpu._I64, _cpu._INT
@@ -328,7 +328,7 @@ def fp8_scaled_mm(x: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor
 def reference_fp8_scaled_mm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_scaled_mm's definition: the activations rounded as it rounds them, times the dequantized weight."""
     q, s = fp8_act_quant(x)
-    xd = q.float() * s.repeat_interleave(FP8_BLOCK, dim=1)[:, : x.shape[1]]
+    xd = q.float() * expand_blocks(s, (1, FP8_BLOCK), tuple(x.shape))
     return F.linear(xd, dequantize(pw), None if bias is None else bias.float())
 
 

@@ -32,6 +32,7 @@ import torch
 
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.registry import WEIGHT_FORMAT_NAMES
+from tierlm.quant.fp8 import FP8_TYPES, ue8m0_decode, ue8m0_encode
 
 TILE = 16  # output rows per tile of the packed layout
 QBLOCK = 32  # activation block; every group is a multiple of it
@@ -56,7 +57,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
 )}
 FP8_FORMATS = ("fp8", "fp8_ue8m0")
 FP8_BLOCK = 128  # rows and inputs per FP8 scale block
-FP8_MAX = 448.0
+FP8_MAX = FP8_TYPES["e4m3"].max  # 448
 INT4_GROUPS = (32, 64, 128)
 assert tuple(sorted(WEIGHT_FORMATS)) == tuple(sorted(WEIGHT_FORMAT_NAMES)), "core.registry names the formats too"
 
@@ -212,8 +213,7 @@ def dequantize(pw: PackedWeight, rows: torch.Tensor | None = None) -> torch.Tens
     if pw.fp8:
         codes = codes_of(pw) if rows is None else pw.data.view(-1, pw.k, TILE)[rows // TILE, :, rows % TILE]
         sc = sc if rows is None else sc[rows]
-        s = sc.repeat_interleave(FP8_BLOCK, dim=1)[:, : pw.k]
-        return codes.contiguous().view(torch.float8_e4m3fn).float() * s
+        return codes.contiguous().view(torch.float8_e4m3fn).float() * expand_blocks(sc, (1, FP8_BLOCK), codes.shape)
     if rows is None:
         codes = codes_of(pw)
     else:
@@ -235,6 +235,11 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.float().reshape(w.shape[0], -1, group)
 
 
+def expand_blocks(s: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Per-block values s [ceil(n / bn), ceil(k / bk)] -> one per element [n, k] (edge blocks cut short)."""
+    return s.repeat_interleave(block[0], dim=0)[: shape[0]].repeat_interleave(block[1], dim=1)[:, : shape[1]]
+
+
 def fp8_block_scales(w: torch.Tensor, ue8m0: bool) -> torch.Tensor:
     """The scale of each 128 x 128 block of w [n, k]: [ceil(n / 128), ceil(k / 128)] fp32, amax / 448 (UE8M0: rounded
     up to a power of two); a block of zeros gets 1."""
@@ -244,8 +249,8 @@ def fp8_block_scales(w: torch.Tensor, ue8m0: bool) -> torch.Tensor:
     padded[:n, :k] = w.float().abs()
     amax = padded.view(bn, FP8_BLOCK, bk, FP8_BLOCK).amax(dim=(1, 3))
     s = amax / FP8_MAX
-    if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+    if ue8m0:  # quant.fp8's UE8M0 rule: the smallest power of two >= amax / 448
+        s = ue8m0_decode(ue8m0_encode(torch.where(amax > 0, s, torch.ones_like(s))))
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
@@ -254,9 +259,8 @@ def quantize_fp8(w: torch.Tensor, fmt_name: str = "fp8", scales: torch.Tensor | 
     computed): u = e4m3(clamp(w / s, +-448)), rounded to nearest even by torch's cast."""
     n, k = w.shape
     s = fp8_block_scales(w, fmt_name == "fp8_ue8m0") if scales is None else scales.float()
-    row_s = s.repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [n, ceil(k / 128)]
-    full = row_s.repeat_interleave(FP8_BLOCK, dim=1)[:, :k]
-    u = (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    row_s = expand_blocks(s, (FP8_BLOCK, 1), (n, s.shape[1]))  # [n, ceil(k / 128)]
+    u = (w.float() / expand_blocks(s, (FP8_BLOCK, FP8_BLOCK), (n, k))).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     return pack(fmt_name, u, row_s, None, 8)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
+from tierlm.quant.weights import expand_blocks
 
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
@@ -31,12 +32,11 @@ class Fp8Stored:
 
     def row_scales(self) -> torch.Tensor:
         """[n, ceil(k / bk)]: each row's scale per block of bk inputs."""
-        return self.scale_inv.repeat_interleave(self.block[0], dim=0)[: self.codes.shape[0]]
+        return expand_blocks(self.scale_inv, (self.block[0], 1), (self.codes.shape[0], self.scale_inv.shape[1]))
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.codes.shape
-        full = self.row_scales().repeat_interleave(self.block[1], dim=1)[:, :k]
-        return self.codes.view(torch.float8_e4m3fn).float() * full
+        return self.codes.view(torch.float8_e4m3fn).float() * expand_blocks(self.scale_inv, self.block,
+                                                                             tuple(self.codes.shape))
 
     @property
     def pow2_scales(self) -> bool:

@@ -170,6 +170,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "16 bits, integer dot products; near-exact) | int8 (8 bits: the fastest, llama.cpp's scheme, "
                         "measurably lossy) | fp32 (exact up to summation order: the fp32 model's greedy tokens; "
                         "compute-bound, slower)")
+    g.add_argument("--engram-backend", default="device", choices=("device", "host", "mmap"),
+                   help="V4-mini models: where the Engram tables are served from: device (a copy on the compute "
+                        "device; default) | host (host memory, pinned on CUDA) | mmap (the checkpoint file mapped in "
+                        "place, for tables larger than memory); rows are prefetched on a worker thread either way")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -271,4 +275,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         attention_backend=args.attention_backend, drift_guard=drift_guard_config(args),
                         sparse=sparse_config(args), quantization=getattr(args, "quantization", "none"),
                         quant_group=getattr(args, "quant_group", None),
-                        quant_activations=getattr(args, "quant_activations", "int8"))
+                        quant_activations=getattr(args, "quant_activations", "int8"),
+                        engram_backend=getattr(args, "engram_backend", "device"))

@@ -8,6 +8,50 @@ from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION
                                   get_kv_format, implemented_kv_formats)
 
 
+ENGRAM_TABLE_BACKENDS = ("device", "host", "mmap")
+
+
+@dataclass(frozen=True)
+class EngramConfig:
+    """Conditional memory (Engram, REFERENCE.md section 4) in a V4-mini model: which layers read hashed N-gram
+    rows, and the shape of each layer's table (tierlm.memory.hashing.NGramHasher with these fields; every Engram
+    layer has its own table, hashed with seed `seed + layer`)."""
+
+    layers: tuple[int, ...]
+    row_dim: int = 32  # values per table row (one row per N-gram order and hash head)
+    rows_per_head: int = 4093  # each head's table is the largest distinct prime <= this
+    orders: tuple[int, ...] = (2, 3)
+    heads: int = 8
+    seed: int = 0
+    conv: bool = True  # the causal depthwise conv over the gated values (kernel 4, dilation = max order)
+    conv_kernel: int = 4
+    num_ids: int = 0  # normalized token ids (the compression map's range; 0: the vocabulary, no compression)
+
+    def __post_init__(self) -> None:
+        if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
+            raise InvalidParameterError(f"Engram layers {list(self.layers)} must be distinct layer indices >= 0",
+                                        "list the decoder layers that read memory, e.g. engram.layers: [1]")
+        if self.row_dim < 1 or self.heads < 1 or self.rows_per_head < 2 or not self.orders or min(self.orders) < 1:
+            raise InvalidParameterError("Engram needs row_dim >= 1, heads >= 1, rows_per_head >= 2 and orders >= 1",
+                                        "use the defaults: row_dim 32, 8 heads, orders [2, 3]")
+        if self.conv and self.conv_kernel < 2:
+            raise InvalidParameterError(f"Engram conv_kernel {self.conv_kernel} < 2", "use 4, or conv: false")
+
+    @property
+    def slots(self) -> int:
+        return len(self.orders) * self.heads
+
+    @property
+    def history(self) -> int:
+        """Earlier token ids one position's N-grams read."""
+        return max(self.orders) - 1
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        """How far back the conv reads earlier gated values (dilation = max order): e.g. (3, 6, 9)."""
+        return tuple(max(self.orders) * k for k in range(1, self.conv_kernel)) if self.conv else ()
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a decoder-only transformer (Llama family). Built by the loader from GGUF or config.json."""
@@ -32,8 +76,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     model_id: str = "unknown"
+    engram: EngramConfig | None = None  # V4-mini: conditional memory at some layers
+    attention_type: str = "gqa"  # models/v4mini.py ATTENTION_TYPES: the attention a V4-mini layer runs
 
     def __post_init__(self) -> None:
+        if self.engram is not None and max(self.engram.layers) >= self.num_layers:
+            raise InvalidParameterError(f"Engram layer {max(self.engram.layers)} does not exist in a "
+                                        f"{self.num_layers}-layer model", "list layers below num_hidden_layers")
         if self.architecture not in architecture_names():
             raise InvalidParameterError(
                 f"unsupported architecture {self.architecture!r}",
@@ -56,7 +105,11 @@ class ModelConfig:
         if self.qk_norm:
             per_layer += 2 * self.head_dim
         emb = self.vocab_size * h
-        return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
+        engram = 0
+        if self.engram is not None:  # per Engram layer: W_K, W_V, two norms, the conv
+            e = self.engram
+            engram = len(e.layers) * (2 * e.slots * e.row_dim * h + 2 * h + (h * e.conv_kernel if e.conv else 0))
+        return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h + engram
 
 
 @dataclass(frozen=True)
@@ -277,8 +330,14 @@ class EngineConfig:
     # how quantized linears take their input: "int16" (rounded per 32 inputs: near-exact, fast) | "int8" (the
     # fastest, llama.cpp's scheme, measurably lossy) | "fp32" (exact up to summation order, compute-bound)
     quant_activations: str = "int16"
+    # where a V4-mini's Engram tables are served from: "device" (a copy on the compute device), "host" (host
+    # memory, pinned on CUDA), "mmap" (the checkpoint file, mapped in place: tables larger than memory)
+    engram_backend: str = "device"
 
     def __post_init__(self) -> None:
+        if self.engram_backend not in ENGRAM_TABLE_BACKENDS:
+            raise InvalidParameterError(f"unknown Engram table backend {self.engram_backend!r}",
+                                        f"use one of {', '.join(ENGRAM_TABLE_BACKENDS)}")
         if self.quantization not in QUANTIZATION_CHOICES:
             raise InvalidParameterError(f"unknown quantization {self.quantization!r}",
                                         f"use one of {', '.join(QUANTIZATION_CHOICES)}")

@@ -43,6 +43,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("mistral", "llama", "MistralForCausalLM"),
     Architecture("qwen2", "llama", "Qwen2ForCausalLM", gguf_name="qwen2"),
     Architecture("qwen3", "llama", "Qwen3ForCausalLM", gguf_name="qwen3"),
+    Architecture("v4mini", "v4mini", "V4MiniForCausalLM"),  # tierlm's own: Llama blocks + Engram (models/v4mini.py)
 )}
 
 

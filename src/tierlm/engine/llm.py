@@ -23,7 +23,8 @@ class LLM:
                  scheduling_policy: str = "fcfs", attention_backend: str = "auto", tiers: TierConfig | None = None,
                  kv_format: str | None = None, kv_scales: str | None = None,
                  drift_guard: DriftGuardConfig | None = None, sparse: SparseConfig | None = None,
-                 quantization: str = "none", quant_group: int | None = None, quant_activations: str = "int16"):
+                 quantization: str = "none", quant_group: int | None = None, quant_activations: str = "int16",
+                 engram_backend: str = "device"):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed, kv_format=kv_format,
                             kv_scales_path=kv_scales)
@@ -34,7 +35,8 @@ class LLM:
                                           tiers=tiers or TierConfig(),
                                           drift_guard=drift_guard or DriftGuardConfig(),
                                           sparse=sparse or SparseConfig(), quantization=quantization,
-                                          quant_group=quant_group, quant_activations=quant_activations)))
+                                          quant_group=quant_group, quant_activations=quant_activations,
+                                          engram_backend=engram_backend)))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":

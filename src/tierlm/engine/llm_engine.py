@@ -129,6 +129,8 @@ class LLMEngine:
         self.model = build_model(ckpt.config, ckpt.weights, self.dtype, self.device, self.max_model_len, packed,
                                  config.quant_activations)
         del packed
+        if hasattr(self.model, "place_tables"):
+            self.model.place_tables(config.engram_backend, self.device)
         self.weights_digest = ckpt.weights_digest
         # what the numbers are computed in: the dtype, and the weight format when quantized (KV keys name it)
         self.compute_key = compute if config.quantization == "none" else (
@@ -210,6 +212,8 @@ class LLMEngine:
         self.kv_storage = KVStorage(self.kv_spec, num_blocks, self.device, num_spill)
         if self.selector is not None:
             self.selector.add_meta(self.kv_storage)  # before the tiers: their entries carry every per-block part
+        if hasattr(self.model, "add_kv_meta"):
+            self.model.add_kv_meta(self.kv_storage)  # a V4-mini's Engram conv state, paged with the KV
         self.spill = SpillStore(self.kv_storage, num_spill, pool, sp.spill_dir) if num_spill else None
         self.kv_scales = self._candidate_scales if self.kv_spec.format.static else None
         if self.kv_scales is not None:
@@ -257,7 +261,8 @@ class LLMEngine:
         # A block's shape, not the pool's: engines with other pool sizes share entries.
         layout = ";".join(f"{name}:{str(t.dtype).removeprefix('torch.')}:"
                           f"{'x'.join(str(n) for i, n in enumerate(t.shape) if i != dim)}"
-                          for name, (t, dim) in self.kv_storage[0].parts().items())
+                          + ("" if len(held) == len(self.kv_storage) else f"@{','.join(map(str, held))}")
+                          for name, (t, dim, held) in self.kv_storage.part_layout().items())
         identity = EntryIdentity(model=f"{model_id}@{weights}/{shape}/{compute}", kv_format=kv_format,
                                  layout=f"{len(self.kv_storage)} layers;{layout}")
         return TierController(config.tiers, tiers, self.kv_storage, identity)
@@ -282,6 +287,8 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.persist([self.kv._ref(b) for b in self.kv.pool.cached.values()])
             self.tiers.close()
+        if hasattr(self.model, "close"):
+            self.model.close()  # a V4-mini's prefetch threads
 
     def _default_kv_bytes(self, spec: KVSpec) -> int:
         if self.device.type == "cuda":

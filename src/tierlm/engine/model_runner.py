@@ -4,7 +4,9 @@ Holds, never creates alone: the model (any tierlm.models.base.CausalLM), the KV 
 (kvcache.KVStorage, which owns the KV tensors) and the attention backend, chosen once at construction
 (tierlm.attention.select_backend). Per step it flattens the scheduled tokens (decodes first), builds the
 backend-neutral AttentionMetadata, lets the backend derive its per-step state, and runs the model with an
-AttentionContext.
+AttentionContext. A model that reads more of a token's context than its id (a V4-mini: the earlier ids its
+Engram N-grams hash, the slots of the earlier values its conv reads, `token_context`) gets them through
+`begin_step` as soon as the step is laid out, so its memory rows are fetched while the step is still prepared.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.spec.block_size
         self.num_ids = kv.num_ids  # device blocks and spill ids (kvcache/spill.py): what tables may hold
+        self.token_context = getattr(model, "token_context", None)  # (earlier ids, conv taps) or None
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -44,10 +47,17 @@ class ModelRunner:
         p_tables: list[torch.Tensor] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
+        history: list[list[int]] = []
+        taps: list[list[int]] = []
+        width, back = self.token_context or (0, ())
         for s in out.scheduled:
             req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
             end = start + n
             table = s.block_table
+            if self.token_context is not None:
+                for p in range(start, end):
+                    history.append([req.token_id_at(q) if q >= 0 else -1 for q in range(p - width, p)])
+                    taps.append([table[(p - d) // bs] * bs + (p - d) % bs if p >= d else -1 for d in back])
             if s.is_decode:
                 ids.append(req.token_id_at(start))
                 positions.append(start)
@@ -75,8 +85,11 @@ class ModelRunner:
             num_decodes=nd, decode_block_tables=dec_bt, decode_seq_lens=dec_lens,
             prefill_query_lens=p_qlens, prefill_seq_lens=p_slens, prefill_block_tables=p_tables,
         )
-        self.backend.prepare(meta, self.num_ids)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self.token_context is not None:
+            self.model.begin_step(input_ids, torch.tensor(history, dtype=torch.long).view(len(ids), width),
+                                  torch.tensor(taps, dtype=torch.long).view(len(ids), len(back)) if back else None)
+        self.backend.prepare(meta, self.num_ids)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, sample_rows, sample_reqs
 

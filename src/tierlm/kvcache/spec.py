@@ -10,7 +10,9 @@ Layout counted by `KVSpec.bytes_per_token` (one token, all layers):
     scales_per_head = head_dim / scale_group (grouped FP8), 1 (one scale per head), 0 (unscaled or static)
 
 A scale group never spans two heads: a group size that does not divide head_dim is refused. Static FP8
-scales (one per layer, K/V and head) are not per token, so they add nothing here.
+scales (one per layer, K/V and head) are not per token, so they add nothing here. State a model keeps per
+token beside its KV (a V4-mini's Engram conv values: hidden fp32 values per Engram layer) is `state_bytes_per_token`,
+counted in every total here.
 """
 from __future__ import annotations
 
@@ -29,6 +31,16 @@ if TYPE_CHECKING:
     from tierlm.config import ModelConfig
 
 
+ENGRAM_STATE = "engram"  # the block-metadata name of the Engram conv values (models/v4mini.py)
+
+
+def engram_state_bytes(model_config) -> int:
+    """Bytes per token of a V4-mini's Engram conv state: each Engram layer's gated value (hidden fp32), paged like
+    the KV so a prefix hit or a tier load restores it too; 0 without Engram or without its conv."""
+    e = getattr(model_config, "engram", None)
+    return 0 if e is None or not e.conv else len(e.layers) * model_config.hidden_size * 4
+
+
 @dataclass(frozen=True)
 class KVSpec:
     """The shape of the paged KV cache of one model in one format. All sizes are exact integers."""
@@ -38,6 +50,7 @@ class KVSpec:
     head_dim: int
     kv_format: str
     block_size: int
+    state_bytes_per_token: int = 0  # per-token model state kept with the KV (paged, moved through the tiers with it)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -54,6 +67,7 @@ class KVSpec:
             head_dim=model_config.head_dim,
             kv_format=kv_format,
             block_size=block_size,
+            state_bytes_per_token=engram_state_bytes(model_config),
         )
 
     @property
@@ -66,8 +80,9 @@ class KVSpec:
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token across all layers and KV heads, scales included."""
-        return 2 * self.num_layers * self.num_kv_heads * self.format.bytes_per_head(self.head_dim)
+        """K and V of one token across all layers and KV heads, scales included, and the model's per-token state."""
+        return 2 * self.num_layers * self.num_kv_heads * self.format.bytes_per_head(self.head_dim) \
+            + self.state_bytes_per_token
 
     @property
     def page_size_bytes(self) -> int:

@@ -190,11 +190,24 @@ class KVStorage:
         """Bytes allocated for every layer's KV (data, scales and block metadata)."""
         return sum(layer.nbytes for layer in self.layers)
 
-    def add_block_meta(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Give every layer a zeroed per-block metadata tensor [num_ids, *shape] under `name` (a row for every
-        block id, spill ids included: a selector scores a spilled block without loading it)."""
-        for layer in self.layers:
-            layer.block_meta[name] = torch.zeros((self.num_ids, *shape), dtype=dtype, device=self.device)
+    def add_block_meta(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                       layers: Sequence[int] | None = None) -> None:
+        """Give every layer (or only `layers`) a zeroed per-block metadata tensor [num_ids, *shape] under `name` (a
+        row for every block id, spill ids included: a selector scores a spilled block without loading it)."""
+        for i in range(len(self.layers)) if layers is None else layers:
+            self.layers[i].block_meta[name] = torch.zeros((self.num_ids, *shape), dtype=dtype, device=self.device)
+
+    def part_layout(self) -> dict[str, tuple[torch.Tensor, int, list[int]]]:
+        """name -> (one layer's tensor, its block dim, the layers that hold the part), in a fixed order: data,
+        scales, then block metadata (which a component may give to some layers only, e.g. Engram's values)."""
+        out: dict[str, tuple[torch.Tensor, int, list[int]]] = {}
+        for i, layer in enumerate(self.layers):
+            for name, (t, dim) in layer.parts().items():
+                if name in out:
+                    out[name][2].append(i)
+                else:
+                    out[name] = (t, dim, [i])
+        return out
 
     # ---- batched block verbs -------------------------------------------------------------------
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -211,9 +224,9 @@ class KVStorage:
         `pin_memory` pins a host buffer so a later copy back to a GPU can run asynchronously."""
         idx = self._index(block_ids)
         out: dict[str, torch.Tensor] = {}
-        for name in self.layers[0].parts():
+        for name, (first, _, holders) in self.part_layout().items():
             per_layer = []
-            for layer in self.layers:
+            for layer in (self.layers[i] for i in holders):
                 t, dim = layer.parts()[name]
                 sel = _raw(t).index_select(dim, idx)
                 per_layer.append(sel.movedim(dim, 0) if dim else sel)  # [n, *rest]
@@ -226,21 +239,22 @@ class KVStorage:
                                   pin_memory=pin_memory and target.type == "cpu" and torch.cuda.is_available())
                 buf.copy_(stacked)
                 stacked = buf
-            out[name] = stacked.contiguous().view(self.layers[0].parts()[name][0].dtype)
+            out[name] = stacked.contiguous().view(first.dtype)
         return out
 
     def scatter_blocks(self, block_ids: Sequence[int], parts: dict[str, torch.Tensor]) -> None:
         """Write block-major parts (as `gather_blocks` returns them, from any device) into the given blocks."""
         idx = self._index(block_ids)
-        expected = set(self.layers[0].parts())
-        if set(parts) != expected:
-            raise ValueError(f"parts {sorted(parts)} do not match this storage's {sorted(expected)}")
+        layout = self.part_layout()
+        if set(parts) != set(layout):
+            raise ValueError(f"parts {sorted(parts)} do not match this storage's {sorted(layout)}")
         for name, src in parts.items():
-            if src.shape[0] != len(idx) or src.shape[1] != len(self.layers):
+            holders = layout[name][2]
+            if src.shape[0] != len(idx) or src.shape[1] != len(holders):
                 raise ValueError(f"part {name!r} has shape {tuple(src.shape)}: expected [{len(idx)}, "
-                                 f"{len(self.layers)}, ...]")
+                                 f"{len(holders)}, ...]")
             src = _raw(src.to(self.device))  # a blocking copy: the caller may reuse its buffer at once
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.layers[j] for j in holders):
                 t, dim = layer.parts()[name]
                 piece = src[:, i]  # [n, *rest]
                 _raw(t).index_copy_(dim, idx, piece.movedim(0, dim) if dim else piece)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +107,11 @@ class NGramHasher:
         """Rows read per token: one per (order, head)."""
         return len(self.orders) * self.heads
 
-    @property
+    @cached_property
     def sizes(self) -> list[int]:
         return distinct_primes_below(self.rows_per_head, self.slots)
 
-    @property
+    @cached_property
     def offsets(self) -> list[int]:
         """Where each (order, head) table starts in the one table, in (order, head) order."""
         return [0, *np.cumsum(self.sizes)[:-1].tolist()]
@@ -121,6 +122,10 @@ class NGramHasher:
 
     def multipliers(self) -> torch.Tensor:
         """[slots, max order] odd int64 multipliers, fixed by `seed`."""
+        return self._multipliers
+
+    @cached_property
+    def _multipliers(self) -> torch.Tensor:
         g = np.random.default_rng(self.seed)
         m = g.integers(1, 2 ** 62, size=(self.slots, max(self.orders)), dtype=np.int64) * 2 + 1
         return torch.from_numpy(m)
@@ -147,3 +152,15 @@ class NGramHasher:
                 out.append(torch.remainder(h & 0x7FFFFFFFFFFFFFFF, sizes[s]) + offsets[s])
                 s += 1
         return torch.stack(out, dim=-1)
+
+
+def layer_hasher(cfg, layer: int, vocab_size: int = 0) -> NGramHasher:
+    """The hasher of a V4-mini model's Engram layer `layer` (cfg: tierlm.config.EngramConfig): normalized ids
+    cfg.num_ids (0: no compression map, the raw `vocab_size` ids); each layer hashes with seed `seed + layer`."""
+    return NGramHasher(num_ids=cfg.num_ids or vocab_size, rows_per_head=cfg.rows_per_head, orders=tuple(cfg.orders),
+                       heads=cfg.heads, seed=cfg.seed + layer)
+
+
+def table_values(cfg) -> int:
+    """Engram table values over all of a model's Engram layers (memory, not FLOPs: rows are looked up)."""
+    return sum(layer_hasher(cfg, i).total_rows for i in cfg.layers) * cfg.row_dim

@@ -6,11 +6,13 @@
 
 `gather(rows)` returns [N, dim] fp32 on the requested device whatever the backend. A table file is raw rows in the
 stored dtype next to a JSON header (rows, dim, dtype, byte size); a file whose size disagrees with its header is
-refused as corrupt (the caller rebuilds or retrains), never read.
+refused as corrupt (the caller rebuilds or retrains), never read. A V4-mini checkpoint keeps its tables in a
+safetensors file instead (`from_safetensors`): one format for every tensor a model ships, mapped in place.
 """
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from tierlm.core.errors import CorruptModelError, InvalidParameterError
 
 BACKENDS = ("device", "host", "mmap")
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+_ST_DTYPES = {"F32": "float32", "F16": "float16"}  # safetensors' names
 
 
 class EngramTable:
@@ -56,6 +59,42 @@ class EngramTable:
         tdtype, ndtype = _DTYPES[header["dtype"]]
         arr = np.memmap(path, dtype=ndtype, mode="r+", shape=(header["rows"], header["dim"]))
         return cls(torch.from_numpy(arr), "mmap", path)
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path, name: str, backend: str = "mmap", device: str | torch.device = "cpu",
+                         shape: tuple[int, int] | None = None) -> "EngramTable":
+        """Tensor `name` of a safetensors file as a table: memory-mapped read-only in place ("mmap"), read into host
+        memory ("host", pinned on CUDA) or onto `device`. `shape`, when given, must match; a missing tensor, another
+        dtype than F32/F16 or data running past the file is a CorruptModelError."""
+        if backend not in BACKENDS:
+            raise InvalidParameterError(f"unknown Engram table backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        path = Path(path)
+        fix = f"re-export or retrain the model whose tables are in {path}"
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            info = header[name]
+            dtype, (rows, dim), (lo, hi) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except FileNotFoundError as exc:
+            raise CorruptModelError(f"Engram table file {path} is missing", fix) from exc
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise CorruptModelError(f"{path} holds no readable Engram table {name!r} ({type(exc).__name__}: {exc})",
+                                    fix) from exc
+        if shape is not None and (rows, dim) != tuple(shape):
+            raise CorruptModelError(f"Engram table {name} in {path} is {rows} x {dim}, the config implies "
+                                    f"{shape[0]} x {shape[1]}", fix)
+        ndtype = _DTYPES[dtype][1]
+        start = 8 + n + lo
+        if hi - lo != rows * dim * np.dtype(ndtype).itemsize or start + hi - lo > path.stat().st_size:
+            raise CorruptModelError(f"Engram table {name} in {path} is truncated", fix)
+        arr = np.memmap(path, dtype=ndtype, mode="c", offset=start, shape=(rows, dim))
+        data = torch.from_numpy(arr) if backend == "mmap" else torch.from_numpy(np.array(arr))
+        if backend == "device":
+            return cls(data.to(device), backend, path)
+        if backend == "host" and torch.cuda.is_available():
+            data = data.pin_memory()
+        return cls(data, backend, path)
 
     def gather(self, rows: torch.Tensor, device: str | torch.device = "cpu",
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,11 +44,26 @@ class EngramLayer(nn.Module):
         score = (self.norm_h(h) * self.norm_k(k)).sum(-1, keepdim=True) / math.sqrt(self.hidden)
         return torch.sigmoid(signed_sqrt(score))
 
+    def branch(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The gated value before the conv: h [..., hidden], e [..., slots * row_dim] -> [..., hidden]."""
+        e = e.to(h.dtype)
+        return self.gate(h, self.w_k(e)) * self.w_v(e)
+
+    def conv_mix(self, out: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
+        """The conv applied one position at a time: out [N, hidden] (the gated values), earlier [N, kernel - 1,
+        hidden] (the gated values dilation, 2 dilation, ... positions back; zeros before a sequence's start) ->
+        out + conv, what `forward` gives at those positions. The engine keeps the earlier values paged with the
+        KV (models/v4mini.py)."""
+        w = self.conv.to(out.dtype)  # [hidden, kernel]: w[:, kernel - 1] weighs the current position
+        mixed = out * w[:, -1]
+        for j in range(1, self.kernel):
+            mixed = mixed + earlier[:, j - 1] * w[:, self.kernel - 1 - j]
+        return out + mixed
+
     def forward(self, h: torch.Tensor, e: torch.Tensor, state: torch.Tensor | None = None):
         """h [B, T, hidden] (the residual stream), e [B, T, slots, row_dim] (the gathered rows) -> (the branch
         output [B, T, hidden] to add to the residual, the new conv state [B, state_len, hidden] or None)."""
-        e = e.flatten(-2).to(h.dtype)
-        out = self.gate(h, self.w_k(e)) * self.w_v(e)
+        out = self.branch(h, e.flatten(-2))
         if self.conv is None:
             return out, None
         B, T, H = out.shape

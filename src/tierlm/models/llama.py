@@ -61,9 +61,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention: type = Attention):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -81,14 +81,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    attention_class: type = Attention  # the attention every layer runs (V4-mini picks one by config)
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        attention = self.attention_for(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_positions = max_positions or cfg.max_position_embeddings
+
+    @classmethod
+    def attention_for(cls, cfg: ModelConfig) -> type:
+        return cls.attention_class
 
     def init_rope(self, device: torch.device | str) -> None:
         """RoPE tables are derived, not loaded: build them after the weights are in place."""
@@ -112,6 +119,8 @@ class LlamaForCausalLM(nn.Module):
         """(last MLP output, residual) from kernels/quant.py DecodeStack when this step can take it: quantized
         linears on the CPU, no q/k norm, fp32 KV read by the cpu backend, dense attention, no spill, every row
         a decode; else None (the layers run one by one). TIERLM_NATIVE_DECODE=0 turns it off."""
+        if not isinstance(ctx, AttentionContext):  # models/dense.py: training or the reference pass
+            return None
         meta = ctx.meta
         if meta.num_decodes != x.shape[0] or ctx.selector is not None or ctx.kv.spill is not None \
                 or x.dtype is not torch.float32 or x.device.type != "cpu" \
@@ -161,6 +170,9 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------------
+    def _load_extra(self, take, put) -> None:
+        """A subclass's own tensors (V4-mini: Engram), with load_weights' `take(name)` and `put(path, tensor)`."""
+
     def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str,
                      packed: dict | None = None) -> None:
         """Assign Hugging Face-named tensors (fusing q/k/v and gate/up) into a module built on `meta`. With
@@ -232,6 +244,7 @@ class LlamaForCausalLM(nn.Module):
             linear(m + "down_proj.weight", p + "mlp.down_proj.weight")
             put(f"layers.{i}.input_layernorm.weight", take(p + "input_layernorm.weight"))
             put(f"layers.{i}.post_attention_layernorm.weight", take(p + "post_attention_layernorm.weight"))
+        self._load_extra(take, put)
         meta_left = [n for n, t in self.named_parameters() if t.is_meta]
         if meta_left:
             raise CorruptModelError(f"parameters left unloaded: {meta_left[:3]}", "the checkpoint is incomplete")

@@ -10,8 +10,9 @@ from tierlm.core.registry import architecture_names, get_architecture
 from tierlm.models.base import CausalLM
 from tierlm.models.linear import PackedLinear, QuantLinear, optimize_linears, use_packed
 from tierlm.models.llama import LlamaForCausalLM
+from tierlm.models.v4mini import V4MiniForCausalLM
 
-MODEL_FAMILIES: dict[str, type] = {"llama": LlamaForCausalLM}
+MODEL_FAMILIES: dict[str, type] = {"llama": LlamaForCausalLM, "v4mini": V4MiniForCausalLM}
 
 
 def model_class(architecture: str) -> type:

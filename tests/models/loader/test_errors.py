@@ -130,7 +130,7 @@ def test_unsupported_architecture_in_config(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    _raises(UnsupportedModelError, hf_dir, "'gpt2'", "use a llama, mistral, qwen2, qwen3 model")
+    _raises(UnsupportedModelError, hf_dir, "'gpt2'", "use a llama, mistral, qwen2, qwen3, v4mini model")
 
 
 def test_config_missing_key(hf_dir):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from tierlm.config import ModelConfig
+from tierlm.config import EngramConfig, ModelConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
 from tierlm.core.registry import architecture_names, get_architecture
 TIERLM_KEY = "tierlm"  # our own block inside config.json: {"model_id", "source", ...}
@@ -38,6 +38,28 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     if scaling.get("rope_type") in (None, "default"):
         scaling = None
     return float(theta), scaling
+
+
+ENGRAM_KEYS = {"layers", "row_dim", "rows_per_head", "orders", "heads", "seed", "conv", "conv_kernel", "num_ids"}
+
+
+def _engram(cfg: dict, where: str) -> EngramConfig | None:
+    """A V4-mini config.json's "engram" block (the EngramConfig fields; unknown keys are an error, not ignored)."""
+    block = cfg.get("engram")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise CorruptModelError(f"{where}: \"engram\" is not an object", f"fix {where}")
+    unknown = sorted(set(block) - ENGRAM_KEYS)
+    if unknown:
+        raise CorruptModelError(f"{where}: unknown engram key(s) {unknown}", f"use only {sorted(ENGRAM_KEYS)}")
+    if "layers" not in block:
+        raise CorruptModelError(f"{where}: the engram block lacks \"layers\"", "list the Engram layers")
+    kw = dict(block)
+    kw["layers"] = tuple(int(i) for i in kw["layers"])
+    if "orders" in kw:
+        kw["orders"] = tuple(int(n) for n in kw["orders"])
+    return EngramConfig(**kw)
 
 
 def model_config_from_hf(cfg: dict, *, where: str, model_id: str,
@@ -84,6 +106,8 @@ def model_config_from_hf(cfg: dict, *, where: str, model_id: str,
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=tuple(eos),
             model_id=str((cfg.get(TIERLM_KEY) or {}).get("model_id") or model_id),
+            engram=_engram(cfg, where) if model_type == "v4mini" else None,
+            attention_type=str(cfg.get("attention_type", "gqa")),
         )
     except KeyError as exc:
         raise CorruptModelError(f"{where} lacks the key {exc.args[0]!r}", fix) from exc
@@ -117,6 +141,12 @@ def model_config_to_hf(config: ModelConfig, **tierlm_info: Any) -> dict:
         "eos_token_id": eos if eos != [] else None,
         "torch_dtype": "float32",
     }
+    if config.engram is not None:
+        import dataclasses
+
+        cfg["engram"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config.engram).items()}
+    if config.architecture == "v4mini":
+        cfg["attention_type"] = config.attention_type
     if config.sliding_window:
         cfg["sliding_window"] = config.sliding_window
         cfg["use_sliding_window"] = True

@@ -100,10 +100,28 @@ class HFDirectory:
         if tokenizer.vocab_size > config.vocab_size:
             raise CorruptModelError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                                     f"only {config.vocab_size} embeddings", "use the tokenizer saved with this model")
-        digest = weights_digest(self.weight_files(), known=file_digests)
+        extra_files = []
+        if config.engram is not None:
+            extra_files = self.engram_files(config, weights)
+        digest = weights_digest(list(dict.fromkeys(self.weight_files() + extra_files)), known=file_digests)
         return LoadedCheckpoint(config=config, weights=weights, tokenizer=tokenizer, path=self.path,
                                 source=source, weights_digest=digest, origin=origin or self.path,
                                 fp8_stored=fp8_stored)
+
+    def engram_files(self, config, weights: dict) -> list[Path]:
+        """A V4-mini's Engram tables (memory-mapped from engram.safetensors, models/v4mini.py) and token map, into
+        `weights`; the files, for the weights digest (KV computed with other tables is other KV)."""
+        from tierlm.memory.hashing import layer_hasher, load_map
+        from tierlm.memory.storage import EngramTable
+        from tierlm.models.v4mini import TOKEN_MAP, table_name
+
+        e, path = config.engram, self.path / "engram.safetensors"
+        for i in e.layers:
+            shape = (layer_hasher(e, i, config.vocab_size).total_rows, e.row_dim)
+            weights[table_name(i)] = EngramTable.from_safetensors(path, table_name(i), "mmap", shape=shape).data
+        if e.num_ids:
+            weights[TOKEN_MAP] = load_map(self.path / "engram_map.json", config.vocab_size)
+        return [path]
 
     def tokenizer(self) -> Tokenizer:
         tok_json = self.path / "tokenizer.json"

@@ -31,6 +31,15 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp.gate_proj.weight"] = (inter, h)
         shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    e = config.engram
+    for i in e.layers if e is not None else ():  # V4-mini: the Engram layer's parameters (its table is apart)
+        p = f"model.layers.{i}.engram."
+        shapes[p + "w_k.weight"] = (h, e.slots * e.row_dim)
+        shapes[p + "w_v.weight"] = (h, e.slots * e.row_dim)
+        shapes[p + "norm_h.weight"] = (h,)
+        shapes[p + "norm_k.weight"] = (h,)
+        if e.conv:
+            shapes[p + "conv"] = (h, e.conv_kernel)
     return shapes
 
 

@@ -1,0 +1,212 @@
+"""V4-mini: tierlm's own model family, Llama blocks plus Engram conditional memory at configured layers.
+
+Before each Engram layer i the residual stream h gets the layer's memory branch (models/engram.py) added:
+h <- h + Engram_i(h, rows_i), where rows_i are the table rows the token's hashed 2- and 3-grams address
+(tierlm.memory). The rows depend on token ids alone, so the engine hands a step's ids over as soon as it has
+scheduled the step (`begin_step`) and a worker thread gathers the rows while the layers before run.
+
+Checkpoint (a Hugging Face-style directory every tierlm command loads):
+    config.json        model_type "v4mini", Llama keys, "engram": {EngramConfig fields}, "attention_type"
+    model.safetensors  Llama names plus model.layers.{i}.engram.{w_k.weight, w_v.weight, norm_h.weight,
+                       norm_k.weight, conv}
+    engram.safetensors model.layers.{i}.engram.table [rows, row_dim] per Engram layer (served memory-mapped in
+                       place, copied to host memory, or onto the device: `place_tables`)
+    engram_map.json    the tokenizer compression map (memory/hashing.py), when engram.num_ids > 0
+    tokenizer.json
+
+Attention is pluggable: `attention_type` names an entry of ATTENTION_TYPES (today "gqa", the Llama attention
+over the paged KV); DeepSeek V4's attention (window + compressed KV + indexer + sink) joins as another entry.
+
+The conv's state in the engine: each Engram layer's gated value of every token is kept paged beside the KV, as
+per-block metadata of that layer (kvcache/spec.py ENGRAM_STATE), so a prefix-cache hit, a tier load or an
+offloaded preemption restores it with the KV, and a step reads the (kernel - 1) earlier values through the
+block table (`tap slots`, built by the model runner).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierlm.config import ModelConfig
+from tierlm.core.errors import CorruptModelError, UnsupportedModelError
+from tierlm.kvcache.spec import ENGRAM_STATE
+from tierlm.memory.hashing import layer_hasher
+from tierlm.memory.prefetch import Prefetcher
+from tierlm.memory.storage import BACKENDS, EngramTable
+from tierlm.models.dense import DenseContext
+from tierlm.models.engram import EngramLayer
+from tierlm.models.llama import Attention, LlamaForCausalLM
+
+ATTENTION_TYPES: dict[str, type] = {"gqa": Attention}
+TOKEN_MAP = "model.engram.token_map"
+
+
+def table_name(layer: int) -> str:
+    return f"model.layers.{layer}.engram.table"
+
+
+class V4MiniForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def attention_for(cls, cfg: ModelConfig) -> type:
+        if cfg.attention_type not in ATTENTION_TYPES:
+            raise UnsupportedModelError(f"attention_type {cfg.attention_type!r} is not implemented",
+                                        f"use one of {', '.join(ATTENTION_TYPES)}")
+        return ATTENTION_TYPES[cfg.attention_type]
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        if cfg.engram is None:
+            raise CorruptModelError("a v4mini config.json needs an \"engram\" block", "add engram.layers to it")
+        super().__init__(cfg, max_positions)
+        e = cfg.engram
+        self.engram_layers = tuple(sorted(e.layers))
+        self.hashers = {i: layer_hasher(e, i, cfg.vocab_size) for i in self.engram_layers}
+        self.engram = nn.ModuleDict({str(i): EngramLayer(cfg.hidden_size, e.slots, e.row_dim, cfg.rms_norm_eps,
+                                                         e.conv_kernel, max(e.orders), e.conv)
+                                     for i in self.engram_layers})
+        # Training holds the tables as parameters (their own optimizer group); serving as EngramTables (below).
+        self.engram_tables = nn.ParameterDict({str(i): nn.Parameter(torch.empty(h.total_rows, e.row_dim))
+                                               for i, h in self.hashers.items()})
+        self.register_buffer("token_map", torch.arange(cfg.vocab_size), persistent=False)
+        self.tables: dict[int, EngramTable] = {}
+        self.prefetch = True  # gather rows on a worker thread (False: in the layer, synchronously)
+        self._prefetchers: dict[int, Prefetcher] = {}
+        self._step = None
+
+    # ---- what the engine hands over --------------------------------------------------------------
+    @property
+    def token_context(self) -> tuple[int, tuple[int, ...]]:
+        """(earlier token ids each position's N-grams read, how far back the conv reads gated values)."""
+        e = self.config.engram
+        return e.history, e.taps
+
+    def add_kv_meta(self, storage) -> None:
+        """Room for the Engram layers' gated values beside their KV (the conv's state), when there is a conv."""
+        if self.config.engram.conv:
+            storage.add_block_meta(ENGRAM_STATE, (storage.spec.block_size, self.config.hidden_size), torch.float32,
+                                   layers=self.engram_layers)
+
+    def normalized(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (-1: before the sequence's start) -> normalized ids (the padding id for -1)."""
+        pad = self.hashers[self.engram_layers[0]].num_ids
+        ids = ids.to(self.token_map.device)
+        return torch.where(ids < 0, pad, self.token_map[ids.clamp(min=0)]).cpu()
+
+    def begin_step(self, input_ids: torch.Tensor, history: torch.Tensor, tap_slots: torch.Tensor | None) -> None:
+        """A step's tokens [T], each token's earlier ids [T, history] (-1 before the start) and the slots of its
+        earlier gated values [T, kernel - 1] (-1 before the start): the rows are submitted for prefetch now."""
+        ids, hist = self.normalized(input_ids)[:, None], self.normalized(history)
+        if not self.tables:
+            raise RuntimeError("V4-mini tables are not placed: build the model through build_model / load_weights")
+        rows = {}
+        for i in self.engram_layers:
+            if self.prefetch:
+                pf = self._prefetchers.get(i)
+                if pf is None:
+                    pf = self._prefetchers[i] = Prefetcher(self.tables[i], self.hashers[i], input_ids.device)
+                rows[i] = pf.submit(ids, hist)
+            else:
+                rows[i] = (ids, hist)
+        self._step = (rows, tap_slots)
+
+    def close(self) -> None:
+        for pf in self._prefetchers.values():
+            pf.close()
+        self._prefetchers.clear()
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _native_decode(self, x, rope, ctx):
+        return None  # the native decode step runs Llama layers only
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rope(positions)
+        step, self._step = self._step, None
+        dense = isinstance(ctx, DenseContext)
+        if not dense and step is None:
+            raise RuntimeError("the engine calls begin_step before a V4-mini forward pass (model_runner.py)")
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if str(i) in self.engram:
+                h = x if residual is None else x + residual
+                branch = self._dense_engram(i, h, input_ids, ctx) if dense else self._paged_engram(i, h, step, ctx)
+                x, residual = branch, h
+            x, residual = layer(x, residual, rope, ctx)
+        return self.norm(x, residual)[0]
+
+    def _rows(self, i: int, row_ids: torch.Tensor) -> torch.Tensor:
+        """Table rows [..., slots] -> [..., slots, row_dim]: differentiable from the parameter while training."""
+        if not self.tables:
+            return F.embedding(row_ids, self.engram_tables[str(i)])
+        return self.tables[i].gather(row_ids, self.embed_tokens.weight.device).view(*row_ids.shape, -1)
+
+    def _dense_engram(self, i: int, h: torch.Tensor, input_ids: torch.Tensor, ctx: DenseContext) -> torch.Tensor:
+        B, T = ctx.batch, ctx.seq_len
+        row_ids = self.hashers[i].row_ids(self.normalized(input_ids).view(B, T)).to(h.device)
+        out, _ = self.engram[str(i)](h.view(B, T, -1), self._rows(i, row_ids))
+        return out.reshape(B * T, -1)
+
+    def _paged_engram(self, i: int, h: torch.Tensor, step, ctx) -> torch.Tensor:
+        rows, tap_slots = step
+        ticket = rows[i]
+        e = self._prefetchers[i].get(ticket) if self.prefetch else \
+            self._rows(i, self.hashers[i].row_ids(*ticket))
+        layer = self.engram[str(i)]
+        out = layer.branch(h, e.reshape(h.shape[0], -1).to(h.device))
+        if layer.conv is None:
+            return out
+        values = ctx.kv[i].block_meta[ENGRAM_STATE].view(-1, h.shape[-1])  # [ids x block_size, hidden]
+        values.index_copy_(0, ctx.meta.slot_mapping, out.float())
+        taps = tap_slots.to(h.device)
+        earlier = values[taps.clamp(min=0)] * (taps >= 0).unsqueeze(-1)  # [T, kernel - 1, hidden]
+        return layer.conv_mix(out, earlier.to(out.dtype))
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def _load_extra(self, take, put) -> None:
+        e = self.config.engram
+        for i in self.engram_layers:
+            p, m = f"model.layers.{i}.engram.", f"engram.{i}."
+            for name in ("w_k.weight", "w_v.weight", "norm_h.weight", "norm_k.weight") + (("conv",) if e.conv else ()):
+                put(m + name, take(p + name))
+            table = take(table_name(i))
+            expected = (self.hashers[i].total_rows, e.row_dim)
+            if tuple(table.shape) != expected:
+                raise CorruptModelError(f"Engram table of layer {i} is {tuple(table.shape)}, the config implies "
+                                        f"{expected}", "the tables belong to another config: re-export the model")
+            self.tables[i] = EngramTable(table, "mmap")
+        self.engram_tables = nn.ParameterDict()
+        if e.num_ids:
+            token_map = take(TOKEN_MAP).to(torch.int64)
+            if token_map.shape != (self.config.vocab_size,) or int(token_map.max()) >= e.num_ids:
+                raise CorruptModelError(f"the Engram token map does not map {self.config.vocab_size} ids into "
+                                        f"{e.num_ids}", "rebuild engram_map.json from this model's tokenizer")
+            self.token_map = token_map.to(self.embed_tokens.weight.device)
+        else:
+            self.token_map = torch.arange(self.config.vocab_size, device=self.embed_tokens.weight.device)
+
+    def place_tables(self, backend: str, device: torch.device | str) -> None:
+        """Serve the tables from `backend`: "mmap" (the checkpoint file, mapped in place), "host" (a copy in host
+        memory, pinned on CUDA) or "device" (a copy on the compute device)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown Engram table backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.close()
+        for i, t in self.tables.items():
+            data = t.data
+            if backend == "device":
+                data = data.to(device, copy=True)
+            elif backend == "host":
+                data = data.to("cpu", copy=True)
+                if torch.cuda.is_available():
+                    data = data.pin_memory()
+            elif t.backend != "mmap":
+                raise ValueError("tables already copied off their file cannot go back to mmap: reload the model")
+            self.tables[i] = EngramTable(data, backend, t.path)
+
+    def export_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the Engram layers' parameters, the tables) in checkpoint names, from a model that trains."""
+        params, tables = {}, {}
+        for i in self.engram_layers:
+            for name, t in self.engram[str(i)].named_parameters():
+                params[f"model.layers.{i}.engram.{name}"] = t.detach()
+            tables[table_name(i)] = (self.tables[i].data if self.tables else self.engram_tables[str(i)]).detach()
+        return params, tables

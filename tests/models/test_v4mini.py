@@ -1,0 +1,191 @@
+"""The V4-mini family: a checkpoint written by models/export.py loads through the loader and serves through the
+engine; the engine's greedy tokens equal the dense (training) forward pass, with chunked prefill, batching, every
+table backend, prefetch on and off, prefix-cache hits and host-tier loads (the Engram conv state travels with the
+KV); bad checkpoints are refused with one clear line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tierlm import LLM, SamplingParams
+from tierlm.config import EngramConfig, ModelConfig, TierConfig
+from tierlm.core.errors import CorruptModelError, UnsupportedModelError
+from tierlm.kvcache.spec import ENGRAM_STATE
+from tierlm.models.dense import dense_forward
+from tierlm.models.export import save_checkpoint
+from tierlm.models.loader import load_checkpoint
+from tierlm.models.v4mini import V4MiniForCausalLM
+
+VOCAB = 49152  # the default model's tokenizer
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def tiny_config(**engram) -> ModelConfig:
+    e = dict(layers=(0, 2), row_dim=8, rows_per_head=509, heads=2)
+    e.update(engram)
+    return ModelConfig(architecture="v4mini", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=3,
+                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+                       tie_word_embeddings=True, engram=EngramConfig(**e), bos_token_id=1, eos_token_ids=(2,),
+                       model_id="v4mini-test")
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> V4MiniForCausalLM:
+    torch.manual_seed(seed)
+    model = V4MiniForCausalLM(cfg)
+    model.init_rope("cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # the conv too: a missing conv state changes the tokens
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = tiny_config()
+    model = random_model(cfg)
+    out = save_checkpoint(model, load_checkpoint(None).tokenizer, tmp_path_factory.mktemp("v4mini") / "ck")
+    return model, out
+
+
+def prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (length + 3 * i,), generator=g).tolist() for i in range(n)]
+
+
+@torch.no_grad()
+def reference(model, prompt: list[int], n: int = GREEDY.max_tokens) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        hidden = dense_forward(model, torch.tensor([seq]))
+        seq.append(int(model.compute_logits(hidden[0, -1:]).argmax()))
+    return seq[len(prompt):]
+
+
+def tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("backend", ["device", "host", "mmap"])
+def test_engine_greedy_equals_the_training_forward(checkpoint, backend):
+    model, path = checkpoint
+    batch = prompts(3, 21)
+    llm = LLM(str(path), engram_backend=backend, max_num_batched_tokens=16)  # prompts prefill in chunks
+    try:
+        assert llm.engine.model.tables[0].backend == backend
+        assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
+    finally:
+        llm.engine.close()
+
+
+def test_prefetch_off_gives_the_same_tokens(checkpoint):
+    model, path = checkpoint
+    batch = prompts(2, 17, seed=5)
+    llm = LLM(str(path))
+    llm.engine.model.prefetch = False
+    assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
+
+
+def test_prefix_cache_hit_restores_the_conv_state(checkpoint):
+    model, path = checkpoint
+    base = prompts(1, 40, seed=7)[0]
+    longer = base + [5, 6, 7, 8]
+    llm = LLM(str(path))
+    assert tokens(llm.generate([base], GREEDY)) == [reference(model, base)]
+    out = llm.generate([longer], GREEDY)[0]
+    assert out.num_cached_tokens >= 32, "the second prompt should hit the first one's full blocks"
+    assert out.outputs[0].token_ids == reference(model, longer)
+    # The state is read, not recomputed: wiping it makes a hit give other tokens (so the check above can fail).
+    for layer in llm.engine.kv_storage.layers:
+        if ENGRAM_STATE in layer.block_meta:
+            layer.block_meta[ENGRAM_STATE].zero_()
+    wiped = llm.generate([longer], GREEDY)[0]
+    assert wiped.num_cached_tokens >= 32
+    assert wiped.outputs[0].token_ids != reference(model, longer)
+
+
+def test_host_tier_load_carries_the_conv_state(checkpoint):
+    model, path = checkpoint
+    first, *fillers = prompts(4, 60, seed=11)
+    llm = LLM(str(path), num_kv_blocks=8, tiers=TierConfig(host_memory_bytes=64 << 20))
+    try:
+        assert tokens(llm.generate([first], GREEDY)) == [reference(model, first)]
+        for f in fillers:  # each fills the 8-block pool: the first prompt's blocks go to host memory
+            llm.generate([f], GREEDY)
+        llm.engine.tiers.flush()
+        out = llm.generate([first], GREEDY)[0]
+        assert out.cached_tokens_by_tier.get("host", 0) >= 48
+        assert out.outputs[0].token_ids == reference(model, first)
+    finally:
+        llm.engine.close()
+
+
+def test_state_bytes_are_counted_per_token(checkpoint):
+    _, path = checkpoint
+    llm = LLM(str(path))
+    spec = llm.engine.kv_spec
+    assert spec.state_bytes_per_token == 2 * 64 * 4  # two Engram layers, hidden 64, fp32
+    assert llm.engine.kv_storage.nbytes == spec.page_size_bytes * llm.engine.kv_storage.num_blocks
+
+
+def test_without_conv_there_is_no_state(tmp_path):
+    cfg = tiny_config(conv=False, layers=(1,))
+    model = random_model(cfg, seed=3)
+    path = save_checkpoint(model, load_checkpoint(None).tokenizer, tmp_path / "ck")
+    llm = LLM(str(path))
+    assert llm.engine.kv_spec.state_bytes_per_token == 0
+    batch = prompts(2, 19, seed=2)
+    assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
+
+
+# ---- bad checkpoints ---------------------------------------------------------------------------------------
+def _copy(path, tmp_path):
+    return shutil.copytree(path, tmp_path / "ck")
+
+
+def test_unknown_engram_key_is_refused(checkpoint, tmp_path):
+    ck = _copy(checkpoint[1], tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["engram"]["head"] = 4
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match="unknown engram key"):
+        load_checkpoint(ck)
+
+
+def test_table_from_another_config_is_refused(checkpoint, tmp_path):
+    ck = _copy(checkpoint[1], tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["engram"]["rows_per_head"] = 1021
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match="the config implies"):
+        load_checkpoint(ck)
+
+
+def test_truncated_or_missing_table_file_is_refused(checkpoint, tmp_path):
+    ck = _copy(checkpoint[1], tmp_path)
+    table = ck / "engram.safetensors"
+    table.write_bytes(table.read_bytes()[:-100])
+    with pytest.raises(CorruptModelError, match="truncated"):
+        load_checkpoint(ck)
+    table.unlink()
+    with pytest.raises(CorruptModelError, match="missing"):
+        load_checkpoint(ck)
+
+
+def test_unknown_attention_type_is_refused(checkpoint, tmp_path):
+    ck = _copy(checkpoint[1], tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["attention_type"] = "csa"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="attention_type 'csa'"):
+        LLM(str(ck))
+
+
+def test_engram_layer_past_the_last_layer_is_refused(checkpoint, tmp_path):
+    ck = _copy(checkpoint[1], tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["engram"]["layers"] = [5]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="Engram layer 5 does not exist"):
+        load_checkpoint(ck)

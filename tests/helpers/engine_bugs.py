@@ -161,3 +161,18 @@ def fp8_scales_inverted(monkeypatch):
         return real(fmt, codes, 1.0 / scales if fmt == "fp8" else scales, mins, bits)
 
     monkeypatch.setattr(quantized, "pack", broken)
+
+
+def engram_host_rows_shifted(monkeypatch):
+    """Engram tables in host memory hand back the next row (an off-by-one in the gather's index): the device and
+    mmap backends stay right, so only a config serving from host memory computes with the wrong memory."""
+    from tierlm.memory.storage import EngramTable
+
+    real = EngramTable.gather
+
+    def broken(self, rows, device="cpu", out=None):
+        if self.backend == "host":
+            rows = (rows + 1) % self.rows
+        return real(self, rows, device, out)
+
+    monkeypatch.setattr(EngramTable, "gather", broken)

@@ -11,42 +11,20 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.config import EngramConfig, ModelConfig, TierConfig
+from tierlm.config import TierConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
 from tierlm.kvcache.spec import ENGRAM_STATE
 from tierlm.models.dense import dense_forward
 from tierlm.models.export import save_checkpoint
 from tierlm.models.loader import load_checkpoint
-from tierlm.models.v4mini import V4MiniForCausalLM
+from helpers.v4mini import VOCAB, random_model, tiny_config, write_v4mini
 
-VOCAB = 49152  # the default model's tokenizer
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-
-
-def tiny_config(**engram) -> ModelConfig:
-    e = dict(layers=(0, 2), row_dim=8, rows_per_head=509, heads=2)
-    e.update(engram)
-    return ModelConfig(architecture="v4mini", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=3,
-                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-                       tie_word_embeddings=True, engram=EngramConfig(**e), bos_token_id=1, eos_token_ids=(2,),
-                       model_id="v4mini-test")
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> V4MiniForCausalLM:
-    torch.manual_seed(seed)
-    model = V4MiniForCausalLM(cfg)
-    model.init_rope("cpu")
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)  # the conv too: a missing conv state changes the tokens
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = tiny_config()
-    model = random_model(cfg)
-    out = save_checkpoint(model, load_checkpoint(None).tokenizer, tmp_path_factory.mktemp("v4mini") / "ck")
-    return model, out
+    return write_v4mini(tmp_path_factory.mktemp("v4mini") / "ck")
 
 
 def prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:

@@ -156,6 +156,22 @@ for _name, _summary, _apply, _lossy in (
     CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _apply, lossy=_lossy, in_default=False)
 
 
+def _engram_backend(backend: str) -> Transform:
+    def apply(c: EngineConfig) -> EngineConfig:
+        return replace(c, engram_backend=backend)
+    return apply
+
+
+# Where a V4-mini model's Engram tables are served from (the reference: on the device); exact, since a row is a row
+# wherever it lives. On a Llama-family model these change nothing.
+for _name, _backend, _summary in (
+        ("engram-host", "host", "V4-mini Engram tables in host memory (pinned on CUDA), rows prefetched on a worker "
+                                "thread; exact"),
+        ("engram-mmap", "mmap", "V4-mini Engram tables memory-mapped from the checkpoint file on disk (tables larger "
+                                "than memory), rows prefetched on a worker thread; exact")):
+    CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _engram_backend(_backend), in_default=False)
+
+
 def get_config(name: str) -> BenchConfig:
     try:
         return CONFIGS[name]

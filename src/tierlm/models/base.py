@@ -7,6 +7,11 @@ architecture family (tierlm.core.registry.ARCHITECTURES) to the class that imple
 
     hidden = model(input_ids [T], positions [T], ctx: AttentionContext)   # [T, hidden], final norm applied
     logits = model.compute_logits(hidden[rows])                           # [N, vocab] fp32
+
+Optional, for a model that reads more of a token's context than its id (models/v4mini.py): `token_context`
+((earlier ids per token, conv tap offsets)), `begin_step(input_ids, history, tap_slots)` (called by the runner
+before each forward), `add_kv_meta(storage)` (per-token state paged with the KV), `place_tables(backend, device)`
+and `close()`. The same forward also runs with a models/dense.py DenseContext (training, reference passes).
 """
 from __future__ import annotations
 

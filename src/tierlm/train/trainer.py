@@ -151,7 +151,10 @@ def model_config(cfg: TrainConfig, tokenizer, token_map: torch.Tensor | None, na
 
 def build_model(mc: ModelConfig, token_map: torch.Tensor | None, seed: int, device: torch.device) -> nn.Module:
     """A freshly initialized model: linears and embeddings N(0, 0.02) (the residual outputs o_proj and down_proj
-    scaled by 1/sqrt(2 layers)), norms 1, Engram tables N(0, 1), Engram convs 0 (they start as the plain gate)."""
+    scaled by 1/sqrt(2 layers)), norms 1, Engram tables N(0, 1), Engram value projections and convs 0: a new memory
+    starts silent and opens as W_V learns (with W_V ~ N(0, 0.02), 256 unit-variance table values put noise of std
+    ~0.3 on a residual stream of std 0.02 at step 0, which cost 0.1-0.2 nats of validation loss in
+    docs/experiments.md's first runs)."""
     from tierlm.models.registry import model_class
 
     torch.manual_seed(seed)
@@ -160,7 +163,7 @@ def build_model(mc: ModelConfig, token_map: torch.Tensor | None, seed: int, devi
     for name, p in model.named_parameters():
         if name.startswith("engram_tables."):
             nn.init.normal_(p, std=1.0)
-        elif name.endswith(".conv"):
+        elif name.endswith((".conv", ".w_v.weight")):
             nn.init.zeros_(p)
         elif p.dim() == 1:
             nn.init.ones_(p)

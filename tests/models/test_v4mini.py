@@ -122,22 +122,29 @@ def _copy(path, tmp_path):
     return shutil.copytree(path, tmp_path / "ck")
 
 
-def test_unknown_engram_key_is_refused(checkpoint, tmp_path):
-    ck = _copy(checkpoint[1], tmp_path)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["engram"]["head"] = 4
-    (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CorruptModelError, match="unknown engram key"):
-        load_checkpoint(ck)
+def _set_engram(**kw):
+    def edit(cfg):
+        cfg["engram"].update(kw)
+    return edit
 
 
-def test_table_from_another_config_is_refused(checkpoint, tmp_path):
+def _set_attention(cfg):
+    cfg["attention_type"] = "csa"
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (_set_engram(head=4), CorruptModelError, "unknown engram key"),
+    (_set_engram(rows_per_head=1021), CorruptModelError, "the config implies"),  # tables from another config
+    (_set_engram(layers=[5]), Exception, "Engram layer 5 does not exist"),
+    (_set_attention, UnsupportedModelError, "attention_type 'csa'"),
+], ids=["unknown-key", "other-tables", "layer-past-last", "attention-type"])
+def test_a_bad_config_is_refused_by_name(checkpoint, tmp_path, edit, error, match):
     ck = _copy(checkpoint[1], tmp_path)
     cfg = json.loads((ck / "config.json").read_text())
-    cfg["engram"]["rows_per_head"] = 1021
+    edit(cfg)
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CorruptModelError, match="the config implies"):
-        load_checkpoint(ck)
+    with pytest.raises(error, match=match):
+        LLM(str(ck))
 
 
 def test_truncated_or_missing_table_file_is_refused(checkpoint, tmp_path):
@@ -148,22 +155,4 @@ def test_truncated_or_missing_table_file_is_refused(checkpoint, tmp_path):
         load_checkpoint(ck)
     table.unlink()
     with pytest.raises(CorruptModelError, match="missing"):
-        load_checkpoint(ck)
-
-
-def test_unknown_attention_type_is_refused(checkpoint, tmp_path):
-    ck = _copy(checkpoint[1], tmp_path)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["attention_type"] = "csa"
-    (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="attention_type 'csa'"):
-        LLM(str(ck))
-
-
-def test_engram_layer_past_the_last_layer_is_refused(checkpoint, tmp_path):
-    ck = _copy(checkpoint[1], tmp_path)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["engram"]["layers"] = [5]
-    (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="Engram layer 5 does not exist"):
         load_checkpoint(ck)

@@ -113,7 +113,9 @@ def test_two_processes_match_one_at_the_same_global_batch(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = losses(d / "run")[:24], losses(tmp_path / "dp")
     assert len(two) == 24
-    assert max(abs(a - b) for a, b in zip(one, two)) < 2e-3, list(zip(one, two))
+    # the same math up to summation order: equal at first, then float differences compound a little per step
+    assert max(abs(a - b) for a, b in zip(one[:8], two[:8])) < 1e-4, list(zip(one, two))
+    assert max(abs(a - b) for a, b in zip(one, two)) < 2e-2, list(zip(one, two))
 
 
 def test_engine_greedy_equals_the_trained_model(trained):

@@ -18,7 +18,7 @@ import torch
 from tierlm.args import parse_bytes
 from tierlm.config import EngramConfig, ModelConfig
 from tierlm.memory.hashing import layer_hasher
-from tierlm.models.export import _save_tensors, save_checkpoint
+from tierlm.models.export import save_tensors, save_checkpoint
 from tierlm.models.loader import load_checkpoint
 from tierlm.models.v4mini import V4MiniForCausalLM, table_name
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(1)
         rows = {table_name(i): torch.randn(layer_hasher(e, i, 49152).total_rows, e.row_dim, generator=g)
                 for i in e.layers}
-        _save_tensors(rows, out / "engram.safetensors")
+        save_tensors(rows, out / "engram.safetensors")
         del tables, rows
         print(f"{out}: tables {(out / 'engram.safetensors').stat().st_size / 2**20:,.1f} MiB")
     return 0

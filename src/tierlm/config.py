@@ -9,6 +9,7 @@ from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION
 
 
 ENGRAM_TABLE_BACKENDS = ("device", "host", "mmap")
+ENGRAM_STATE = "engram"  # the KV block-metadata name of the Engram conv values (models/v4mini.py, kvcache/spec.py)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from tierlm import LLM, SamplingParams
 from tierlm.config import TierConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
-from tierlm.kvcache.spec import ENGRAM_STATE
+from tierlm.config import ENGRAM_STATE
 from tierlm.models.dense import dense_forward
 from tierlm.models.export import save_checkpoint
 from tierlm.models.loader import load_checkpoint

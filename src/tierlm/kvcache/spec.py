@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from tierlm.config import ModelConfig
 
 
-ENGRAM_STATE = "engram"  # the block-metadata name of the Engram conv values (models/v4mini.py)
-
-
 def engram_state_bytes(model_config) -> int:
     """Bytes per token of a V4-mini's Engram conv state: each Engram layer's gated value (hidden fp32), paged like
     the KV so a prefix hit or a tier load restores it too; 0 without Engram or without its conv."""

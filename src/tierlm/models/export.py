@@ -45,7 +45,7 @@ def export_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
@@ -66,9 +66,9 @@ def save_checkpoint(model, tokenizer: Tokenizer, out_dir: str | Path, token_map:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids)}) + "\n")
     tokenizer.save(out, model_max_length=c.max_position_embeddings)
-    _save_tensors(export_weights(model), out / "model.safetensors")
+    save_tensors(export_weights(model), out / "model.safetensors")
     if hasattr(model, "export_extra"):
-        _save_tensors(model.export_extra()[1], out / "engram.safetensors")
+        save_tensors(model.export_extra()[1], out / "engram.safetensors")
         if c.engram.num_ids:
             save_map(out / "engram_map.json", token_map if token_map is not None else model.token_map.cpu())
     return out

@@ -18,7 +18,7 @@ Attention is pluggable: `attention_type` names an entry of ATTENTION_TYPES (toda
 over the paged KV); DeepSeek V4's attention (window + compressed KV + indexer + sink) joins as another entry.
 
 The conv's state in the engine: each Engram layer's gated value of every token is kept paged beside the KV, as
-per-block metadata of that layer (kvcache/spec.py ENGRAM_STATE), so a prefix-cache hit, a tier load or an
+per-block metadata of that layer (config.ENGRAM_STATE; kvcache/spec.py counts its bytes), so a prefix-cache hit, a tier load or an
 offloaded preemption restores it with the KV, and a step reads the (kernel - 1) earlier values through the
 block table (`tap slots`, built by the model runner).
 """
@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tierlm.config import ModelConfig
+from tierlm.config import ENGRAM_STATE, ModelConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
-from tierlm.kvcache.spec import ENGRAM_STATE
 from tierlm.memory.hashing import layer_hasher
 from tierlm.memory.prefetch import Prefetcher
 from tierlm.memory.storage import BACKENDS, EngramTable

@@ -165,12 +165,18 @@ def build_stream(docs: list[np.ndarray], sep: int, kind: str, shuffle_seed: int)
     return Stream(np.concatenate(parts), np.array(starts, dtype=np.int64), scores)
 
 
-def tokenize_corpora(data: DataSpec, tokenizer, kind: str, seed: int) -> tuple[dict[str, Stream], dict[str, Stream]]:
-    """(training streams, validation streams) by corpus name."""
+def read_corpora(data: DataSpec) -> dict[str, list[str]]:
+    """Every corpus's documents, by name (read once: a source may be a subprocess or many files)."""
+    return {c.name: read_corpus(c, data.max_chars) for c in data.corpora}
+
+
+def tokenize_corpora(data: DataSpec, corpora: dict[str, list[str]], tokenizer, kind: str,
+                     seed: int) -> tuple[dict[str, Stream], dict[str, Stream]]:
+    """(training streams, validation streams) by corpus name, from `read_corpora`'s documents."""
     sep = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
     train, val = {}, {}
     for c in data.corpora:
-        docs = read_corpus(c, data.max_chars)
+        docs = corpora[c.name]
         pieces: dict[bool, list[np.ndarray]] = {False: [], True: []}
         for i, text in enumerate(docs):
             ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
@@ -185,10 +191,9 @@ def tokenize_corpora(data: DataSpec, tokenizer, kind: str, seed: int) -> tuple[d
     return train, val
 
 
-def training_texts(data: DataSpec) -> list[str]:
+def training_texts(data: DataSpec, corpora: dict[str, list[str]]) -> list[str]:
     """The training documents' texts (for the tokenizer), validation ones left out."""
     out = []
     for c in data.corpora:
-        out.extend(t for i, t in enumerate(read_corpus(c, data.max_chars))
-                   if not is_validation(c.name, i, data.validation_fraction))
+        out.extend(t for i, t in enumerate(corpora[c.name]) if not is_validation(c.name, i, data.validation_fraction))
     return out

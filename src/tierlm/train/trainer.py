@@ -30,7 +30,7 @@ from tierlm.core.errors import InvalidParameterError
 from tierlm.models.dense import dense_forward
 from tierlm.train.config import TrainConfig
 from tierlm.train.curriculum import Curriculum, validation_batches
-from tierlm.train.data import Stream, load_tokenizer, tokenize_corpora, training_texts
+from tierlm.train.data import Stream, load_tokenizer, read_corpora, tokenize_corpora, training_texts
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
@@ -104,8 +104,9 @@ def prepare(cfg: TrainConfig, out: Path, dist: Dist):
     done = prep / "done"
     if dist.main and not done.exists():
         prep.mkdir(parents=True, exist_ok=True)
-        tokenizer = load_tokenizer(cfg.tokenizer, training_texts(cfg.data) if cfg.tokenizer.kind == "bpe" else [])
-        train, val = tokenize_corpora(cfg.data, tokenizer, cfg.curriculum.difficulty, cfg.seed)
+        corpora = read_corpora(cfg.data)
+        tokenizer = load_tokenizer(cfg.tokenizer, training_texts(cfg.data, corpora) if cfg.tokenizer.kind == "bpe" else [])
+        train, val = tokenize_corpora(cfg.data, corpora, tokenizer, cfg.curriculum.difficulty, cfg.seed)
         tokenizer.save(prep)
         _save_streams(prep / "train.npz", train)
         _save_streams(prep / "val.npz", val)

@@ -36,15 +36,24 @@ def main(runs: str, out: str) -> int:
         mean = statistics.mean(gains)
         lines.append(f"\nEngram gain in validation loss (no-Engram minus Engram, positive = Engram better): "
                      f"{mean:+.4f} nats{spread}; perplexity ratio {math.exp(mean):.3f}x")
-    if "uniform-s0" in got and "llama-s0" in got:
-        d = got["uniform-s0"][0]["val_loss"] - got["llama-s0"][0]["val_loss"]
-        lines.append(f"\nCurriculum gain at equal tokens (uniform minus curriculum, seed 0): {d:+.4f} nats")
+    cur = [got[f"uniform-s{k}"][0]["val_loss"] - got[f"llama-s{k}"][0]["val_loss"]
+           for k in sorted({n.rsplit('-s', 1)[1] for n in got if n.startswith("uniform-")}) if f"llama-s{k}" in got]
+    if cur:
+        spread = f" (seeds: {', '.join(f'{g:+.4f}' for g in cur)}" + \
+                 (f"; sd {statistics.stdev(cur):.4f})" if len(cur) > 1 else ")")
+        lines.append(f"\nCurriculum gain at equal tokens (uniform minus curriculum, by length): "
+                     f"{statistics.mean(cur):+.4f} nats{spread}")
+    if "reference-s0" in got and "uniform-s0" in got:
+        d = got["uniform-s0"][0]["val_loss"] - got["reference-s0"][0]["val_loss"]
+        lines.append(f"\nCurriculum by reference-model loss, gain over uniform (seed 0): {d:+.4f} nats")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     compare_plot({n: v for n, (_, v) in got.items() if n.startswith(("llama-s", "v4mini-s"))},
                  out_dir / "engram.png", "Engram vs no Engram: validation loss")
     if "uniform-s0" in got:
-        compare_plot({"curriculum (easy to hard)": got["llama-s0"][1], "uniform": got["uniform-s0"][1]},
-                     out_dir / "curriculum.png", "Curriculum vs uniform sampling: validation loss")
+        curves = {"curriculum by length (easy to hard)": got["llama-s0"][1], "uniform": got["uniform-s0"][1]}
+        if "reference-s0" in got:
+            curves["curriculum by reference-model loss"] = got["reference-s0"][1]
+        compare_plot(curves, out_dir / "curriculum.png", "Curriculum vs uniform sampling: validation loss (seed 0)")
     print("\n".join(lines))
     return 0
 

@@ -8,8 +8,9 @@ import argparse
 import dataclasses
 import re
 
-from tierlm.config import (PREEMPTION_MODES, SPARSE_SELECTORS, TIER_POLICIES, WRITE_POLICIES, CacheConfig,
-                           DriftGuardConfig, EngineConfig, SchedulerConfig, SparseConfig, TierConfig)
+from tierlm.config import (ENGRAM_PREFETCH_MODES, ENGRAM_TABLE_BACKENDS, PREEMPTION_MODES, SPARSE_SELECTORS,
+                           TIER_POLICIES, WRITE_POLICIES, CacheConfig, DriftGuardConfig, EngineConfig, SchedulerConfig,
+                           SparseConfig, TierConfig)
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.registry import DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION_CHOICES, implemented_kv_formats
 
@@ -170,10 +171,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "16 bits, integer dot products; near-exact) | int8 (8 bits: the fastest, llama.cpp's scheme, "
                         "measurably lossy) | fp32 (exact up to summation order: the fp32 model's greedy tokens; "
                         "compute-bound, slower)")
-    g.add_argument("--engram-backend", default="device", choices=("device", "host", "mmap"),
+    g.add_argument("--engram-backend", default="device", choices=ENGRAM_TABLE_BACKENDS,
                    help="V4-mini models: where the Engram tables are served from: device (a copy on the compute "
                         "device; default) | host (host memory, pinned on CUDA) | mmap (the checkpoint file mapped in "
                         "place, for tables larger than memory); rows are prefetched on a worker thread either way")
+    g.add_argument("--engram-prefetch", default="ahead", choices=ENGRAM_PREFETCH_MODES,
+                   help="V4-mini models: when Engram rows are gathered: ahead (default: a decode token's rows as soon "
+                        "as it is sampled, while the engine finishes the step and schedules the next) | step (when "
+                        "the step is laid out) | off (synchronously in the layer)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -276,4 +281,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         sparse=sparse_config(args), quantization=getattr(args, "quantization", "none"),
                         quant_group=getattr(args, "quant_group", None),
                         quant_activations=getattr(args, "quant_activations", "int8"),
-                        engram_backend=getattr(args, "engram_backend", "device"))
+                        engram_backend=getattr(args, "engram_backend", "device"),
+                        engram_prefetch=getattr(args, "engram_prefetch", "ahead"))

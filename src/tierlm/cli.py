@@ -151,6 +151,21 @@ def _chat(a, llm, params) -> int:
     return 0
 
 
+def _engram_info(ckpt) -> dict:
+    """A V4-mini's Engram tables: where they are, their shape and bytes, and the per-token state the KV carries."""
+    from tierlm.kvcache.spec import engram_state_bytes
+    from tierlm.memory.hashing import layer_hasher
+    from tierlm.models.v4mini import table_name
+
+    c, e = ckpt.config, ckpt.config.engram
+    tables = [ckpt.weights[table_name(i)] for i in e.layers]
+    return {"layers": list(e.layers), "orders": list(e.orders), "heads": e.heads, "row_dim": e.row_dim,
+            "rows": sum(layer_hasher(e, i, c.vocab_size).total_rows for i in e.layers),
+            "table_bytes": sum(t.numel() * t.element_size() for t in tables),
+            "table_file": str(ckpt.table_files[0]) if ckpt.table_files else None, "conv": e.conv,
+            "normalized_ids": e.num_ids or None, "state_bytes_per_token": engram_state_bytes(c)}
+
+
 def cmd_info(a) -> int:
     from tierlm.config import CacheConfig
     from tierlm.kernels import cpu as cpu_kernels
@@ -207,6 +222,14 @@ def cmd_info(a) -> int:
         note = "  as stored" if r["as_stored"] else ""
         print(f"  {r['format']:<7} {format_bytes(r['linears']):>10} {format_bytes(r['embedding']):>10} "
               f"{format_bytes(r['total']):>10} {r['total'] / fp32_total:>8.3f}{note}")
+    if c.engram is not None:
+        info["engram"] = _engram_info(ckpt)
+        e = info["engram"]
+        print(f"Engram memory before layers {', '.join(map(str, e['layers']))}: {'/'.join(map(str, e['orders']))}-grams "
+              f"x {e['heads']} hash heads, {e['rows']:,} rows x {e['row_dim']} values "
+              f"({format_bytes(e['table_bytes'])} of tables, {e['table_file']}), conv state "
+              f"{e['state_bytes_per_token']:,} bytes/token (in the KV figures above); served from --engram-backend "
+              "device | host | mmap")
     k = info["cpu_kernels"]
     print("CPU kernels (fp32 decode attention, add + RMSNorm): "
           + (f"native ({k['library']})" if k["native"] else f"PyTorch paths ({k['reason']})"))

@@ -9,6 +9,9 @@ from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION
 
 
 ENGRAM_TABLE_BACKENDS = ("device", "host", "mmap")
+# when a V4-mini's Engram rows are gathered: "ahead" (the next step's decode tokens handed over as soon as they are
+# sampled, the rest at step layout), "step" (every token at step layout), "off" (in the layer, synchronously)
+ENGRAM_PREFETCH_MODES = ("ahead", "step", "off")
 ENGRAM_STATE = "engram"  # the KV block-metadata name of the Engram conv values (models/v4mini.py, kvcache/spec.py)
 
 
@@ -334,11 +337,18 @@ class EngineConfig:
     # where a V4-mini's Engram tables are served from: "device" (a copy on the compute device), "host" (host
     # memory, pinned on CUDA), "mmap" (the checkpoint file, mapped in place: tables larger than memory)
     engram_backend: str = "device"
+    engram_prefetch: str = "ahead"  # ENGRAM_PREFETCH_MODES
+    # drop the mmap'ed table file's pages from the OS page cache at start: a cold start, every first row read goes
+    # to the disk (the bench's engram-mmap-cold measures where prefetch stops hiding that latency)
+    engram_cold_start: bool = False
 
     def __post_init__(self) -> None:
         if self.engram_backend not in ENGRAM_TABLE_BACKENDS:
             raise InvalidParameterError(f"unknown Engram table backend {self.engram_backend!r}",
                                         f"use one of {', '.join(ENGRAM_TABLE_BACKENDS)}")
+        if self.engram_prefetch not in ENGRAM_PREFETCH_MODES:
+            raise InvalidParameterError(f"unknown Engram prefetch mode {self.engram_prefetch!r}",
+                                        f"use one of {', '.join(ENGRAM_PREFETCH_MODES)}")
         if self.quantization not in QUANTIZATION_CHOICES:
             raise InvalidParameterError(f"unknown quantization {self.quantization!r}",
                                         f"use one of {', '.join(QUANTIZATION_CHOICES)}")

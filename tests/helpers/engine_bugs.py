@@ -176,3 +176,18 @@ def engram_host_rows_shifted(monkeypatch):
         return real(self, rows, device, out)
 
     monkeypatch.setattr(EngramTable, "gather", broken)
+
+
+def engram_mmap_ahead_stale(monkeypatch):
+    """Rows handed over ahead from a memory-mapped table are another token's (a staging buffer reused too early):
+    the configs that prefetch at step layout or not at all, and the device-resident reference, stay right."""
+    from tierlm.models.v4mini import V4MiniForCausalLM
+
+    real = V4MiniForCausalLM.prefetch_ahead
+
+    def broken(self, ids, history):
+        real(self, ids, history)
+        if self._ahead is not None and self.tables[self.engram_layers[0]].backend == "mmap":
+            self._ahead.tickets = self._submit((ids + 1) % self.config.vocab_size, history)
+
+    monkeypatch.setattr(V4MiniForCausalLM, "prefetch_ahead", broken)

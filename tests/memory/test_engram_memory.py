@@ -104,3 +104,46 @@ def test_prefetch_equals_the_synchronous_gather_and_raises_where_it_is_read():
     small = EngramTable.create(10, 6)
     with pytest.raises(ValueError, match="addresses"):
         Prefetcher(small, h)
+
+
+def _resident_pages(path) -> int:
+    """Pages of `path` in the OS page cache (mincore over a fresh read-only mapping)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+def test_a_cold_start_drops_the_table_file_from_the_page_cache(tmp_path):
+    """drop_page_cache evicts the file (the bench's engram-mmap-cold reads rows from the disk), and a table mapped
+    from it afterwards still reads the same rows."""
+    from tierlm.memory.storage import drop_page_cache
+    from tierlm.models.export import save_tensors
+
+    values = torch.randn(4096, 64)
+    path = tmp_path / "engram.safetensors"
+    save_tensors({"t": values}, path)
+    path.read_bytes()  # everything in the page cache
+    total = _resident_pages(path)
+    assert total >= values.numel() * 4 // 4096
+    drop_page_cache(path)
+    assert _resident_pages(path) < total // 10
+    table = EngramTable.from_safetensors(path, "t", "mmap")
+    rows = torch.tensor([5, 4000, 17])
+    assert torch.equal(table.gather(rows), values[rows])

@@ -57,12 +57,47 @@ def test_engine_greedy_equals_the_training_forward(checkpoint, backend):
         llm.engine.close()
 
 
-def test_prefetch_off_gives_the_same_tokens(checkpoint):
+@pytest.mark.parametrize("mode", ["ahead", "step", "off"])
+def test_every_prefetch_mode_gives_the_same_tokens(checkpoint, mode):
     model, path = checkpoint
-    batch = prompts(2, 17, seed=5)
-    llm = LLM(str(path))
-    llm.engine.model.prefetch = False
-    assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
+    batch = prompts(3, 17, seed=5)
+    llm = LLM(str(path), engram_prefetch=mode, max_num_batched_tokens=24)
+    try:
+        assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
+        fetched = llm.engine.model.fetched
+        # ahead: every decode token after the first of each request was handed over when it was sampled
+        assert fetched["ahead"] >= (3 * (GREEDY.max_tokens - 1) if mode == "ahead" else 0)
+        assert fetched["ahead"] == 0 or mode == "ahead"
+    finally:
+        llm.engine.close()
+
+
+def test_rows_handed_over_ahead_are_the_ones_used(checkpoint, monkeypatch):
+    """The ahead rows are what the step computes with (rows gathered for other ids change the tokens), and a
+    hand-off whose tokens are not the step's is ignored (its keys do not match: the step fetches its own)."""
+    from tierlm.models.v4mini import V4MiniForCausalLM
+
+    model, path = checkpoint
+    batch = prompts(2, 17, seed=6)
+    want = [reference(model, p) for p in batch]
+    real = V4MiniForCausalLM.prefetch_ahead
+
+    def wrong_rows(self, ids, history):  # keys of the true tokens, rows of the next id
+        real(self, ids, history)
+        if self._ahead is not None:
+            self._ahead.tickets = self._submit((ids + 1) % VOCAB, history)
+
+    def wrong_tokens(self, ids, history):  # a hand-off of tokens the next step does not run
+        real(self, (ids + 1) % VOCAB, history)
+
+    for patch, same in ((wrong_rows, False), (wrong_tokens, True)):
+        monkeypatch.setattr(V4MiniForCausalLM, "prefetch_ahead", patch)
+        llm = LLM(str(path))
+        try:
+            assert (tokens(llm.generate(batch, GREEDY)) == want) is same
+            assert (llm.engine.model.fetched["ahead"] > 0) is not same
+        finally:
+            llm.engine.close()
 
 
 def test_prefix_cache_hit_restores_the_conv_state(checkpoint):
@@ -115,6 +150,21 @@ def test_without_conv_there_is_no_state(tmp_path):
     assert llm.engine.kv_spec.state_bytes_per_token == 0
     batch = prompts(2, 19, seed=2)
     assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
+
+
+def test_info_shows_the_engram_tables(checkpoint, tmp_path, capsys):
+    from tierlm.cli import main
+    from tierlm.memory.hashing import layer_hasher
+
+    model, path = checkpoint
+    e = model.config.engram
+    assert main(["info", "--model", str(path), "--json", str(tmp_path / "info.json")]) == 0
+    info = json.loads((tmp_path / "info.json").read_text())["engram"]
+    rows = sum(layer_hasher(e, i, VOCAB).total_rows for i in e.layers)
+    assert info["rows"] == rows and info["table_bytes"] == rows * e.row_dim * 4
+    assert info["layers"] == [0, 2] and info["state_bytes_per_token"] == 2 * 64 * 4
+    assert info["table_file"] == str(path / "engram.safetensors")
+    assert f"{rows:,} rows x {e.row_dim} values" in capsys.readouterr().out
 
 
 # ---- bad checkpoints ---------------------------------------------------------------------------------------

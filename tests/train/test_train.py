@@ -156,6 +156,27 @@ def test_engram_tables_have_their_own_group(trained):
     assert token_map is not None and int(token_map.max()) + 1 < tokenizer.vocab_size  # compressed ids
 
 
+def test_reference_difficulty_scores_by_the_reference_models_loss(trained):
+    """difficulty: reference orders documents by a model's loss: under the trained model, its own corpus's text is
+    easier than the same tokens shuffled, and the stream runs from the lowest score to the highest."""
+    import numpy as np
+
+    from tierlm.train.data import build_stream, reference_losses
+
+    d, _ = trained
+    cfg = config_from_dict(yaml.safe_load((d / "tiny.yaml").read_text()))
+    tokenizer, streams, _, _ = prepare(cfg, d / "run", Dist())
+    text = streams["shakespeare"].tokens[1:400].astype(np.int64)
+    shuffled = np.random.default_rng(0).permutation(text)
+    docs = [shuffled[:200], text[:200], shuffled[200:], text[200:]]
+    scores = reference_losses(docs, tokenizer, str(d / "run/model"))
+    assert max(scores[1], scores[3]) + 0.25 < min(scores[0], scores[2]), scores  # measured: 4.9 vs 5.5
+    stream = build_stream(docs, 0, "reference", 0, scores)
+    assert list(stream.scores) == sorted(scores)
+    first = stream.tokens[stream.starts[0] + 1: stream.starts[1]]
+    assert np.array_equal(first, docs[int(np.argmin(scores))])
+
+
 # ---- bad input: one line, exit 2 --------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, doc, *extra, match: str):
     cfg = write_config(tmp_path / "bad.yaml", doc)
@@ -197,6 +218,10 @@ def test_impossible_shape(tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     rc = main(["train", str(tmp_path / "none.yaml")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_reference_difficulty_needs_its_model(tmp_path, capsys):
+    _bad(tmp_path, capsys, _with(curriculum__difficulty="reference"), match="reference_model goes with")
 
 
 def test_resume_with_a_changed_config_is_refused(trained, tmp_path, capsys):

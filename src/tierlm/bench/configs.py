@@ -156,20 +156,28 @@ for _name, _summary, _apply, _lossy in (
     CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _apply, lossy=_lossy, in_default=False)
 
 
-def _engram_backend(backend: str) -> Transform:
+def _engram(backend: str, prefetch: str = "ahead", cold: bool = False) -> Transform:
     def apply(c: EngineConfig) -> EngineConfig:
-        return replace(c, engram_backend=backend)
+        return replace(c, engram_backend=backend, engram_prefetch=prefetch, engram_cold_start=cold)
     return apply
 
 
-# Where a V4-mini model's Engram tables are served from (the reference: on the device); exact, since a row is a row
-# wherever it lives. On a Llama-family model these change nothing.
-for _name, _backend, _summary in (
-        ("engram-host", "host", "V4-mini Engram tables in host memory (pinned on CUDA), rows prefetched on a worker "
-                                "thread; exact"),
-        ("engram-mmap", "mmap", "V4-mini Engram tables memory-mapped from the checkpoint file on disk (tables larger "
-                                "than memory), rows prefetched on a worker thread; exact")):
-    CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _engram_backend(_backend), in_default=False)
+# Where a V4-mini model's Engram tables are served from and when their rows are gathered (the reference: on the
+# device, prefetched ahead); exact, since a row is a row wherever and whenever it is read. The cold configs drop the
+# table file from the page cache when their engine starts, so first reads go to the disk; with prefetch at step
+# layout or off they show how much of that latency the hand-off hides. On a Llama-family model these change nothing.
+_FETCH = "rows prefetched on a worker thread as soon as a decode token is sampled"
+for _name, _args, _summary in (
+        ("engram-host", ("host",), f"V4-mini Engram tables in host memory (pinned on CUDA), {_FETCH}"),
+        ("engram-mmap", ("mmap",), f"V4-mini Engram tables memory-mapped from the checkpoint file on disk (tables "
+                                   f"larger than memory), {_FETCH}"),
+        ("engram-mmap-cold", ("mmap", "ahead", True), "engram-mmap from a cold page cache (first reads of each row "
+                                                      "go to the disk)"),
+        ("engram-mmap-cold-step", ("mmap", "step", True), "engram-mmap-cold with rows prefetched when the step is "
+                                                          "laid out, not ahead"),
+        ("engram-mmap-cold-off", ("mmap", "off", True), "engram-mmap-cold with no prefetch (rows read in the layer)"),
+        ("engram-off", ("device", "off"), "Engram tables on the device, no prefetch (rows read in the layer)")):
+    CONFIGS[_name] = BenchConfig(_name, _summary + "; exact; not in `all`", _engram(*_args), in_default=False)
 
 
 def get_config(name: str) -> BenchConfig:

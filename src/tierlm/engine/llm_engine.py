@@ -32,6 +32,7 @@ from tierlm.engine.sampler import Sampler
 from tierlm.kvcache import KVCacheManager, KVSpec, KVStorage
 from tierlm.kvcache.spill import SpillStore, plan_spill
 from tierlm.kvcache.tiers import EntryIdentity, TierController, build_tiers
+from tierlm.memory.storage import drop_page_cache
 from tierlm.models import build_model
 from tierlm.models.loader import load_checkpoint
 from tierlm.scheduler import Scheduler
@@ -130,7 +131,10 @@ class LLMEngine:
                                  config.quant_activations)
         del packed
         if hasattr(self.model, "place_tables"):
-            self.model.place_tables(config.engram_backend, self.device)
+            if config.engram_cold_start and config.engram_backend == "mmap":
+                for path in ckpt.table_files:
+                    drop_page_cache(path)
+            self.model.place_tables(config.engram_backend, self.device, config.engram_prefetch)
         self.weights_digest = ckpt.weights_digest
         # what the numbers are computed in: the dtype, and the weight format when quantized (KV keys name it)
         self.compute_key = compute if config.quantization == "none" else (
@@ -415,6 +419,11 @@ class LLMEngine:
         if not decodes:  # a prefill-only step's speed feeds the tiers' cost model (load vs recompute)
             self.kv.note_prefill(sched.num_batched_tokens, time.perf_counter() - t0)
         self.scheduler.update_after_step(sched)
+        toks = []
+        if reqs:  # teacher forcing (score) keeps the logits but forces the token
+            toks = [req.forced_token_ids[len(req.output_token_ids)] if req.forced_token_ids is not None else tok
+                    for req, tok in zip(reqs, sampled.token_ids)]
+            self.runner.hand_off(reqs, toks)
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += sched.num_batched_tokens
         touched: dict[str, _Group] = {}
@@ -424,11 +433,9 @@ class LLMEngine:
                 self._capture_shadow(logits, reqs)
                 self.drift_guard.counters["engine_seconds"] += time.perf_counter() - t_capture
             now = time.monotonic()
-            for row, (req, tok, lps) in enumerate(zip(reqs, sampled.token_ids, sampled.logprobs)):
-                if req.forced_token_ids is not None:  # teacher forcing (score): keep the logits, force the token
-                    if req.logits_sink is not None:
-                        req.logits_sink.append(logits[row].detach().float().cpu())
-                    tok = req.forced_token_ids[len(req.output_token_ids)]
+            for row, (req, tok, lps) in enumerate(zip(reqs, toks, sampled.logprobs)):
+                if req.logits_sink is not None:
+                    req.logits_sink.append(logits[row].detach().float().cpu())
                 group = self._seq_to_group[req.request_id]
                 seq = next(s for s in group.seqs if s.request is req)
                 self._append_token(seq, tok, lps, now)

@@ -6,7 +6,8 @@ Holds, never creates alone: the model (any tierlm.models.base.CausalLM), the KV 
 backend-neutral AttentionMetadata, lets the backend derive its per-step state, and runs the model with an
 AttentionContext. A model that reads more of a token's context than its id (a V4-mini: the earlier ids its
 Engram N-grams hash, the slots of the earlier values its conv reads, `token_context`) gets them through
-`begin_step` as soon as the step is laid out, so its memory rows are fetched while the step is still prepared.
+`begin_step` as soon as the step is laid out, so its memory rows are fetched while the step is still prepared,
+and the next step's decode tokens through `hand_off` as soon as they are sampled (`prefetch_ahead`).
 """
 from __future__ import annotations
 
@@ -92,6 +93,17 @@ class ModelRunner:
         self.backend.prepare(meta, self.num_ids)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, sample_rows, sample_reqs
+
+    def hand_off(self, reqs: list[Request], token_ids: list[int]) -> None:
+        """This step's sampled tokens, each its request's next decode input: a model that reads memory by token id
+        (V4-mini) starts fetching their rows now, while the engine detokenizes, checks stops and schedules."""
+        if self.token_context is None or not reqs:
+            return
+        width = self.token_context[0]
+        history = [[req.token_id_at(q) if q >= 0 else -1 for q in range(req.num_tokens - width, req.num_tokens)]
+                   for req in reqs]
+        self.model.prefetch_ahead(torch.tensor(token_ids, dtype=torch.long),
+                                  torch.tensor(history, dtype=torch.long).view(len(reqs), width))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[Request]]:

@@ -12,6 +12,8 @@ safetensors file instead (`from_safetensors`): one format for every tensor a mod
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -88,8 +90,17 @@ class EngramTable:
         start = 8 + n + lo
         if hi - lo != rows * dim * np.dtype(ndtype).itemsize or start + hi - lo > path.stat().st_size:
             raise CorruptModelError(f"Engram table {name} in {path} is truncated", fix)
+        if backend == "mmap":
+            # Copy-on-write (a tensor torch may write to; the file never changes), read in the rows' random order:
+            # MADV_RANDOM stops the kernel reading around each faulted page, which for scattered rows is waste.
+            with open(path, "rb") as fh:
+                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                mapping.madvise(mmap.MADV_RANDOM)
+            arr = np.frombuffer(mapping, dtype=ndtype, count=rows * dim, offset=start).reshape(rows, dim)
+            return cls(torch.from_numpy(arr), backend, path)
         arr = np.memmap(path, dtype=ndtype, mode="c", offset=start, shape=(rows, dim))
-        data = torch.from_numpy(arr) if backend == "mmap" else torch.from_numpy(np.array(arr))
+        data = torch.from_numpy(np.array(arr))
         if backend == "device":
             return cls(data.to(device), backend, path)
         if backend == "host" and torch.cuda.is_available():
@@ -107,6 +118,17 @@ class EngramTable:
             out.copy_(got, non_blocking=True)
             return out
         return got.to(device, non_blocking=True)
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """Evict a table file from the OS page cache, so the next reads of its rows go to the disk: a cold start. Pages
+    a process has mapped and touched stay; call it before serving from the file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # dirty pages (a file just written) are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _header_path(path: Path) -> Path:

@@ -2,8 +2,10 @@
 
 Before each Engram layer i the residual stream h gets the layer's memory branch (models/engram.py) added:
 h <- h + Engram_i(h, rows_i), where rows_i are the table rows the token's hashed 2- and 3-grams address
-(tierlm.memory). The rows depend on token ids alone, so the engine hands a step's ids over as soon as it has
-scheduled the step (`begin_step`) and a worker thread gathers the rows while the layers before run.
+(tierlm.memory). The rows depend on token ids alone, so the engine hands ids over as early as it knows them and a
+worker thread gathers the rows while other work runs: a decode token as soon as it is sampled (`prefetch_ahead`,
+while the engine detokenizes, checks stops and schedules the next step), every other token when the step is laid
+out (`begin_step`). `prefetch_mode` ("ahead", "step", "off": EngineConfig.engram_prefetch) says which of these run.
 
 Checkpoint (a Hugging Face-style directory every tierlm command loads):
     config.json        model_type "v4mini", Llama keys, "engram": {EngramConfig fields}, "attention_type"
@@ -24,11 +26,14 @@ block table (`tap slots`, built by the model runner).
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tierlm.config import ENGRAM_STATE, ModelConfig
+from tierlm.config import ENGRAM_PREFETCH_MODES, ENGRAM_STATE, ModelConfig
 from tierlm.core.errors import CorruptModelError, UnsupportedModelError
 from tierlm.memory.hashing import layer_hasher
 from tierlm.memory.prefetch import Prefetcher
@@ -43,6 +48,24 @@ TOKEN_MAP = "model.engram.token_map"
 
 def table_name(layer: int) -> str:
     return f"model.layers.{layer}.engram.table"
+
+
+@dataclass
+class _Part:
+    """Rows for some of a step's tokens: per Engram layer a prefetch ticket (or, with prefetch off, the normalized
+    (ids, history) to look up in the layer); `dst`: the step positions they fill (None: all, in order); `src`: the
+    rows of the ticket's batch each takes (None: the batch is exactly `dst`)."""
+    tickets: dict[int, Future | tuple[torch.Tensor, torch.Tensor]]
+    dst: torch.Tensor | None = None
+    src: torch.Tensor | None = None
+
+
+@dataclass
+class _Ahead:
+    """Rows handed over before their step: the batch's tickets and, per token, its key (earlier ids + id) -> index.
+    A row is a function of that key alone, so a step takes any of its tokens whose key is here."""
+    keys: dict[tuple[int, ...], int]
+    tickets: dict[int, Future | tuple[torch.Tensor, torch.Tensor]]
 
 
 class V4MiniForCausalLM(LlamaForCausalLM):
@@ -68,9 +91,11 @@ class V4MiniForCausalLM(LlamaForCausalLM):
                                                for i, h in self.hashers.items()})
         self.register_buffer("token_map", torch.arange(cfg.vocab_size), persistent=False)
         self.tables: dict[int, EngramTable] = {}
-        self.prefetch = True  # gather rows on a worker thread (False: in the layer, synchronously)
+        self.prefetch_mode = "ahead"  # ENGRAM_PREFETCH_MODES: see the module docstring
         self._prefetchers: dict[int, Prefetcher] = {}
         self._step = None
+        self._ahead: _Ahead | None = None
+        self.fetched = {"ahead": 0, "step": 0}  # tokens whose rows were handed over ahead / at step layout
 
     # ---- what the engine hands over --------------------------------------------------------------
     @property
@@ -91,24 +116,53 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         ids = ids.to(self.token_map.device)
         return torch.where(ids < 0, pad, self.token_map[ids.clamp(min=0)]).cpu()
 
-    def begin_step(self, input_ids: torch.Tensor, history: torch.Tensor, tap_slots: torch.Tensor | None) -> None:
-        """A step's tokens [T], each token's earlier ids [T, history] (-1 before the start) and the slots of its
-        earlier gated values [T, kernel - 1] (-1 before the start): the rows are submitted for prefetch now."""
-        ids, hist = self.normalized(input_ids)[:, None], self.normalized(history)
+    def _submit(self, input_ids: torch.Tensor, history: torch.Tensor) -> dict:
+        """Tokens [T] and their earlier ids [T, history] (raw, -1 before the start) -> per Engram layer a ticket."""
         if not self.tables:
             raise RuntimeError("V4-mini tables are not placed: build the model through build_model / load_weights")
-        rows = {}
+        ids, hist = self.normalized(input_ids)[:, None], self.normalized(history)
+        tickets = {}
         for i in self.engram_layers:
-            if self.prefetch:
-                pf = self._prefetchers.get(i)
-                if pf is None:
-                    pf = self._prefetchers[i] = Prefetcher(self.tables[i], self.hashers[i], input_ids.device)
-                rows[i] = pf.submit(ids, hist)
-            else:
-                rows[i] = (ids, hist)
-        self._step = (rows, tap_slots)
+            if self.prefetch_mode == "off":
+                tickets[i] = (ids, hist)
+                continue
+            pf = self._prefetchers.get(i)
+            if pf is None:
+                pf = self._prefetchers[i] = Prefetcher(self.tables[i], self.hashers[i], input_ids.device)
+            tickets[i] = pf.submit(ids, hist)
+        return tickets
+
+    def prefetch_ahead(self, input_ids: torch.Tensor, history: torch.Tensor) -> None:
+        """The next step's decode tokens [N] and their earlier ids [N, history], handed over as soon as they are
+        sampled: their rows are gathered while the engine finishes this step and schedules the next."""
+        if self.prefetch_mode != "ahead" or not len(input_ids):
+            return
+        keys = torch.cat([history, input_ids[:, None]], 1).tolist()
+        self._ahead = _Ahead({tuple(k): j for j, k in enumerate(keys)}, self._submit(input_ids, history))
+
+    def begin_step(self, input_ids: torch.Tensor, history: torch.Tensor, tap_slots: torch.Tensor | None) -> None:
+        """A step's tokens [T], each token's earlier ids [T, history] (-1 before the start) and the slots of its
+        earlier gated values [T, kernel - 1] (-1 before the start). Tokens handed over ahead take those rows; the
+        rest are submitted for prefetch now."""
+        ahead, self._ahead = self._ahead, None
+        T, parts, todo = input_ids.shape[0], [], None
+        if ahead is not None and T:
+            idx = [ahead.keys.get(tuple(k), -1) for k in torch.cat([history, input_ids[:, None]], 1).tolist()]
+            hit = [t for t, j in enumerate(idx) if j >= 0]
+            if hit:
+                parts.append(_Part(ahead.tickets, torch.tensor(hit), torch.tensor([idx[t] for t in hit])))
+                todo = torch.tensor([t for t, j in enumerate(idx) if j < 0], dtype=torch.long)
+        if todo is None:
+            parts.append(_Part(self._submit(input_ids, history)))
+        elif todo.numel():
+            parts.append(_Part(self._submit(input_ids[todo], history[todo]), todo))
+        late = T if todo is None else todo.numel()
+        self.fetched["ahead"] += T - late
+        self.fetched["step"] += late
+        self._step = (parts, tap_slots)
 
     def close(self) -> None:
+        self._ahead = None
         for pf in self._prefetchers.values():
             pf.close()
         self._prefetchers.clear()
@@ -139,6 +193,22 @@ class V4MiniForCausalLM(LlamaForCausalLM):
             return F.embedding(row_ids, self.engram_tables[str(i)])
         return self.tables[i].gather(row_ids, self.embed_tokens.weight.device).view(*row_ids.shape, -1)
 
+    def _step_rows(self, i: int, parts: list[_Part], T: int) -> torch.Tensor:
+        """Layer i's rows for the step's T tokens [T, ...], assembled from the parts that fetched them."""
+        out = None
+        for part in parts:
+            ticket = part.tickets[i]
+            rows = self._prefetchers[i].get(ticket) if isinstance(ticket, Future) else \
+                self._rows(i, self.hashers[i].row_ids(*ticket))
+            if part.src is not None:
+                rows = rows[part.src]
+            if part.dst is None:
+                return rows
+            if out is None:
+                out = rows.new_empty((T, *rows.shape[1:]))
+            out[part.dst] = rows
+        return out
+
     def _dense_engram(self, i: int, h: torch.Tensor, input_ids: torch.Tensor, ctx: DenseContext) -> torch.Tensor:
         B, T = ctx.batch, ctx.seq_len
         row_ids = self.hashers[i].row_ids(self.normalized(input_ids).view(B, T)).to(h.device)
@@ -146,10 +216,8 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         return out.reshape(B * T, -1)
 
     def _paged_engram(self, i: int, h: torch.Tensor, step, ctx) -> torch.Tensor:
-        rows, tap_slots = step
-        ticket = rows[i]
-        e = self._prefetchers[i].get(ticket) if self.prefetch else \
-            self._rows(i, self.hashers[i].row_ids(*ticket))
+        parts, tap_slots = step
+        e = self._step_rows(i, parts, h.shape[0])
         layer = self.engram[str(i)]
         out = layer.branch(h, e.reshape(h.shape[0], -1).to(h.device))
         if layer.conv is None:
@@ -183,12 +251,15 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         else:
             self.token_map = torch.arange(self.config.vocab_size, device=self.embed_tokens.weight.device)
 
-    def place_tables(self, backend: str, device: torch.device | str) -> None:
+    def place_tables(self, backend: str, device: torch.device | str, prefetch: str = "ahead") -> None:
         """Serve the tables from `backend`: "mmap" (the checkpoint file, mapped in place), "host" (a copy in host
-        memory, pinned on CUDA) or "device" (a copy on the compute device)."""
+        memory, pinned on CUDA) or "device" (a copy on the compute device), with rows gathered as `prefetch` says."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown Engram table backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        if prefetch not in ENGRAM_PREFETCH_MODES:
+            raise ValueError(f"unknown Engram prefetch mode {prefetch!r}; use one of {', '.join(ENGRAM_PREFETCH_MODES)}")
         self.close()
+        self.prefetch_mode = prefetch
         for i, t in self.tables.items():
             data = t.data
             if backend == "device":

@@ -21,7 +21,9 @@ may resume from a checkpoint.
       validation_fraction: 0.05
       doc_tokens: 1024                                       # documents longer than this are split
     curriculum:
-      difficulty: length            # length | entropy | none (the score that orders documents easy -> hard)
+      difficulty: length            # length | entropy | reference | none (the score ordering documents easy -> hard)
+      reference_model: default      # difficulty reference: a model tierlm loads (a directory, a GGUF, "default");
+                                    # a document's score is its mean next-token loss under that model
       start_competence: 0.1         # share of the easiest documents open at a stage's start (1.0: uniform)
       stages:
         - {name: warmup, tokens: 200000, seq_len: 64, mixture: {shakespeare: 1.0}}
@@ -44,7 +46,7 @@ from typing import Any
 from tierlm.core.errors import InvalidParameterError
 
 SOURCES = ("shakespeare", "kjv", "python-docs", "python-stdlib", "files")
-DIFFICULTIES = ("length", "entropy", "none")
+DIFFICULTIES = ("length", "entropy", "reference", "none")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class CurriculumSpec:
     stages: tuple[StageSpec, ...]
     difficulty: str = "length"
     start_competence: float = 0.1
+    reference_model: str | None = None  # difficulty "reference": the model whose loss scores documents
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -150,6 +153,10 @@ class CurriculumSpec:
         if self.difficulty not in DIFFICULTIES:
             raise InvalidParameterError(f"curriculum.difficulty {self.difficulty!r}",
                                         f"use one of {', '.join(DIFFICULTIES)}")
+        if (self.difficulty == "reference") != (self.reference_model is not None):
+            raise InvalidParameterError(
+                "curriculum.reference_model goes with difficulty: reference, and only with it",
+                "give both (reference_model: a model directory, a GGUF or default) or neither")
         if not 0 < self.start_competence <= 1:
             raise InvalidParameterError(f"start_competence {self.start_competence}", "use (0, 1]; 1.0 is uniform")
 

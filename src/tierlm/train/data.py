@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tierlm.core.errors import InvalidParameterError
 from tierlm.train.config import CorpusSpec, DataSpec, TokenizerSpec
@@ -141,7 +142,8 @@ class Stream:
 
 
 def difficulty(ids: np.ndarray, kind: str) -> float:
-    """length: the token count; entropy: the document's unigram entropy in bits per token; none: 0."""
+    """length: the token count; entropy: the document's unigram entropy in bits per token; none (and reference,
+    scored by reference_losses): 0."""
     if kind == "length":
         return float(ids.size)
     if kind == "entropy":
@@ -151,10 +153,34 @@ def difficulty(ids: np.ndarray, kind: str) -> float:
     return 0.0
 
 
-def build_stream(docs: list[np.ndarray], sep: int, kind: str, shuffle_seed: int) -> Stream:
-    """Documents ordered easy to hard by `kind` (ties and `none` in a seeded shuffle), concatenated."""
+@torch.no_grad()
+def reference_losses(docs: list[np.ndarray], tokenizer, model: str) -> np.ndarray:
+    """Each document's mean next-token loss (nats) under a reference model (any model tierlm loads; "default": the
+    embedded one), the text re-tokenized with the model's own tokenizer and cut to its context: what that model
+    finds hard. A document of fewer than two reference tokens scores 0."""
+    from tierlm.models import build_model
+    from tierlm.models.dense import dense_forward
+    from tierlm.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(None if model == "default" else model)
+    limit = ckpt.config.max_position_embeddings
+    ref = build_model(ckpt.config, ckpt.weights, torch.float32, "cpu", limit)
+    scores = np.zeros(len(docs))
+    for i, ids in enumerate(docs):
+        seq = ckpt.tokenizer.encode(tokenizer.decode(ids.tolist()), add_special_tokens=False)[:limit]
+        if len(seq) >= 2:
+            x = torch.tensor([seq])
+            logits = ref.compute_logits(dense_forward(ref, x)[0, :-1])
+            scores[i] = float(torch.nn.functional.cross_entropy(logits.float(), x[0, 1:]))
+    return scores
+
+
+def build_stream(docs: list[np.ndarray], sep: int, kind: str, shuffle_seed: int,
+                 scores: np.ndarray | None = None) -> Stream:
+    """Documents ordered easy to hard by `kind` (ties and `none` in a seeded shuffle), concatenated. `scores`: each
+    document's difficulty computed elsewhere (kind "reference")."""
     order = np.random.default_rng(shuffle_seed).permutation(len(docs))
-    scores = np.array([difficulty(docs[i], kind) for i in order])
+    scores = np.array([difficulty(docs[i], kind) if scores is None else scores[i] for i in order])
     ranked = order[np.argsort(scores, kind="stable")]
     scores = np.sort(scores, kind="stable")
     parts, starts, pos = [], [], 0
@@ -170,9 +196,10 @@ def read_corpora(data: DataSpec) -> dict[str, list[str]]:
     return {c.name: read_corpus(c, data.max_chars) for c in data.corpora}
 
 
-def tokenize_corpora(data: DataSpec, corpora: dict[str, list[str]], tokenizer, kind: str,
-                     seed: int) -> tuple[dict[str, Stream], dict[str, Stream]]:
-    """(training streams, validation streams) by corpus name, from `read_corpora`'s documents."""
+def tokenize_corpora(data: DataSpec, corpora: dict[str, list[str]], tokenizer, kind: str, seed: int,
+                     reference: str | None = None) -> tuple[dict[str, Stream], dict[str, Stream]]:
+    """(training streams, validation streams) by corpus name, from `read_corpora`'s documents; kind "reference"
+    scores the training documents by `reference`'s loss."""
     sep = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
     train, val = {}, {}
     for c in data.corpora:
@@ -186,7 +213,8 @@ def tokenize_corpora(data: DataSpec, corpora: dict[str, list[str]], tokenizer, k
         if not pieces[False] or not pieces[True]:
             raise InvalidParameterError(f"corpus {c.name!r} has too few documents to hold out a validation share",
                                         "add documents or raise validation_fraction")
-        train[c.name] = build_stream(pieces[False], sep, kind, seed)
+        scores = reference_losses(pieces[False], tokenizer, reference) if kind == "reference" else None
+        train[c.name] = build_stream(pieces[False], sep, kind, seed, scores)
         val[c.name] = build_stream(pieces[True], sep, "none", seed)
     return train, val
 

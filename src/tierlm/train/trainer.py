@@ -106,7 +106,8 @@ def prepare(cfg: TrainConfig, out: Path, dist: Dist):
         prep.mkdir(parents=True, exist_ok=True)
         corpora = read_corpora(cfg.data)
         tokenizer = load_tokenizer(cfg.tokenizer, training_texts(cfg.data, corpora) if cfg.tokenizer.kind == "bpe" else [])
-        train, val = tokenize_corpora(cfg.data, corpora, tokenizer, cfg.curriculum.difficulty, cfg.seed)
+        train, val = tokenize_corpora(cfg.data, corpora, tokenizer, cfg.curriculum.difficulty, cfg.seed,
+                                      cfg.curriculum.reference_model)
         tokenizer.save(prep)
         _save_streams(prep / "train.npz", train)
         _save_streams(prep / "val.npz", val)

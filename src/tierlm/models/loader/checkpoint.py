@@ -31,6 +31,7 @@ class LoadedCheckpoint:
     load (one chunked read of the weights, ~0.1 s per 0.5 GB from page cache).
     fp8_stored: for an FP8 checkpoint (loader/fp8_checkpoint.py), each FP8 weight's bytes and block scales as
     stored; `weights` holds their fp32 dequantization.
+    table_files: a V4-mini's Engram table files (engram.safetensors), whose tensors `weights` maps in place.
     """
 
     config: ModelConfig
@@ -41,3 +42,4 @@ class LoadedCheckpoint:
     weights_digest: str
     origin: Path | None = None
     fp8_stored: dict = field(default_factory=dict)
+    table_files: tuple[Path, ...] = ()

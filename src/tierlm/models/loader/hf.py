@@ -106,7 +106,7 @@ class HFDirectory:
         digest = weights_digest(list(dict.fromkeys(self.weight_files() + extra_files)), known=file_digests)
         return LoadedCheckpoint(config=config, weights=weights, tokenizer=tokenizer, path=self.path,
                                 source=source, weights_digest=digest, origin=origin or self.path,
-                                fp8_stored=fp8_stored)
+                                fp8_stored=fp8_stored, table_files=tuple(extra_files))
 
     def engram_files(self, config, weights: dict) -> list[Path]:
         """A V4-mini's Engram tables (memory-mapped from engram.safetensors, models/v4mini.py) and token map, into

@@ -175,10 +175,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="V4-mini models: where the Engram tables are served from: device (a copy on the compute "
                         "device; default) | host (host memory, pinned on CUDA) | mmap (the checkpoint file mapped in "
                         "place, for tables larger than memory); rows are prefetched on a worker thread either way")
-    g.add_argument("--engram-prefetch", default="ahead", choices=ENGRAM_PREFETCH_MODES,
-                   help="V4-mini models: when Engram rows are gathered: ahead (default: a decode token's rows as soon "
-                        "as it is sampled, while the engine finishes the step and schedules the next) | step (when "
-                        "the step is laid out) | off (synchronously in the layer)")
+    g.add_argument("--engram-prefetch", default="auto", choices=ENGRAM_PREFETCH_MODES,
+                   help="V4-mini models: when Engram rows are gathered: ahead (a decode token's rows as soon as it is "
+                        "sampled, while the engine finishes the step and schedules the next) | step (when the step "
+                        "is laid out) | off (synchronously in the layer) | auto (default: ahead on CUDA; on a CPU, "
+                        "where a prefetch thread takes cores from the forward pass, ahead for steps of at most 2 "
+                        "tokens, in the layer otherwise)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV block pool budget, e.g. 2GiB")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -282,4 +284,4 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         quant_group=getattr(args, "quant_group", None),
                         quant_activations=getattr(args, "quant_activations", "int8"),
                         engram_backend=getattr(args, "engram_backend", "device"),
-                        engram_prefetch=getattr(args, "engram_prefetch", "ahead"))
+                        engram_prefetch=getattr(args, "engram_prefetch", "auto"))

@@ -10,8 +10,10 @@ from tierlm.core.registry import (DTYPE_CHOICES, QUANT_ACTIVATIONS, QUANTIZATION
 
 ENGRAM_TABLE_BACKENDS = ("device", "host", "mmap")
 # when a V4-mini's Engram rows are gathered: "ahead" (the next step's decode tokens handed over as soon as they are
-# sampled, the rest at step layout), "step" (every token at step layout), "off" (in the layer, synchronously)
-ENGRAM_PREFETCH_MODES = ("ahead", "step", "off")
+# sampled, the rest at step layout), "step" (every token at step layout), "off" (in the layer, synchronously), "auto"
+# (ahead on CUDA; on a CPU, where the prefetch worker takes cores from the forward pass, only for steps of at most
+# models.v4mini.CPU_PREFETCH_TOKENS tokens, the rest in the layer)
+ENGRAM_PREFETCH_MODES = ("auto", "ahead", "step", "off")
 ENGRAM_STATE = "engram"  # the KV block-metadata name of the Engram conv values (models/v4mini.py, kvcache/spec.py)
 
 
@@ -337,7 +339,7 @@ class EngineConfig:
     # where a V4-mini's Engram tables are served from: "device" (a copy on the compute device), "host" (host
     # memory, pinned on CUDA), "mmap" (the checkpoint file, mapped in place: tables larger than memory)
     engram_backend: str = "device"
-    engram_prefetch: str = "ahead"  # ENGRAM_PREFETCH_MODES
+    engram_prefetch: str = "auto"  # ENGRAM_PREFETCH_MODES
     # drop the mmap'ed table file's pages from the OS page cache at start: a cold start, every first row read goes
     # to the disk (the bench's engram-mmap-cold measures where prefetch stops hiding that latency)
     engram_cold_start: bool = False

@@ -1,7 +1,7 @@
 """`tierlm bench --configs engram-...` on a V4-mini checkpoint: serving the Engram tables from host memory or a
 memory-mapped file (warm or cold, rows prefetched ahead, at step layout or not at all) gives the baseline's
-(device-resident, prefetched ahead) tokens exactly; with host rows read one off the gate flags engram-host and only
-it, and with stale rows handed ahead from a mapped table it flags the mmap configs that prefetch ahead, only them."""
+(device-resident) tokens exactly; with host rows read one off the gate flags engram-host and only it, and with stale
+rows handed ahead from a mapped table it flags the mmap config that prefetches ahead, only it."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,8 @@ def v4mini(tmp_path_factory):
     return write_v4mini(tmp_path_factory.mktemp("v4mini") / "model")[1]
 
 
-CONFIGS = ["engram-host", "engram-mmap", "engram-mmap-cold", "engram-mmap-cold-step", "engram-mmap-cold-off",
-           "engram-off"]
+CONFIGS = ["engram-host", "engram-mmap", "engram-mmap-cold", "engram-mmap-cold-ahead", "engram-mmap-cold-step",
+           "engram-mmap-cold-off", "engram-off"]
 
 
 def _gates(model, tmp_path, configs=CONFIGS):
@@ -45,6 +45,6 @@ def test_the_gate_flags_shifted_host_rows(v4mini, tmp_path, monkeypatch):
 
 def test_the_gate_flags_stale_rows_handed_ahead(v4mini, tmp_path, monkeypatch):
     engram_mmap_ahead_stale(monkeypatch)
-    rc, doc, gates = _gates(v4mini, tmp_path, ["engram-mmap", "engram-mmap-cold", "engram-mmap-cold-step"])
+    rc, doc, gates = _gates(v4mini, tmp_path, ["engram-mmap-cold-ahead", "engram-mmap-cold-step", "engram-off"])
     flagged = {name for name, g in gates.items() if g["flagged"]}
-    assert flagged == {"engram-mmap", "engram-mmap-cold"} and rc == 1, gates
+    assert flagged == {"engram-mmap-cold-ahead"} and rc == 1, gates

@@ -57,17 +57,21 @@ def test_engine_greedy_equals_the_training_forward(checkpoint, backend):
         llm.engine.close()
 
 
-@pytest.mark.parametrize("mode", ["ahead", "step", "off"])
+@pytest.mark.parametrize("mode", ["auto", "ahead", "step", "off"])
 def test_every_prefetch_mode_gives_the_same_tokens(checkpoint, mode):
     model, path = checkpoint
     batch = prompts(3, 17, seed=5)
     llm = LLM(str(path), engram_prefetch=mode, max_num_batched_tokens=24)
     try:
         assert tokens(llm.generate(batch, GREEDY)) == [reference(model, p) for p in batch]
-        fetched = llm.engine.model.fetched
-        # ahead: every decode token after the first of each request was handed over when it was sampled
-        assert fetched["ahead"] >= (3 * (GREEDY.max_tokens - 1) if mode == "ahead" else 0)
-        assert fetched["ahead"] == 0 or mode == "ahead"
+        f = llm.engine.model.fetched
+        if mode == "ahead":  # every decode token after each request's first was handed over when it was sampled
+            assert f["ahead"] >= 3 * (GREEDY.max_tokens - 1) and f["layer"] == 0
+        elif mode == "auto":  # on a CPU: steps of up to 2 tokens prefetched, larger ones looked up in the layer
+            assert f["layer"] > 0 and f["ahead"] + f["step"] > 0
+        else:
+            assert f["ahead"] == 0 and f["step" if mode == "step" else "layer"] > 0
+        assert sum(f.values()) >= 3 * (17 + 3 + GREEDY.max_tokens - 1)
     finally:
         llm.engine.close()
 
@@ -92,7 +96,7 @@ def test_rows_handed_over_ahead_are_the_ones_used(checkpoint, monkeypatch):
 
     for patch, same in ((wrong_rows, False), (wrong_tokens, True)):
         monkeypatch.setattr(V4MiniForCausalLM, "prefetch_ahead", patch)
-        llm = LLM(str(path))
+        llm = LLM(str(path), engram_prefetch="ahead")
         try:
             assert (tokens(llm.generate(batch, GREEDY)) == want) is same
             assert (llm.engine.model.fetched["ahead"] > 0) is not same

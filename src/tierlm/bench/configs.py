@@ -156,25 +156,27 @@ for _name, _summary, _apply, _lossy in (
     CONFIGS[_name] = BenchConfig(_name, _summary + "; not in `all`", _apply, lossy=_lossy, in_default=False)
 
 
-def _engram(backend: str, prefetch: str = "ahead", cold: bool = False) -> Transform:
+def _engram(backend: str, prefetch: str = "auto", cold: bool = False) -> Transform:
     def apply(c: EngineConfig) -> EngineConfig:
         return replace(c, engram_backend=backend, engram_prefetch=prefetch, engram_cold_start=cold)
     return apply
 
 
 # Where a V4-mini model's Engram tables are served from and when their rows are gathered (the reference: on the
-# device, prefetched ahead); exact, since a row is a row wherever and whenever it is read. The cold configs drop the
-# table file from the page cache when their engine starts, so first reads go to the disk; with prefetch at step
-# layout or off they show how much of that latency the hand-off hides. On a Llama-family model these change nothing.
-_FETCH = "rows prefetched on a worker thread as soon as a decode token is sampled"
+# device, --engram-prefetch auto); exact, since a row is a row wherever and whenever it is read. The cold configs
+# drop the table file from the page cache when their engine starts, so first reads go to the disk; prefetched ahead,
+# at step layout or not at all, they show how much of that latency each hides. On a Llama-family model these change
+# nothing.
 for _name, _args, _summary in (
-        ("engram-host", ("host",), f"V4-mini Engram tables in host memory (pinned on CUDA), {_FETCH}"),
-        ("engram-mmap", ("mmap",), f"V4-mini Engram tables memory-mapped from the checkpoint file on disk (tables "
-                                   f"larger than memory), {_FETCH}"),
-        ("engram-mmap-cold", ("mmap", "ahead", True), "engram-mmap from a cold page cache (first reads of each row "
-                                                      "go to the disk)"),
-        ("engram-mmap-cold-step", ("mmap", "step", True), "engram-mmap-cold with rows prefetched when the step is "
-                                                          "laid out, not ahead"),
+        ("engram-host", ("host",), "V4-mini Engram tables in host memory (pinned on CUDA)"),
+        ("engram-mmap", ("mmap",), "V4-mini Engram tables memory-mapped from the checkpoint file on disk (tables "
+                                   "larger than memory)"),
+        ("engram-mmap-cold", ("mmap", "auto", True), "engram-mmap from a cold page cache (first reads of each row go "
+                                                     "to the disk)"),
+        ("engram-mmap-cold-ahead", ("mmap", "ahead", True), "engram-mmap-cold, rows of every decode token prefetched "
+                                                            "as soon as it is sampled"),
+        ("engram-mmap-cold-step", ("mmap", "step", True), "engram-mmap-cold, rows prefetched when the step is laid "
+                                                          "out"),
         ("engram-mmap-cold-off", ("mmap", "off", True), "engram-mmap-cold with no prefetch (rows read in the layer)"),
         ("engram-off", ("device", "off"), "Engram tables on the device, no prefetch (rows read in the layer)")):
     CONFIGS[_name] = BenchConfig(_name, _summary + "; exact; not in `all`", _engram(*_args), in_default=False)

@@ -24,7 +24,7 @@ class LLM:
                  kv_format: str | None = None, kv_scales: str | None = None,
                  drift_guard: DriftGuardConfig | None = None, sparse: SparseConfig | None = None,
                  quantization: str = "none", quant_group: int | None = None, quant_activations: str = "int16",
-                 engram_backend: str = "device", engram_prefetch: str = "ahead"):
+                 engram_backend: str = "device", engram_prefetch: str = "auto"):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed, kv_format=kv_format,
                             kv_scales_path=kv_scales)

@@ -134,7 +134,8 @@ class LLMEngine:
             if config.engram_cold_start and config.engram_backend == "mmap":
                 for path in ckpt.table_files:
                     drop_page_cache(path)
-            self.model.place_tables(config.engram_backend, self.device, config.engram_prefetch)
+            self.model.place_tables(config.engram_backend, self.device, config.engram_prefetch,
+                                    ckpt.table_files[0] if ckpt.table_files else None)
         self.weights_digest = ckpt.weights_digest
         # what the numbers are computed in: the dtype, and the weight format when quantized (KV keys name it)
         self.compute_key = compute if config.quantization == "none" else (

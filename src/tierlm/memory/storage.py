@@ -28,9 +28,13 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16"}  # safetensors' names
 
 
 class EngramTable:
-    def __init__(self, data: torch.Tensor, backend: str, path: Path | None = None):
+    def __init__(self, data: torch.Tensor, backend: str, path: Path | None = None, offset: int | None = None):
         self.data, self.backend, self.path = data, backend, path
         self.rows, self.dim = data.shape
+        # a table mapped from `path` with row 0 at byte `offset`: gather first asks the kernel to read the rows' pages
+        # (POSIX_FADV_WILLNEED, all at once), so a cold read costs one disk round trip, not one per row
+        self.offset = offset if backend == "mmap" and path is not None else None
+        self._fd: int | None = None
 
     @classmethod
     def create(cls, rows: int, dim: int, backend: str = "host", device: str | torch.device = "cpu",
@@ -98,7 +102,7 @@ class EngramTable:
             if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 mapping.madvise(mmap.MADV_RANDOM)
             arr = np.frombuffer(mapping, dtype=ndtype, count=rows * dim, offset=start).reshape(rows, dim)
-            return cls(torch.from_numpy(arr), backend, path)
+            return cls(torch.from_numpy(arr), backend, path, start)
         arr = np.memmap(path, dtype=ndtype, mode="c", offset=start, shape=(rows, dim))
         data = torch.from_numpy(np.array(arr))
         if backend == "device":
@@ -107,12 +111,32 @@ class EngramTable:
             data = data.pin_memory()
         return cls(data, backend, path)
 
+    def advise(self, rows: torch.Tensor) -> None:
+        """Ask the kernel to start reading the pages that hold `rows` (a mapped table; a no-op otherwise). Pages
+        already in the page cache cost a syscall per run of pages and nothing else."""
+        if self.offset is None or not rows.numel():
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.dim * self.data.element_size()
+        first = (self.offset + rows.numpy().astype(np.int64) * size)
+        pages = np.unique(np.concatenate([first // mmap.PAGESIZE, (first + size - 1) // mmap.PAGESIZE]))
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        for run in np.split(pages, breaks):
+            os.posix_fadvise(self._fd, int(run[0]) * mmap.PAGESIZE, run.size * mmap.PAGESIZE, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def gather(self, rows: torch.Tensor, device: str | torch.device = "cpu",
                out: torch.Tensor | None = None) -> torch.Tensor:
         """rows [N] int64 -> [N, dim] fp32 on `device` (into `out` when given). IndexError outside the table."""
         flat = rows.reshape(-1).to(self.data.device if self.backend == "device" else "cpu", torch.int64)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.rows):
             raise IndexError(f"Engram row outside the table [0, {self.rows})")
+        self.advise(flat)
         got = self.data.index_select(0, flat).float()
         if out is not None:
             out.copy_(got, non_blocking=True)

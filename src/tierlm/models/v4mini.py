@@ -5,7 +5,10 @@ h <- h + Engram_i(h, rows_i), where rows_i are the table rows the token's hashed
 (tierlm.memory). The rows depend on token ids alone, so the engine hands ids over as early as it knows them and a
 worker thread gathers the rows while other work runs: a decode token as soon as it is sampled (`prefetch_ahead`,
 while the engine detokenizes, checks stops and schedules the next step), every other token when the step is laid
-out (`begin_step`). `prefetch_mode` ("ahead", "step", "off": EngineConfig.engram_prefetch) says which of these run.
+out (`begin_step`). `prefetch_mode` ("auto", "ahead", "step", "off": EngineConfig.engram_prefetch) says which of these
+run. On a CPU the worker competes with the forward pass for the same cores (an OpenMP region waits for its slowest
+thread), so "auto" prefetches there only steps of at most CPU_PREFETCH_TOKENS tokens, where the gather is latency,
+not work, and looks the rest up in the layer; on CUDA it prefetches ahead (docs/experiments.md, section 3b).
 
 Checkpoint (a Hugging Face-style directory every tierlm command loads):
     config.json        model_type "v4mini", Llama keys, "engram": {EngramConfig fields}, "attention_type"
@@ -26,8 +29,10 @@ block table (`tap slots`, built by the model runner).
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,7 @@ from tierlm.models.engram import EngramLayer
 from tierlm.models.llama import Attention, LlamaForCausalLM
 
 ATTENTION_TYPES: dict[str, type] = {"gqa": Attention}
+CPU_PREFETCH_TOKENS = 2  # "auto" on a CPU: steps with more tokens look their rows up in the layer
 TOKEN_MAP = "model.engram.token_map"
 
 
@@ -92,10 +98,13 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         self.register_buffer("token_map", torch.arange(cfg.vocab_size), persistent=False)
         self.tables: dict[int, EngramTable] = {}
         self.prefetch_mode = "ahead"  # ENGRAM_PREFETCH_MODES: see the module docstring
+        self._max_prefetch: int | None = None  # steps with more tokens are looked up in the layer (None: no limit)
         self._prefetchers: dict[int, Prefetcher] = {}
         self._step = None
         self._ahead: _Ahead | None = None
-        self.fetched = {"ahead": 0, "step": 0}  # tokens whose rows were handed over ahead / at step layout
+        # tokens whose rows were prefetched from a hand-off, prefetched at step layout, looked up in the layer
+        self.fetched = {"ahead": 0, "step": 0, "layer": 0}
+        self._sync_s: dict[int, float] = {}  # prefetch off: seconds of lookups in the layer
 
     # ---- what the engine hands over --------------------------------------------------------------
     @property
@@ -116,14 +125,18 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         ids = ids.to(self.token_map.device)
         return torch.where(ids < 0, pad, self.token_map[ids.clamp(min=0)]).cpu()
 
-    def _submit(self, input_ids: torch.Tensor, history: torch.Tensor) -> dict:
-        """Tokens [T] and their earlier ids [T, history] (raw, -1 before the start) -> per Engram layer a ticket."""
+    def _prefetches(self, tokens: int) -> bool:
+        return self.prefetch_mode != "off" and (self._max_prefetch is None or tokens <= self._max_prefetch)
+
+    def _submit(self, input_ids: torch.Tensor, history: torch.Tensor, sync: bool = False) -> dict:
+        """Tokens [T] and their earlier ids [T, history] (raw, -1 before the start) -> per Engram layer a ticket
+        (`sync`: the normalized ids, looked up in the layer)."""
         if not self.tables:
             raise RuntimeError("V4-mini tables are not placed: build the model through build_model / load_weights")
         ids, hist = self.normalized(input_ids)[:, None], self.normalized(history)
         tickets = {}
         for i in self.engram_layers:
-            if self.prefetch_mode == "off":
+            if sync:
                 tickets[i] = (ids, hist)
                 continue
             pf = self._prefetchers.get(i)
@@ -135,7 +148,7 @@ class V4MiniForCausalLM(LlamaForCausalLM):
     def prefetch_ahead(self, input_ids: torch.Tensor, history: torch.Tensor) -> None:
         """The next step's decode tokens [N] and their earlier ids [N, history], handed over as soon as they are
         sampled: their rows are gathered while the engine finishes this step and schedules the next."""
-        if self.prefetch_mode != "ahead" or not len(input_ids):
+        if self.prefetch_mode not in ("ahead", "auto") or not len(input_ids) or not self._prefetches(len(input_ids)):
             return
         keys = torch.cat([history, input_ids[:, None]], 1).tolist()
         self._ahead = _Ahead({tuple(k): j for j, k in enumerate(keys)}, self._submit(input_ids, history))
@@ -143,7 +156,7 @@ class V4MiniForCausalLM(LlamaForCausalLM):
     def begin_step(self, input_ids: torch.Tensor, history: torch.Tensor, tap_slots: torch.Tensor | None) -> None:
         """A step's tokens [T], each token's earlier ids [T, history] (-1 before the start) and the slots of its
         earlier gated values [T, kernel - 1] (-1 before the start). Tokens handed over ahead take those rows; the
-        rest are submitted for prefetch now."""
+        rest are submitted for prefetch now (or, where this step is not prefetched, looked up in the layer)."""
         ahead, self._ahead = self._ahead, None
         T, parts, todo = input_ids.shape[0], [], None
         if ahead is not None and T:
@@ -152,20 +165,32 @@ class V4MiniForCausalLM(LlamaForCausalLM):
             if hit:
                 parts.append(_Part(ahead.tickets, torch.tensor(hit), torch.tensor([idx[t] for t in hit])))
                 todo = torch.tensor([t for t, j in enumerate(idx) if j < 0], dtype=torch.long)
+        sync = not self._prefetches(T)
         if todo is None:
-            parts.append(_Part(self._submit(input_ids, history)))
+            parts.append(_Part(self._submit(input_ids, history, sync)))
         elif todo.numel():
-            parts.append(_Part(self._submit(input_ids[todo], history[todo]), todo))
+            parts.append(_Part(self._submit(input_ids[todo], history[todo], sync), todo))
         late = T if todo is None else todo.numel()
         self.fetched["ahead"] += T - late
-        self.fetched["step"] += late
+        self.fetched["layer" if sync else "step"] += late
         self._step = (parts, tap_slots)
+
+    def fetch_stats(self) -> dict[int, dict[str, float]]:
+        """Per Engram layer: `fetch_s`, seconds spent hashing and gathering rows (on the worker, or in the layer with
+        prefetch off), and `wait_s`, the part the forward pass waited for (all of it with prefetch off)."""
+        out = {}
+        for i in self.engram_layers:
+            pf, sync = self._prefetchers.get(i), self._sync_s.get(i, 0.0)
+            out[i] = {"fetch_s": sync + (pf.fetch_s if pf else 0.0), "wait_s": sync + (pf.wait_s if pf else 0.0)}
+        return out
 
     def close(self) -> None:
         self._ahead = None
         for pf in self._prefetchers.values():
             pf.close()
         self._prefetchers.clear()
+        for t in self.tables.values():
+            t.close()
 
     # ---- forward ---------------------------------------------------------------------------------
     def _native_decode(self, x, rope, ctx):
@@ -198,8 +223,12 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         out = None
         for part in parts:
             ticket = part.tickets[i]
-            rows = self._prefetchers[i].get(ticket) if isinstance(ticket, Future) else \
-                self._rows(i, self.hashers[i].row_ids(*ticket))
+            if isinstance(ticket, Future):
+                rows = self._prefetchers[i].get(ticket)
+            else:  # prefetch off: the whole lookup is on the critical path
+                t0 = time.perf_counter()
+                rows = self._rows(i, self.hashers[i].row_ids(*ticket))
+                self._sync_s[i] = self._sync_s.get(i, 0.0) + time.perf_counter() - t0
             if part.src is not None:
                 rows = rows[part.src]
             if part.dst is None:
@@ -251,15 +280,20 @@ class V4MiniForCausalLM(LlamaForCausalLM):
         else:
             self.token_map = torch.arange(self.config.vocab_size, device=self.embed_tokens.weight.device)
 
-    def place_tables(self, backend: str, device: torch.device | str, prefetch: str = "ahead") -> None:
+    def place_tables(self, backend: str, device: torch.device | str, prefetch: str = "auto",
+                     source: str | Path | None = None) -> None:
         """Serve the tables from `backend`: "mmap" (the checkpoint file, mapped in place), "host" (a copy in host
-        memory, pinned on CUDA) or "device" (a copy on the compute device), with rows gathered as `prefetch` says."""
+        memory, pinned on CUDA) or "device" (a copy on the compute device), with rows gathered as `prefetch` says.
+        `source`: the engram.safetensors file the tables were loaded from; mmap maps it again itself, which lets a
+        gather ask the kernel for all of a step's pages at once (EngramTable.advise)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown Engram table backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if prefetch not in ENGRAM_PREFETCH_MODES:
             raise ValueError(f"unknown Engram prefetch mode {prefetch!r}; use one of {', '.join(ENGRAM_PREFETCH_MODES)}")
         self.close()
         self.prefetch_mode = prefetch
+        cpu = torch.device(device).type == "cpu"
+        self._max_prefetch = CPU_PREFETCH_TOKENS if prefetch == "auto" and cpu else None
         for i, t in self.tables.items():
             data = t.data
             if backend == "device":
@@ -270,7 +304,10 @@ class V4MiniForCausalLM(LlamaForCausalLM):
                     data = data.pin_memory()
             elif t.backend != "mmap":
                 raise ValueError("tables already copied off their file cannot go back to mmap: reload the model")
-            self.tables[i] = EngramTable(data, backend, t.path)
+            elif source is not None:
+                self.tables[i] = EngramTable.from_safetensors(source, table_name(i), "mmap", shape=tuple(data.shape))
+                continue
+            self.tables[i] = EngramTable(data, backend, t.path, t.offset)
 
     def export_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(the Engram layers' parameters, the tables) in checkpoint names, from a model that trains."""

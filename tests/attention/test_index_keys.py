@@ -100,6 +100,7 @@ def test_native_scan_equals_the_torch_definition_at_model_shapes(seed):
     assert native[0].shape[1] == sel.budget_blocks
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_engine_index_selector_holds_quality_where_quest_does_not():
     """Default model, ~1,000-token contexts, a quarter of them read (budget 256): greedy continuations of dense
     fp32 teacher-forced through the index selector and through Quest."""

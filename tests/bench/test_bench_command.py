@@ -63,6 +63,7 @@ def test_importing_the_command_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_tiny_quick_run_writes_json_report_and_plots(tmp_path, capsys, stub):
     pytest.importorskip("transformers")
     out = tmp_path / "out"
@@ -109,6 +110,7 @@ def test_tiny_quick_run_writes_json_report_and_plots(tmp_path, capsys, stub):
     assert "workload fixed" in printed and "transformers" in printed
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_a_flagged_gate_exits_1_and_is_red(tmp_path, capsys, monkeypatch):
     from helpers.engine_bugs import chunk_boundary_off_by_one
 

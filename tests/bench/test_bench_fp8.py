@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers.bench_cli import run
 from helpers.engine_bugs import fp8_scale_one_exponent_off
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_tiny_fp8_run_is_gated_in_lossy_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("TIERLM_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -31,6 +34,7 @@ def test_tiny_fp8_run_is_gated_in_lossy_mode(tmp_path, monkeypatch):
     assert "lossy gate: top-1" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_lossy_gate_flags_an_fp8_kv_with_a_broken_scale(tmp_path, monkeypatch):
     monkeypatch.setenv("TIERLM_CACHE_DIR", str(tmp_path / "cache"))
     fp8_scale_one_exponent_off(monkeypatch)

@@ -30,6 +30,7 @@ def _gates(fp8_model, tmp_path, monkeypatch):
     return rc, doc, {g["config"]: g for g in doc["gates"]}
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_fp8_weights_hold_the_gate_on_an_fp8_checkpoint(fp8_model, tmp_path, monkeypatch):
     rc, doc, gates = _gates(fp8_model, tmp_path, monkeypatch)
     gate = gates["fp8-weights"]
@@ -40,6 +41,7 @@ def test_fp8_weights_hold_the_gate_on_an_fp8_checkpoint(fp8_model, tmp_path, mon
     assert rc == 0
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_the_gate_flags_inverted_block_scales(fp8_model, tmp_path, monkeypatch):
     fp8_scales_inverted(monkeypatch)
     rc, doc, gates = _gates(fp8_model, tmp_path, monkeypatch)

@@ -127,6 +127,7 @@ def gate_and_reference(tokenizer):
     (chunk_boundary_off_by_one, ["chunked-prefill", "all"], ["prefix-cache"]),
     (prefix_hit_one_token_long, ["prefix-cache", "all"], ["chunked-prefill"]),
 ])
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_gate_flags_a_broken_engine(monkeypatch, tmp_path, gate_and_reference, bug, caught, spared):
     gate, reference = gate_and_reference
     bug(monkeypatch)
@@ -153,6 +154,7 @@ def test_the_tiers_gate_loads_back_from_host_and_catches_a_load_one_block_off(mo
     assert bad.flagged and bad.diverged_prompts, "the gate missed a tier load written one block off"
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_the_old_gate_could_not_see_a_chunk_boundary_bug(monkeypatch, tokenizer, gate_and_reference):
     """The old gate, short chat prompts on the measured engine (a roomy pool, a 512-token step), never
     crosses a chunk boundary: why the gate set has long prompts and its own small engine."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers.bench_cli import run
 from helpers.engine_bugs import quant_nibbles_swapped
 
@@ -20,6 +22,7 @@ def _gates(tmp_path, monkeypatch):
     return rc, doc, {g["config"]: g for g in doc["gates"]}
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_quantized_configs_hold_their_gates(tmp_path, monkeypatch):
     rc, doc, gates = _gates(tmp_path, monkeypatch)
     assert not gates["q4_1"]["flagged"] and gates["q4_1"]["lossy"]["top1_agreement"] >= 0.99, gates["q4_1"]
@@ -29,6 +32,7 @@ def test_quantized_configs_hold_their_gates(tmp_path, monkeypatch):
     assert rc == 0
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_the_gates_flag_wrongly_packed_blocks(tmp_path, monkeypatch):
     quant_nibbles_swapped(monkeypatch)
     rc, doc, gates = _gates(tmp_path, monkeypatch)

@@ -199,6 +199,7 @@ SMALL = ["--workload", "long-doc-qa:docs=3,doc=128,questions=2,q=16,osl=4", "--c
          "--gate-tokens", "6", "--gate-long-len", "96", "--no-peer", "--no-plots"]
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_tiny_tiers_run_loads_evicted_prefixes_back(tmp_path, monkeypatch):
     monkeypatch.setenv("TIERLM_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -230,6 +231,7 @@ def test_tiny_tiers_run_loads_evicted_prefixes_back(tmp_path, monkeypatch):
     assert "host loaded/stored" in report
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_tiny_tiers_redis_run_with_a_given_server(tmp_path, redis_server):
     out = tmp_path / "out"
     rc = run([*SMALL, "--configs", "tiers-redis", "--redis-url", redis_server.url,

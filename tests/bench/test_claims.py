@@ -74,6 +74,7 @@ def test_claims_candidates_name_their_kv_and_selector():
     assert v4.cache.enable_prefix_caching and old.cache.enable_prefix_caching
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_tiny_claims_grid_end_to_end(tmp_path, monkeypatch):
     """Two contexts x two concurrencies on the default model. The KV figure is checked against the layout
     computed here: every sequence ends holding context - 1 tokens, in blocks of 16, and both sides run the same
@@ -134,6 +135,7 @@ def _sparse_gate_case(selector: str):
     return {"reference": ref, "v4": v4}, prompts, tokens
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst_blocks(monkeypatch):
     """The claims' drift gate at a sparse budget (256 of 512 tokens, fp32 KV on both sides so only the picks
     differ): with blocks picked by true attention mass it holds; with the ranking inverted (a sign bug that still
@@ -155,6 +157,7 @@ def test_v4_drift_gate_passes_a_good_selector_and_flags_one_that_picks_the_worst
           f"KL {bad.kl_mean:.4f}")
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_v4_drift_gate_passes_the_index_selector_and_flags_it_inverted(monkeypatch):
     """v4's own selector (`--sparse index`, native scan) at 256 of 512 tokens over fp32 KV holds the gate; the same
     engine with its block ranking inverted (sink and window kept) is flagged."""

@@ -28,6 +28,7 @@ def fuzz_server():
         yield srv
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: runs in CI (make test-slow), not in make test
 def test_no_server_errors(fuzz_server):
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]

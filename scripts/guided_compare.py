@@ -137,24 +137,22 @@ def run_outlines(tok_json: str, vocab: int, eos: int, valid, invalid, regex_vali
     times, ok = walk(mask, guide.advance, valid, vocab)
     out.update(mask_us_mean=1e6 * statistics.mean(times), mask_us_p99=1e6 * sorted(times)[int(0.99 * (len(times) - 1))],
                valid_accepted=ok and bool(mask()[eos]))
-    g2 = Guide(index)
-    try:
-        for t in invalid:
-            g2.advance(t)
-        out["invalid_rejected"] = False
-    except Exception:
-        out["invalid_rejected"] = True
+    out["invalid_rejected"] = not _advances(Guide(index), invalid)
     t0 = time.perf_counter()
     ri = Index(REGEX, voc)
     out["compile_regex_s"] = time.perf_counter() - t0
-    g3 = Guide(ri)
-    try:
-        for t in regex_valid:
-            g3.advance(t)
-        out["regex_accepted"] = True
-    except Exception:
-        out["regex_accepted"] = False
+    out["regex_accepted"] = _advances(Guide(ri), regex_valid)
     return out
+
+
+def _advances(guide, tokens) -> bool:
+    """Whether an outlines-core guide takes every token (it raises on one its index does not allow)."""
+    try:
+        for t in tokens:
+            guide.advance(t)
+    except Exception:
+        return False
+    return True
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class EngramTable:
         # (POSIX_FADV_WILLNEED, all at once), so a cold read costs one disk round trip, not one per row
         self.offset = offset if backend == "mmap" and path is not None else None
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()  # the prefetch worker and the layer may gather from one table at once
 
     @classmethod
     def create(cls, rows: int, dim: int, backend: str = "host", device: str | torch.device = "cpu",
@@ -116,8 +118,9 @@ class EngramTable:
         already in the page cache cost a syscall per run of pages and nothing else."""
         if self.offset is None or not rows.numel():
             return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
         size = self.dim * self.data.element_size()
         first = (self.offset + rows.numpy().astype(np.int64) * size)
         pages = np.unique(np.concatenate([first // mmap.PAGESIZE, (first + size - 1) // mmap.PAGESIZE]))
@@ -126,9 +129,10 @@ class EngramTable:
             os.posix_fadvise(self._fd, int(run[0]) * mmap.PAGESIZE, run.size * mmap.PAGESIZE, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def gather(self, rows: torch.Tensor, device: str | torch.device = "cpu",
                out: torch.Tensor | None = None) -> torch.Tensor:

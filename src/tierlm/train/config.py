@@ -22,8 +22,8 @@ may resume from a checkpoint.
       doc_tokens: 1024                                       # documents longer than this are split
     curriculum:
       difficulty: length            # length | entropy | reference | none (the score ordering documents easy -> hard)
-      reference_model: default      # difficulty reference: a model tierlm loads (a directory, a GGUF, "default");
-                                    # a document's score is its mean next-token loss under that model
+      # reference_model: default    # only with difficulty: reference: a model tierlm loads (a directory, a GGUF,
+                                    # "default"); a document's score is its mean next-token loss under that model
       start_competence: 0.1         # share of the easiest documents open at a stage's start (1.0: uniform)
       stages:
         - {name: warmup, tokens: 200000, seq_len: 64, mixture: {shakespeare: 1.0}}

@@ -20,6 +20,11 @@ from tierlm.models.base import CausalLM
 from tierlm.scheduler import SchedulerOutput
 
 
+def _earlier_ids(req: Request, pos: int, width: int) -> list[int]:
+    """The `width` token ids before position `pos` of `req` (-1 before the sequence's start)."""
+    return [req.token_id_at(q) if q >= 0 else -1 for q in range(pos - width, pos)]
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVStorage, backend: AttentionBackend, device: torch.device,
                  selector=None):
@@ -57,7 +62,7 @@ class ModelRunner:
             table = s.block_table
             if self.token_context is not None:
                 for p in range(start, end):
-                    history.append([req.token_id_at(q) if q >= 0 else -1 for q in range(p - width, p)])
+                    history.append(_earlier_ids(req, p, width))
                     taps.append([table[(p - d) // bs] * bs + (p - d) % bs if p >= d else -1 for d in back])
             if s.is_decode:
                 ids.append(req.token_id_at(start))
@@ -100,8 +105,7 @@ class ModelRunner:
         if self.token_context is None or not reqs:
             return
         width = self.token_context[0]
-        history = [[req.token_id_at(q) if q >= 0 else -1 for q in range(req.num_tokens - width, req.num_tokens)]
-                   for req in reqs]
+        history = [_earlier_ids(req, req.num_tokens, width) for req in reqs]
         self.model.prefetch_ahead(torch.tensor(token_ids, dtype=torch.long),
                                   torch.tensor(history, dtype=torch.long).view(len(reqs), width))
 

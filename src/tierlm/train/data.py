@@ -153,21 +153,28 @@ def difficulty(ids: np.ndarray, kind: str) -> float:
     return 0.0
 
 
-@torch.no_grad()
-def reference_losses(docs: list[np.ndarray], tokenizer, model: str) -> np.ndarray:
-    """Each document's mean next-token loss (nats) under a reference model (any model tierlm loads; "default": the
-    embedded one), the text re-tokenized with the model's own tokenizer and cut to its context: what that model
-    finds hard. A document of fewer than two reference tokens scores 0."""
+def load_reference(model: str):
+    """(the model, its tokenizer, its context) of a difficulty reference: any model tierlm loads, "default" the
+    embedded one."""
     from tierlm.models import build_model
-    from tierlm.models.dense import dense_forward
     from tierlm.models.loader import load_checkpoint
 
     ckpt = load_checkpoint(None if model == "default" else model)
     limit = ckpt.config.max_position_embeddings
-    ref = build_model(ckpt.config, ckpt.weights, torch.float32, "cpu", limit)
+    return build_model(ckpt.config, ckpt.weights, torch.float32, "cpu", limit), ckpt.tokenizer, limit
+
+
+@torch.no_grad()
+def reference_losses(docs: list[np.ndarray], tokenizer, reference) -> np.ndarray:
+    """Each document's mean next-token loss (nats) under a reference (`load_reference`'s triple, or the name of a
+    model to load), the text re-tokenized with the model's own tokenizer and cut to its context: what that model
+    finds hard. A document of fewer than two reference tokens scores 0."""
+    from tierlm.models.dense import dense_forward
+
+    ref, ref_tokenizer, limit = load_reference(reference) if isinstance(reference, str) else reference
     scores = np.zeros(len(docs))
     for i, ids in enumerate(docs):
-        seq = ckpt.tokenizer.encode(tokenizer.decode(ids.tolist()), add_special_tokens=False)[:limit]
+        seq = ref_tokenizer.encode(tokenizer.decode(ids.tolist()), add_special_tokens=False)[:limit]
         if len(seq) >= 2:
             x = torch.tensor([seq])
             logits = ref.compute_logits(dense_forward(ref, x)[0, :-1])
@@ -201,6 +208,7 @@ def tokenize_corpora(data: DataSpec, corpora: dict[str, list[str]], tokenizer, k
     """(training streams, validation streams) by corpus name, from `read_corpora`'s documents; kind "reference"
     scores the training documents by `reference`'s loss."""
     sep = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
+    ref = load_reference(reference) if kind == "reference" else None  # once, for every corpus
     train, val = {}, {}
     for c in data.corpora:
         docs = corpora[c.name]
@@ -213,7 +221,7 @@ def tokenize_corpora(data: DataSpec, corpora: dict[str, list[str]], tokenizer, k
         if not pieces[False] or not pieces[True]:
             raise InvalidParameterError(f"corpus {c.name!r} has too few documents to hold out a validation share",
                                         "add documents or raise validation_fraction")
-        scores = reference_losses(pieces[False], tokenizer, reference) if kind == "reference" else None
+        scores = reference_losses(pieces[False], tokenizer, ref) if ref is not None else None
         train[c.name] = build_stream(pieces[False], sep, kind, seed, scores)
         val[c.name] = build_stream(pieces[True], sep, "none", seed)
     return train, val

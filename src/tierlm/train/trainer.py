@@ -74,9 +74,15 @@ class Dist:
         return float(value.detach())
 
     def close(self) -> None:
+        """Tear the process group down while the interpreter is whole. DDP's reducer sits in reference cycles that
+        hold the group; left to interpreter exit, gloo's threads can meet a half-finalized Python and abort the
+        process (seen as SIGABRT on one rank of a loaded machine), so the cycles are collected first."""
         if self.world > 1:
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -293,7 +299,9 @@ def train(cfg: TrainConfig, out: str | Path, *, fresh: bool = False, max_steps: 
         dist.barrier()
         if not dist.main:
             _check_run(out, cfg, False)
-        return _train(cfg, out, dist, max_steps, progress)
+        summary = _train(cfg, out, dist, max_steps, progress)
+        dist.barrier()  # every rank is done with the group before any tears it down
+        return summary
     finally:
         dist.close()
 

@@ -1,5 +1,5 @@
 """tierlm: an LLM inference engine built around the memory hierarchy."""
-from tierlm.core import RequestOutput, SamplingParams, TierlmError
+from tierlm.core import RequestOutput, SamplingParams, StructuredOutputsParams, TierlmError
 
 __version__ = "0.1.0"
 
@@ -13,4 +13,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tierlm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "RequestOutput", "SamplingParams", "TierlmError", "__version__"]
+__all__ = ["LLM", "LLMEngine", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "TierlmError", "__version__"]

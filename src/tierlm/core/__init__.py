@@ -9,10 +9,11 @@ from tierlm.core.errors import (
 )
 from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from tierlm.core.request import Request, RequestStatus
-from tierlm.core.sampling_params import SamplingParams
+from tierlm.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "CompletionOutput", "CorruptModelError", "InvalidParameterError", "Logprob", "ModelNotFoundError",
-    "PromptTooLongError", "Request", "RequestOutput", "RequestStatus", "SamplingParams", "TierlmError",
+    "PromptTooLongError", "Request", "RequestOutput", "RequestStatus", "SamplingParams", "StructuredOutputsParams",
+    "TierlmError",
     "UnsupportedModelError",
 ]

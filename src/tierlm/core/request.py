@@ -55,6 +55,8 @@ class Request:
     # Drift guard (engine/drift_guard.py): chosen for shadow scoring, each sampled-from logits row leaves its
     # top-k log-probabilities here as ([k] values, [k] token ids) on the CPU.
     shadow: list | None = None
+    # Structured outputs (engine/structured.py): the matcher that masks this sequence's next tokens.
+    guide: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

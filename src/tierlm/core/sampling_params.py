@@ -1,9 +1,84 @@
 """Sampling parameters (vLLM-compatible names). Validated on construction."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from tierlm.core.errors import InvalidParameterError
+
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# the `param` an InvalidParameterError about each kind of constraint names (the server renames it to the request
+# field the constraint came from: response_format, guided_json, structured_outputs...)
+STRUCTURED_PARAM = {"json": "json_schema", "json_object": "response_format", "regex": "regex", "choice": "choice",
+                    "grammar": "grammar"}
+STRUCTURED_PARAMS = frozenset(STRUCTURED_PARAM.values()) | {"structured_outputs"}
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's name and fields); exactly one is set.
+
+    json: a JSON schema (dict or its text); json_object: any JSON object; regex: a regular expression the whole
+    output matches; choice: the output is one of these strings; grammar: a Lark grammar (llguidance's dialect).
+    The engine turns it into a per-token mask (engine/structured.py); a constraint the grammar library rejects is
+    an InvalidParameterError naming it.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        fix = "set exactly one of json, json_object, regex, choice, grammar"
+        if len(set_) != 1:
+            raise InvalidParameterError(f"structured outputs: {'none' if not set_ else ', '.join(set_)} set", fix,
+                                        param="structured_outputs")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidParameterError(f"structured outputs: json is a {type(self.json).__name__}",
+                                        "give a JSON schema as an object or as its JSON text", param="json_schema")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise InvalidParameterError(f"structured outputs: choice {self.choice!r}",
+                                        "give a non-empty list of non-empty strings", param="choice")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidParameterError(f"structured outputs: {name} {v!r}", f"give {name} as a non-empty string",
+                                            param=name)
+        if self.choice is not None:
+            object.__setattr__(self, "choice", list(self.choice))
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint: equal constraints share one compiled grammar."""
+        value: Any = getattr(self, self.kind)
+        if self.kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # not JSON: the compiler says so
+        return json.dumps([self.kind, value], sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: "StructuredOutputsParams | dict | None") -> "StructuredOutputsParams | None":
+        if d is None or isinstance(d, StructuredOutputsParams):
+            return d
+        if not isinstance(d, dict):
+            raise InvalidParameterError(f"structured outputs: {type(d).__name__}", "give an object such as "
+                                        '{"json": SCHEMA} or {"regex": "..."}', param="structured_outputs")
+        unknown = sorted(set(d) - set(STRUCTURED_KINDS))
+        if unknown:
+            raise InvalidParameterError(f"structured outputs: unknown field {unknown[0]!r}",
+                                        f"use one of {', '.join(STRUCTURED_KINDS)}", param="structured_outputs")
+        return cls(**d)
 
 
 @dataclass
@@ -32,8 +107,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -158,6 +158,7 @@ class LLMEngine:
         self.scheduler: Scheduler | None = None
         self._build_kv(self.safe_kv_format if self.drift_guard is not None and self.drift_guard.tripped else kv_format)
         self.sampler = Sampler(tuple(self.tokenizer.eos_token_ids))
+        self._structured = None  # built at the first constrained request (engine/structured.py)
         self.groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._ids = itertools.count()
@@ -294,6 +295,8 @@ class LLMEngine:
             self.tiers.close()
         if hasattr(self.model, "close"):
             self.model.close()  # a V4-mini's prefetch threads
+        if self._structured is not None:
+            self._structured.close()
 
     def _default_kv_bytes(self, spec: KVSpec) -> int:
         if self.device.type == "cuda":
@@ -341,12 +344,16 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but chunked prefill is off and a step computes at most "
                 f"{sc.max_num_batched_tokens}", "enable chunked prefill or raise max_num_batched_tokens", param="prompt")
         max_tokens = self.max_model_len - len(ids) if params.max_tokens is None else params.max_tokens
+        guides = [None] * params.n
+        if params.structured_outputs is not None:  # compiled before anything is queued: a bad one is a 400
+            guides = [self.structured.guide(params.structured_outputs) for _ in range(params.n)]
         group = _Group(request_id, text, ids)
         for i in range(params.n):
             p = replace(params, max_tokens=max_tokens, n=1,
                         seed=None if params.seed is None else params.seed + i)
             seq_id = seq_ids[i]
-            req = Request(seq_id, list(ids), p, prompt=text, priority=priority, cache_salt=cache_salt)
+            req = Request(seq_id, list(ids), p, prompt=text, priority=priority, cache_salt=cache_salt,
+                          guide=guides[i])
             detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
             if i == 0 and self.drift_guard is not None and self.drift_guard.want():
                 req.shadow = []
@@ -378,6 +385,15 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         return [torch.stack(rows) for rows in sinks]
+
+    @property
+    def structured(self):
+        """The structured-output compiler and mask worker (built on first use)."""
+        if self._structured is None:
+            from tierlm.engine.structured import StructuredOutputs
+
+            self._structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
+        return self._structured
 
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
@@ -411,10 +427,16 @@ class LLMEngine:
         context = sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled)
         self.last_step = StepSummary(decodes, sched.num_batched_tokens - decodes, context)
         t0 = time.perf_counter()
+        structured = self._structured
+        if structured is not None:  # guided masks are computed on a worker while the forward pass runs
+            structured.begin([s.request for s in sched.scheduled])
         try:
             logits, reqs = self.runner.execute(sched)
-            sampled = self.sampler(logits, reqs) if reqs else None
+            allowed = structured.masks(reqs) if structured is not None else None
+            sampled = self.sampler(logits, reqs, allowed) if reqs else None
         except BaseException:
+            if structured is not None:
+                structured.cancel()
             self.scheduler.undo_step(sched)  # nothing of this step is kept: no cached KV, no half-advanced request
             raise
         if not decodes:  # a prefill-only step's speed feeds the tiers' cost model (load vs recompute)
@@ -460,7 +482,14 @@ class LLMEngine:
         stop_str = seq.detok.append(tok)
         n_out = len(req.output_token_ids)
         status = None
-        if n_out >= p.min_tokens:
+        if req.guide is not None and req.forced_token_ids is None:
+            if not req.guide.accept(tok):  # never expected: the mask allowed only what the grammar takes
+                log.warning("structured outputs: request %s sampled token %d its grammar refuses (%s); stopped",
+                            req.request_id, tok, req.guide.error)
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, "grammar_error"
+            elif req.guide.done:
+                status = RequestStatus.FINISHED_STOPPED  # the grammar is complete: only the end could follow
+        if status is None and n_out >= p.min_tokens:
             if stop_str is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
             elif tok in p.stop_token_ids:

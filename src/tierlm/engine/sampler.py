@@ -2,13 +2,16 @@
 
 Order of operations (every step uses per-row parameter tensors; no Python loop over the vocab):
 
- 0. Fast path: every row greedy, no penalties, no logprobs, no active min_tokens -> argmax, done.
+ 0. Fast path: every row greedy, no penalties, no logprobs, no active min_tokens, no structured-output
+    mask -> argmax, done.
  1. logits -> fp32 copy (the caller's tensor is never modified).
  2. min_tokens: while len(output) < min_tokens, eos ids and stop_token_ids are set to -inf
     (ignore_eos only affects stopping elsewhere, never this mask).
  3. Repetition penalty (CTRL) over prompt + output tokens: logit > 0 -> logit / p, logit < 0 -> logit * p.
  4. Frequency / presence penalties (OpenAI) over output tokens only:
     logit -= frequency * count + presence * (count > 0).
+ 4b. Structured outputs: a guided row's disallowed tokens are set to -inf (engine/structured.py computes the
+    masks). When min_tokens has masked the only tokens the grammar allows (its end), the grammar wins.
  5. Greedy rows (temperature == 0) take argmax of the penalized logits; the rest continue:
  6. temperature: logits / T.
  7. top-k: keep the k highest logits (k <= 0 or k >= V disables it; when every row has one,
@@ -55,8 +58,9 @@ class Sampler:
 
     # ------------------------------------------------------------------ public API
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        # logits: [B, V], row i belongs to requests[i]
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 allowed: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
+        # logits: [B, V], row i belongs to requests[i]; allowed: (rows, bool [R, V]) of the guided rows
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [B, V] with B == len(requests) == {len(requests)}, "
                              f"got {tuple(logits.shape)}")
@@ -67,7 +71,7 @@ class Sampler:
         # 0. Fast path: plain greedy batch.
         for r in requests:
             sp = r.sampling_params
-            if (sp.temperature != 0.0 or sp.logprobs is not None or sp.repetition_penalty != 1.0
+            if (allowed is not None or sp.temperature != 0.0 or sp.logprobs is not None or sp.repetition_penalty != 1.0
                     or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
                     or sp.min_tokens > len(r.output_token_ids)):
                 break
@@ -77,6 +81,8 @@ class Sampler:
         # 1-4. Masks and penalties on an fp32 copy.
         x = logits.to(torch.float32, copy=True)  # x: [B, V]
         self._penalize(x, requests)
+        if allowed is not None:
+            self._apply_structured(x, logits, allowed)
 
         # 5-10. Greedy rows argmax; the others go through the sampling pipeline.
         greedy = [r.sampling_params.temperature == 0.0 for r in requests]
@@ -147,6 +153,19 @@ class Sampler:
         pr = torch.tensor(pres, dtype=torch.float32, device=x.device)[rows]  # pr: [N]
         x[rows, cols] = x[rows, cols] - pr  # repeated pairs write the same value: once per distinct token
         x.index_put_((rows, cols), -f, accumulate=True)  # once per occurrence: frequency * count
+
+    @staticmethod
+    def _apply_structured(x: torch.Tensor, logits: torch.Tensor, allowed: tuple[list[int], torch.Tensor]) -> None:
+        # x: [B, V] penalized, modified in place; logits: [B, V] raw; allowed: (rows [R], bool [R, V])
+        rows, mask = allowed
+        idx = torch.tensor(rows, device=x.device)  # idx: [R]
+        mask = mask.to(x.device)
+        guided = x[idx].masked_fill_(~mask, float("-inf"))  # guided: [R, V]
+        dead = torch.isneginf(guided).all(dim=-1)  # [R]: penalties masked every token the grammar allows
+        if bool(dead.any()):
+            raw = logits[idx[dead]].float().masked_fill_(~mask[dead], float("-inf"))
+            guided[dead] = raw
+        x[idx] = guided
 
     # ------------------------------------------------------------------ steps 6-10
 

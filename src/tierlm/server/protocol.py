@@ -27,9 +27,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
 
 
 def _not_supported(what: str) -> str:
@@ -53,7 +62,9 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
     logit_bias: dict[str, Float] | None = Field(None, description=_not_supported("must be empty"))
-    response_format: ResponseFormat | None = Field(None, description=_not_supported('must be {"type": "text"}'))
+    response_format: ResponseFormat | None = Field(
+        None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}: the '
+                          "reply is constrained to it token by token (guided decoding)")
     # accepted OpenAI fields that change nothing here
     store: bool | None = Field(None, description="accepted when false: this server stores no completions")
     metadata: dict[str, str] | None = Field(None, description="accepted and ignored")
@@ -67,12 +78,15 @@ class _Sampling(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's structured outputs: one constraint per request (response_format included)
+    guided_json: str | dict[str, Any] | None = Field(None, description="a JSON schema the reply follows")
+    guided_regex: str | None = Field(None, description="a regular expression (Rust syntax) the reply matches")
+    guided_choice: list[str] | None = Field(None, description="the reply is one of these strings")
+    guided_grammar: str | None = Field(None, description="a Lark grammar (llguidance's dialect) the reply follows")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description='vLLM\'s form: {"json": SCHEMA} | {"json_object": true} | {"regex": R} | {"choice": [...]} '
+                          '| {"grammar": LARK}')
     # vLLM extensions tierlm does not implement yet
-    guided_json: str | dict[str, Any] | None = Field(None, description=_not_supported("must be null"))
-    guided_regex: str | None = Field(None, description=_not_supported("must be null"))
-    guided_choice: list[str] | None = Field(None, description=_not_supported("must be null"))
-    guided_grammar: str | None = Field(None, description=_not_supported("must be null"))
-    structured_outputs: dict[str, Any] | None = Field(None, description=_not_supported("must be null"))
     use_beam_search: bool = Field(False, description=_not_supported("must be false"))
     prompt_logprobs: int | None = Field(None, description=_not_supported("must be null"))
     allowed_token_ids: list[int] | None = Field(None, description=_not_supported("must be empty"))
@@ -157,13 +171,9 @@ class Unsupported:
 
 _absent = lambda v, b: v is None  # noqa: E731
 _empty = lambda v, b: not v  # noqa: E731 - None, false, "", [] or {}
-_GUIDED = Unsupported(_absent, "remove it (guided decoding is not implemented yet)")
 
 # Field -> rule, for every request model that declares the field; checked in this order.
 UNSUPPORTED: dict[str, Unsupported] = {
-    "response_format": Unsupported(lambda v, b: v is None or v.type == "text",
-                                   'remove it or set {"type": "text"}, and ask for JSON in the prompt '
-                                   "(structured output is not implemented yet)"),
     "tools": Unsupported(_empty, "remove it (there is no tool calling), or describe the tools in the system "
                                  "message and parse the reply yourself"),
     "tool_choice": Unsupported(lambda v, b: v in (None, "none") or (v == "auto" and not b.tools),
@@ -193,11 +203,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "chat_template_kwargs": Unsupported(_empty, "remove it (the model's chat template is rendered with "
                                                 "add_generation_prompt only)"),
     "documents": Unsupported(_empty, "remove it and put the documents in a message"),
-    "guided_json": _GUIDED,
-    "guided_regex": _GUIDED,
-    "guided_choice": _GUIDED,
-    "guided_grammar": _GUIDED,
-    "structured_outputs": _GUIDED,
     "use_beam_search": Unsupported(_empty, "remove it or set false; use temperature=0 for greedy decoding"),
     "prompt_logprobs": Unsupported(_absent, "remove it; only generated tokens get logprobs (logprobs, "
                                             "top_logprobs)"),
@@ -207,6 +212,33 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                                    '"truncate_left" instead'),
     "return_tokens_as_token_ids": Unsupported(_empty, "remove it or set false"),
 }
+
+
+def structured_outputs(body: BaseModel) -> tuple[dict | None, str | None]:
+    """(StructuredOutputsParams fields, the request field they came from) for a body's constraint, or
+    (None, None). More than one constraint is an InvalidParameterError naming the second."""
+    from tierlm.core.errors import InvalidParameterError
+
+    found: list[tuple[str, dict]] = []
+    rf = getattr(body, "response_format", None)
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise InvalidParameterError('response_format {"type": "json_schema"} has no json_schema.schema',
+                                        'send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+                                        param="response_format")
+        found.append(("response_format", {"json": rf.json_schema.schema_}))
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if getattr(body, name, None) is not None:
+            found.append((name, {kind: getattr(body, name)}))
+    if getattr(body, "structured_outputs", None):
+        found.append(("structured_outputs", dict(body.structured_outputs)))
+    if len(found) > 1:
+        raise InvalidParameterError(f"{found[0][0]} and {found[1][0]} both constrain the reply",
+                                    "send one constraint per request", param=found[1][0])
+    return (found[0][1], found[0][0]) if found else (None, None)
 
 
 def _shown(name: str, value: Any) -> str:

@@ -25,12 +25,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tierlm.core.errors import InvalidParameterError
 from tierlm.core.outputs import RequestOutput
-from tierlm.core.sampling_params import SamplingParams
+from tierlm.core.sampling_params import STRUCTURED_PARAMS, SamplingParams, StructuredOutputsParams
 from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from tierlm.server.errors import APIError
 from tierlm.server.metrics import ServerMetrics
 from tierlm.server.prompt_policy import FittedPrompt, PolicyInput, PromptPolicy
-from tierlm.server.protocol import unknown_fields, unsupported_field
+from tierlm.server.protocol import structured_outputs, unknown_fields, unsupported_field
 from tierlm.server.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -123,13 +123,20 @@ class Serving:
     @staticmethod
     def sampling_params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         opt = lambda v, d: d if v is None else v  # noqa: E731
+        constraint, source = structured_outputs(body)
+        try:
+            structured = StructuredOutputsParams.from_dict(constraint)
+        except InvalidParameterError as e:
+            e.param = source
+            raise
         return SamplingParams(
             n=body.n, max_tokens=max_tokens, min_tokens=body.min_tokens, temperature=opt(body.temperature, 1.0),
             top_p=opt(body.top_p, 1.0), top_k=opt(body.top_k, 0), min_p=opt(body.min_p, 0.0),
             repetition_penalty=opt(body.repetition_penalty, 1.0), presence_penalty=opt(body.presence_penalty, 0.0),
             frequency_penalty=opt(body.frequency_penalty, 0.0), seed=body.seed, stop=body.stop or [],
             stop_token_ids=body.stop_token_ids or [], include_stop_str_in_output=body.include_stop_str_in_output,
-            ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+            ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
+            structured_outputs=structured)
 
     # ---- prompt fitting ------------------------------------------------------------------------
     async def fit(self, ids: list[int], body, max_tokens: int | None, messages=None, render=None) -> FittedPrompt:
@@ -173,6 +180,8 @@ class Serving:
                 stream = await self.aengine.add_request(fitted.token_ids, params,
                                                         f"{self.id_prefix}-{uuid.uuid4().hex}")
         except (TimeoutError, EngineDeadError, InvalidParameterError) as e:
+            if isinstance(e, InvalidParameterError) and e.param in STRUCTURED_PARAMS:
+                e.param = structured_outputs(body)[1]  # the request field the rejected constraint came from
             raise self._api_error(e) from None
         finally:
             self.admission.reserved -= body.n

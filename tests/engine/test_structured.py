@@ -101,18 +101,22 @@ def test_grammar_completion_beats_min_tokens_and_ignore_eos(default_llm):
     assert out.text in ("yes", "no") and out.finish_reason == "stop"
 
 
-def test_without_overlap_the_tokens_are_the_same(default_llm):
+def test_overlapped_masks_give_the_same_tokens(default_llm):
+    """Masks computed on the worker during the forward pass (the default on a GPU) or after it (on a CPU)."""
     llm = default_llm
     p = SamplingParams(temperature=0.7, seed=11, max_tokens=120, structured_outputs=constrained(json=PERSON))
     ids = [chat(llm, t) for t in PROMPTS[:3]]
-    a = [o.outputs[0].token_ids for o in llm.generate(ids, p)]
     so = llm.engine.structured
-    so.overlap = False
+    default, waited = so.overlap, so.counters["wait_seconds"]
     try:
+        so.overlap = False
+        a = [o.outputs[0].token_ids for o in llm.generate(ids, p)]
+        so.overlap = True
         b = [o.outputs[0].token_ids for o in llm.generate(ids, p)]
     finally:
-        so.overlap = True
+        so.overlap = default
     assert a == b
+    assert so.counters["wait_seconds"] > waited  # the second run did collect masks from the worker
 
 
 @pytest.mark.parametrize("spec, param", [

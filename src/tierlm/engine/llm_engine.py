@@ -392,7 +392,10 @@ class LLMEngine:
         if self._structured is None:
             from tierlm.engine.structured import StructuredOutputs
 
-            self._structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
+            # Overlap pays where the forward pass leaves the CPU idle (a GPU); on a CPU the worker only competes
+            # with the forward pass's threads for the same cores (measured equal or ~5% slower on 2 cores).
+            self._structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size,
+                                                 overlap=self.device.type == "cuda")
         return self._structured
 
     def abort_request(self, request_id: str) -> None:

@@ -59,6 +59,8 @@ def test_digest_tracks_what_records_depend_on(tmp_path):
     ({"templates": {"t": "x"}, "sampling": {"temperature": -1}}, ["temperature"]),
     ({"templates": {"t": "x"}, "constraint": {"regex": "a", "choice": ["a"]}}, ["exactly one"]),
     ({"templates": {"t": "x"}, "constraint": {"json_file": "nope.json"}}, ["does not exist"]),
+    ({"templates": {"t": "x"}, "constraint": {"json": {"type": "object", "properties": 3}}}, ["cannot be compiled"]),
+    ({"templates": {"t": "x"}, "constraint": {"regex": "(?<=a)b"}}, ["cannot be compiled", "Rust regex"]),
     ({"templates": {"t": "x"}, "dedup": {"near_threshold": 2}}, ["near_threshold"]),
     ({"templates": {"t": "x"}, "samples_per_prompt": 0}, ["samples_per_prompt"]),
     ({"templates": {"t": "x"}, "scan": {"members": "nope.txt"}}, ["does not exist"]),

@@ -106,6 +106,7 @@ def write_job(path: Path, doc: dict) -> Path:
 FLAGS = ("--no-progress", "--no-scan", "--max-num-seqs", "4", "--kv-cache-memory", "128MiB")
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_to_the_records_of_an_uninterrupted_run(tmp_path):
     jobf = write_job(tmp_path / "people.yaml", PEOPLE)
     r = cli(jobf, "--out", tmp_path / "whole", *FLAGS)

@@ -60,6 +60,15 @@ def grammar_text(params: StructuredOutputsParams) -> str:
         raise _rejected(kind, str(e)) from None
 
 
+def check_constraint(params: StructuredOutputsParams) -> None:
+    """InvalidParameterError unless llguidance compiles the constraint (without a tokenizer: no model needed)."""
+    import llguidance
+
+    err = llguidance.LLMatcher.validate_grammar(grammar_text(params))
+    if err:
+        raise _rejected(params.kind, err)
+
+
 def _rejected(kind: str, why: str) -> InvalidParameterError:
     what = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "choice": "choice list",
             "grammar": "Lark grammar"}[kind]

@@ -295,7 +295,11 @@ def _constraint(data, base: Path, where: str) -> StructuredOutputsParams | None:
         data = dict(data)
         del data["json_file"]
         data["json"] = schema
-    return StructuredOutputsParams.from_dict(data)
+    params = StructuredOutputsParams.from_dict(data)
+    from tierlm.engine.structured import check_constraint
+
+    check_constraint(params)  # a constraint the grammar library refuses stops the job before the model loads
+    return params
 
 
 def _check_templates(job: Job, where: str) -> None:

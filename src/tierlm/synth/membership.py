@@ -18,7 +18,7 @@ import numpy as np
 
 from tierlm.core.errors import InvalidParameterError
 
-MAX_TOKENS = 256  # per text: longer texts are scored on their first MAX_TOKENS tokens
+MAX_TOKENS = 256  # per text: longer texts are scored on their first MAX_TOKENS tokens (or the model's context)
 MIN_K = 0.2
 
 
@@ -36,8 +36,9 @@ class TextScores:
 def token_logprobs(engine, token_lists: list[list[int]], batch: int = 16) -> list[np.ndarray]:
     """Per text, the log-probability of each token after the first, given the tokens before it."""
     out: list[np.ndarray] = []
+    cap = min(MAX_TOKENS, engine.max_model_len)  # a text longer than the model's context is scored on its start
     for i in range(0, len(token_lists), batch):
-        chunk = [ids[:MAX_TOKENS] for ids in token_lists[i:i + batch]]
+        chunk = [ids[:cap] for ids in token_lists[i:i + batch]]
         logits = engine.score([ids[:1] for ids in chunk], [ids[1:] for ids in chunk])
         for ids, lg in zip(chunk, logits):
             lp = lg.float().log_softmax(-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -182,8 +183,8 @@ class URLBackend:
         if c is not None:
             if c.kind == "json":
                 schema = c.json if isinstance(c.json, dict) else json.loads(c.json)
-                body["response_format"] = {"type": "json_schema", "json_schema": {"name": self.job.name[:64] or "x",
-                                                                                  "schema": schema}}
+                name = re.sub(r"[^A-Za-z0-9_-]", "_", self.job.name)[:64] or "schema"  # OpenAI's name rule
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
             elif c.kind == "json_object":
                 body["response_format"] = {"type": "json_object"}
             else:

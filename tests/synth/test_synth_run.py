@@ -221,3 +221,26 @@ def test_compare_two_configs(tmp_path):
     assert result["configs"]["fp8"]["same_text"] < 1.0  # lossy: some samples change
     assert r.stdout.strip().splitlines()[-1].startswith("verdict: ")
     assert "| fp8 |" in (tmp_path / "cmp/compare.md").read_text()
+
+
+def test_scan_subcommands_on_a_samples_file(tmp_path):
+    recs = [{"id": "a", "text": "Mail jane.doe@example.org or call +1 415-555-0132.", "accepted": True},
+            {"id": "b", "text": "Nothing personal here, " + VERSE + ", said the reader.", "accepted": True},
+            {"id": "c", "text": "{bad json", "accepted": False, "reject": "invalid JSON: Expecting value"}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "corpus.txt").write_text(VERSE.capitalize() + ".\n")
+    r = cli("scan", "pii", tmp_path / "s.jsonl", "--redacted", tmp_path / "red.jsonl", "--json", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pii = json.loads((tmp_path / "p.json").read_text())
+    assert pii["counts"] == {"EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1} and pii["samples"] == 2
+    assert json.loads((tmp_path / "red.jsonl").read_text().splitlines()[0])["text"] == \
+        "Mail <EMAIL_ADDRESS> or call <PHONE_NUMBER>."
+    r = cli("scan", "leakage", tmp_path / "s.jsonl", "--corpus", tmp_path / "corpus.txt", "--json", tmp_path / "l.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    leak = json.loads((tmp_path / "l.json").read_text())
+    assert leak["samples_with_match"] == 1 and leak["longest"][0]["id"] == "b" and leak["longest"][0]["text"] == VERSE
+    r = cli("scan", "constraint", tmp_path / "s.jsonl", "--json", tmp_path / "c.json")
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert r.returncode == 0 and c["pass_rate"] == pytest.approx(2 / 3) and c["failures"] == {"invalid JSON": 1}
+    r = cli("scan", "leakage", tmp_path / "s.jsonl")
+    assert r.returncode == 2 and "--corpus" in r.stderr

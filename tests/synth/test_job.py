@@ -109,3 +109,12 @@ def test_dedup_exact_and_near():
     assert d.check("d", "an entirely different sentence about quantum chromodynamics and lattice gauge theory") is None
     off = Deduplicator(Dedup(exact=False, near_threshold=None))
     assert off.check("a", base) is None and off.check("b", base) is None
+
+
+def test_cli_help_and_missing_job(capsys):
+    from tierlm.cli import main
+
+    assert main(["synth", "-h"]) == 0 and "tierlm synth scan" in capsys.readouterr().out
+    assert main(["synth"]) == 2
+    assert main(["synth", "/nonexistent/job.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -25,6 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("synth", help="synthetic-data jobs: guided decoding, dedup, privacy scans, cost",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               add_help=False)
+    p.add_argument("-h", "--help", action="store_true", dest="synth_help", help="show this help")
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_synth)
     return p
@@ -95,9 +96,9 @@ def compare_parser() -> argparse.ArgumentParser:
 
 def cmd_synth(a) -> int:
     argv = list(a.argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if getattr(a, "synth_help", False) or not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv else 2
+        return 0 if argv or getattr(a, "synth_help", False) else 2
     if argv[0] == "scan":
         return cmd_scan(scan_parser().parse_args(argv[1:]))
     if argv[0] == "compare":
@@ -269,4 +270,4 @@ def cmd_compare(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cmd_synth(argparse.Namespace(argv=sys.argv[1:])))
+    sys.exit(cmd_synth(argparse.Namespace(argv=sys.argv[1:], synth_help=False)))

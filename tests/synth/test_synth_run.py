@@ -134,8 +134,8 @@ def test_a_killed_job_resumes_to_the_records_of_an_uninterrupted_run(tmp_path):
     assert records(out) == whole  # nothing lost, nothing repeated, the same decisions
     assert (out / "samples.jsonl.torn").read_text().startswith('{"index": %d' % have)
     run = json.loads((out / "summary.json").read_text())["run"]
-    assert run["sessions"] == 1 and run["samples"] == 16 - have  # the killed session left no stats: not counted
-    assert run["accepted"] == sum(r["accepted"] for r in whole[have:])
+    assert run["sessions"] == 2  # the killed session counts up to its last checkpoint (its first record at least)
+    assert 16 - have < run["samples"] <= 16 and run["wall_s"] > 0
 
 
 def test_a_corrupt_journal_is_refused_and_kept(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -92,10 +93,12 @@ class EngineBackend:
         kw.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         return SamplingParams(seed=sample.seed, structured_outputs=self.job.constraint, **kw)
 
-    def run(self, samples: list[Sample], done: Callable[[Sample, Result], None]) -> RunStats:
+    def run(self, samples: list[Sample], done: Callable[[Sample, Result], None],
+            stats: RunStats | None = None) -> RunStats:
         engine = self.engine
-        stats = RunStats(self.name, self.config, self.model, kv_bytes_per_token=engine.kv_spec.bytes_per_token,
-                         config_digest=config_digest(engine.config))
+        stats = stats or RunStats(self.name, self.config, self.model)
+        stats.kv_bytes_per_token = engine.kv_spec.bytes_per_token
+        stats.config_digest = config_digest(engine.config)
         window = 2 * engine.scheduler.config.max_num_seqs
         queue = list(reversed(samples))
         flight: dict[str, Sample] = {}
@@ -195,8 +198,9 @@ class URLBackend:
             return "/v1/chat/completions", dict(body, messages=msgs)
         return "/v1/completions", dict(body, prompt=sample.prompt.text)
 
-    def run(self, samples: list[Sample], done: Callable[[Sample, Result], None]) -> RunStats:
-        stats = RunStats(self.name, self.config, self.model)
+    def run(self, samples: list[Sample], done: Callable[[Sample, Result], None],
+            stats: RunStats | None = None) -> RunStats:
+        stats = stats or RunStats(self.name, self.config, self.model)
         t0 = time.perf_counter()
         try:
             asyncio.run(self._run(samples, done, stats))
@@ -289,18 +293,49 @@ class Decider:
             self.progress(rec)
 
 
-RUNS = "runs.jsonl"
+RUNS = "runs"  # one JSON file per session that generated samples, rewritten as it goes
+CHECKPOINT_S = 2.0
+
+
+class Session:
+    """This session's stats on disk (out/runs/<id>.json), counted over the records it wrote; rewritten at most
+    every CHECKPOINT_S seconds and at the end, so a killed session still counts (up to its last write)."""
+
+    def __init__(self, out: Path, stats: RunStats, start: int):
+        self.path = out / RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        self.stats = stats
+        self.stats.start = start
+        self.t0 = time.perf_counter()
+        self.written = 0
+        self.output_tokens = 0
+        self.prompt_tokens = 0
+        self._last = 0.0
+
+    def record(self, rec: dict) -> None:
+        self.written += 1
+        self.output_tokens += rec["output_tokens"]
+        self.prompt_tokens += rec["prompt_tokens"]
+        if time.perf_counter() - self._last >= CHECKPOINT_S:
+            self.save()
+
+    def save(self) -> None:
+        if not self.written:
+            return
+        self._last = time.perf_counter()
+        d = asdict(self.stats)
+        d.update(samples=self.written, output_tokens=self.output_tokens, prompt_tokens=self.prompt_tokens,
+                 wall_s=self._last - self.t0)
+        self.path.parent.mkdir(exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, self.path)
 
 
 def session_totals(out: Path, stats: RunStats) -> RunStats:
-    """Append this session's stats to runs.jsonl; the totals over every session that finished generating (a
-    resumed job's speed and cost count each of its sessions; a killed session wrote no stats, so neither its time
-    nor its records count there)."""
-    path = out / RUNS
-    if stats.samples:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(stats)) + "\n")
-    sessions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The totals over every session that generated samples for this job (a resumed job's speed and cost count all
+    of its sessions, a killed one up to its last checkpoint)."""
+    paths = sorted((out / RUNS).glob("*.json")) if (out / RUNS).is_dir() else []
+    sessions = [json.loads(p.read_text()) for p in paths]
     if not sessions:
         return stats
     total = RunStats(stats.backend, stats.config, stats.model, kv_bytes_per_token=stats.kv_bytes_per_token,
@@ -358,29 +393,30 @@ def run_job(job: Job, out: Path, backend, *, fresh: bool = False, progress: bool
         from tqdm import tqdm
 
         bar = tqdm(total=len(samples), initial=start, unit="sample", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    tokens = [0]
+    session = Session(out, RunStats(backend.name, backend.config, backend.model), start)
 
     def shown(rec: dict) -> None:
-        tokens[0] += rec["output_tokens"]
+        session.record(rec)
         if bar is not None:
             c = decider.counts
-            bar.set_postfix_str(f"accepted {c['accepted']} rejected {c['rejected']} "
-                                f"{tokens[0] / max(1e-9, time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+            tok_s = session.output_tokens / max(1e-9, time.perf_counter() - session.t0)
+            bar.set_postfix_str(f"accepted {c['accepted']} rejected {c['rejected']} {tok_s:,.0f} tok/s",
+                                refresh=False)
             bar.update(1)
 
     decider = Decider(job, journal, backend.model, backend.config,
                       getattr(getattr(backend, "engine", None), "config", None) and config_digest(backend.engine.config),
                       progress=shown)
     try:
-        stats = backend.run(todo, decider) if todo else RunStats(backend.name, backend.config, backend.model)
-        stats.start = start
+        if todo:
+            backend.run(todo, decider, session.stats)
     finally:
         journal.close()
+        session.save()
         if bar is not None:
             bar.close()
     write_accepted(journal)
-    summary = summarize(job, journal.records, session_totals(out, stats), resumed_from=start, total=len(samples),
+    summary = summarize(job, journal.records, session_totals(out, session.stats), resumed_from=start, total=len(samples),
                         usd_per_hour=job.usd_per_hour)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

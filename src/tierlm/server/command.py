@@ -41,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on shutdown (default 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    c = p.add_argument_group("replicas (Ray Serve; tierlm/cluster)")
+    c.add_argument("--replicas", type=int, default=0,
+                   help="run N engine replicas on Ray Serve behind this endpoint (0: one in-process engine)")
+    c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    c.add_argument("--replica-threads", type=int, default=None, help="CPU threads (Ray CPUs) per replica")
+    c.add_argument("--routing", default="cache", help="cache (longest prefix, then session, then load), "
+                                                      "least_loaded or round_robin")
     add_engine_args(p)
 
 
@@ -69,6 +76,14 @@ def server_config(args) -> ServerConfig:
 def run(args) -> int:
     config = server_config(args)  # validate before the model loads
     ecfg = engine_config(args)
+    if getattr(args, "replicas", 0):
+        if args.replicas < 1:
+            from tierlm.core.errors import InvalidParameterError
+
+            raise InvalidParameterError(f"--replicas {args.replicas}", "give 1 or more (0: no Ray)")
+        from tierlm.cluster.launch import run as run_cluster
+
+        return run_cluster(args, config, ecfg)
     from tierlm.engine.async_engine import AsyncEngine
     from tierlm.engine.llm_engine import LLMEngine
     from tierlm.server.app import build_app

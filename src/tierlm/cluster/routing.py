@@ -1,0 +1,103 @@
+"""Cache-aware routing: send a request to the replica most likely to hold its prompt's longest prefix.
+
+A request's route key is the chained hashes of its prompt's full token blocks (hash i covers tokens 0 .. 16(i+1),
+so a hit on hash i means the whole prefix up to there was seen). The router remembers, per block hash, the replica
+that most recently took a request containing it (a bounded LRU table), and per session key the replica that served
+the session. It picks, in order:
+
+  1. the session's replica (an optional user or session key), unless overloaded
+  2. the replica owning the longest known prefix, unless overloaded
+  3. the least loaded replica (ties broken round-robin)
+
+"Overloaded": its load (requests queued or running) exceeds the least loaded replica's by more than `imbalance`;
+then cache affinity yields to load, as SGLang's cache-aware router does. Mode "round_robin" ignores all of this
+(the comparison the benchmark runs); "least_loaded" only looks at load.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import xxhash
+
+from tierlm.core.errors import InvalidParameterError
+
+MODES = ("cache", "least_loaded", "round_robin")
+BLOCK_TOKENS = 16
+MAX_BLOCKS = 256  # prefixes are tracked up to 4,096 tokens
+
+
+def route_key(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS, max_blocks: int = MAX_BLOCKS) -> tuple:
+    """Chained 64-bit hashes of the prompt's full blocks (at most max_blocks)."""
+    out, h = [], 0
+    n = min(len(token_ids) // block_tokens, max_blocks)
+    for b in range(n):
+        block = token_ids[b * block_tokens:(b + 1) * block_tokens]
+        h = xxhash.xxh3_64_intdigest(h.to_bytes(8, "little") + b"".join(int(t).to_bytes(4, "little") for t in block))
+        out.append(h)
+    return tuple(out)
+
+
+class Router:
+    """The routing policy; thread-unsafe by design (one router per ingress, called from its event loop)."""
+
+    def __init__(self, mode: str = "cache", imbalance: int = 4, max_entries: int = 200_000):
+        if mode not in MODES:
+            raise InvalidParameterError(f"unknown routing mode {mode!r}", f"use one of {', '.join(MODES)}")
+        self.mode = mode
+        self.imbalance = imbalance
+        self.max_entries = max_entries
+        self._owner: OrderedDict[int, str] = OrderedDict()
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._rr = itertools.count()
+        self.counters = {"session": 0, "prefix": 0, "load": 0, "round_robin": 0, "overloaded": 0}
+
+    def choose(self, replicas: Sequence[str], load: dict[str, int], key: tuple = (),
+               session: str | None = None) -> str:
+        """The replica for a request with route `key` (and session) among `replicas`, given their loads."""
+        if not replicas:
+            raise RuntimeError("no replica to route to")
+        if self.mode == "round_robin":
+            self.counters["round_robin"] += 1
+            return replicas[next(self._rr) % len(replicas)]
+        loads = {r: load.get(r, 0) for r in replicas}
+        floor = min(loads.values())
+        if self.mode == "cache":
+            for kind, r in (("session", self._sessions.get(session) if session else None),
+                            ("prefix", self._longest_owner(key, loads))):
+                if r is None or r not in loads:
+                    continue
+                if loads[r] - floor <= self.imbalance:
+                    self.counters[kind] += 1
+                    return r
+                self.counters["overloaded"] += 1
+        self.counters["load"] += 1
+        least = [r for r in replicas if loads[r] == floor]
+        return least[next(self._rr) % len(least)]
+
+    def _longest_owner(self, key: tuple, alive: dict[str, int]) -> str | None:
+        for h in reversed(key):  # chained: the deepest known block is the longest prefix
+            r = self._owner.get(h)
+            if r is not None and r in alive:
+                return r
+        return None
+
+    def record(self, replica: str, key: tuple = (), session: str | None = None) -> None:
+        """A request with `key` went to `replica`: it now holds (or will hold) that prefix."""
+        for h in key:
+            self._owner[h] = replica
+            self._owner.move_to_end(h)
+        while len(self._owner) > self.max_entries:
+            self._owner.popitem(last=False)
+        if session:
+            self._sessions[session] = replica
+            self._sessions.move_to_end(session)
+            while len(self._sessions) > self.max_entries // 16:
+                self._sessions.popitem(last=False)
+
+    def forget(self, replica: str) -> None:
+        """A replica died: what it held is gone (its restarted successor starts cold)."""
+        for table in (self._owner, self._sessions):
+            for k in [k for k, r in table.items() if r == replica]:
+                del table[k]

@@ -1,6 +1,7 @@
 """`tierlm serve --replicas 2` on a local Ray cluster: the official openai client works unchanged (plain and
 streamed), greedy output equals one engine's, a repeated long prefix goes to the replica that holds it (and hits
-its prefix cache there), and SIGTERM shuts it all down."""
+its prefix cache there), replicas sharing a Redis tier hit each other's prefixes, and SIGTERM shuts it all
+down."""
 from __future__ import annotations
 
 import signal
@@ -24,30 +25,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tierlm.cli", "serve", "--replicas", "2", "--replica-threads", "1",
-                             "--port", str(port), "--kv-cache-memory", "128MiB", "--max-num-seqs", "8"],
+def start(port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tierlm.cli", "serve", "--replicas", "2", "--replica-threads", "1",
+                             "--port", str(port), "--kv-cache-memory", "128MiB", "--max-num-seqs", "8", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+
+
+def wait_up(url: str, proc: subprocess.Popen) -> None:
     deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"tierlm serve --replicas exited: {proc.stderr.read()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError("the cluster did not come up in 240 s")
+    proc.kill()
+    raise AssertionError("the cluster did not come up in 240 s")
+
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port = free_port()
+    proc = start(port)
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url, proc)
     yield url, proc
     if proc.poll() is None:
         proc.kill()
-
 
 @pytest.mark.slow
 def test_replicas_serve_route_and_stop(cluster, default_llm):
@@ -74,3 +82,24 @@ def test_replicas_serve_route_and_stop(cluster, default_llm):
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
+
+
+@pytest.mark.slow
+def test_a_prefix_computed_on_one_replica_is_a_redis_hit_on_the_other(redis_server):
+    port = free_port()
+    proc = start(port, "--routing", "round_robin", "--redis-url", redis_server.url, "--tier-write", "write_through")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(url, proc)
+        body = {"prompt": PREFIX * 2 + "Question:", "max_tokens": 2, "temperature": 0}
+        first = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert first.status_code == 200, first.text
+        time.sleep(1.0)  # write-through to Redis runs on the tier's writer thread
+        second = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert second.headers["x-tierlm-replica"] != first.headers["x-tierlm-replica"]  # round-robin: the other one
+        details = second.json()["usage"]["prompt_tokens_details"]
+        assert details["cached_tokens_by_tier"].get("redis", 0) >= 128, details
+        assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)

@@ -103,3 +103,54 @@ def test_a_prefix_computed_on_one_replica_is_a_redis_hit_on_the_other(redis_serv
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_killing_a_replica_fails_no_request_that_has_not_started_streaming():
+    import concurrent.futures
+    import os
+
+    port = free_port()
+    proc = start(port, "--routing", "least_loaded")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(url, proc)
+        pids = set()
+        for i in range(6):  # find both replicas' pids
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"Warm up {i}", "max_tokens": 1}, timeout=60)
+            pids.add(int(r.headers["x-tierlm-replica"].rsplit(":", 1)[1]))
+        assert len(pids) == 2, pids
+        victim = min(pids)
+
+        def one(i: int) -> tuple[int, str]:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"Story number {i}:", "max_tokens": 24,
+                                                          "ignore_eos": True, "temperature": 0}, timeout=180)
+            return r.status_code, r.headers.get("x-tierlm-replica", "")
+
+        def stream(i: int) -> tuple[str, list[str]]:
+            body = {"prompt": f"Long tale {i}:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+                return r.headers["x-tierlm-replica"], [x for x in r.iter_lines() if x.startswith("data:")]
+
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            streams = [pool.submit(stream, i) for i in range(2)]  # least loaded: one on each replica
+            time.sleep(1.0)
+            futures = [pool.submit(one, i) for i in range(50)]
+            time.sleep(1.5)
+            os.kill(victim, signal.SIGKILL)
+            results = [f.result() for f in futures]
+            streamed = [f.result() for f in streams]
+        assert [s for s, _ in results] == [200] * 50, results  # none was lost: the ones on the victim were retried
+        stats = httpx.get(f"{url}/cluster/stats", timeout=10).json()["ingress"]
+        assert stats["retries"] >= 1
+        for replica, events in streamed:  # a stream under way on the killed replica ends with an error event
+            if replica.endswith(f":{victim}"):
+                assert '"replica_failed"' in events[-1] and stats["failed_streams"] >= 1, events[-3:]
+            else:
+                assert events[-1] == "data: [DONE]"
+        assert {r.rsplit(":", 1)[1] for r, _ in streamed} == {str(p) for p in pids}
+        later = httpx.post(f"{url}/v1/completions", json={"prompt": "After", "max_tokens": 2}, timeout=120)
+        assert later.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)

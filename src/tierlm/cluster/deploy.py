@@ -29,7 +29,7 @@ from tierlm.cluster.routing import Router, route_key
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = b"x-tierlm-replica"
-RETRIES = 2
+RETRIES = 3
 
 
 @dataclass(frozen=True)

@@ -244,5 +244,9 @@ def deploy(engine_config, server_config, replicas: int, threads: int | None = No
 
         return ingress_app(_serve.get_deployment_handle("tierlm-replica", app_name=REPLICAS_APP), model)
 
-    ingress = serve.deployment(serve.ingress(builder)(), name="tierlm-ingress", ray_actor_options={"num_cpus": 0})
+    # Serve's default of 5 ongoing requests per replica would queue the ingress itself: it only relays, so it takes
+    # every request the replicas together can hold (and the server's queue beyond that)
+    capacity = replicas * max(8, 2 * engine_config.scheduler.max_num_seqs) + server_config.max_queue
+    ingress = serve.deployment(serve.ingress(builder)(), name="tierlm-ingress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=capacity)
     serve.run(ingress.bind(), name=INGRESS_APP, route_prefix="/")

@@ -5,9 +5,6 @@ down."""
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,46 +13,23 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs ray[serve] (pip install 'ray[serve]==2.60.0')")
 openai = pytest.importorskip("openai")
 
+from tierlm.bench.server_process import ServerProcess  # noqa: E402
+
 PREFIX = "You are a careful assistant who answers in one short sentence. " * 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+FLAGS = ["--replicas", "2", "--replica-threads", "1", "--kv-cache-memory", "128MiB", "--max-num-seqs", "8"]
 
 
-def start(port: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tierlm.cli", "serve", "--replicas", "2", "--replica-threads", "1",
-                             "--port", str(port), "--kv-cache-memory", "128MiB", "--max-num-seqs", "8", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_up(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"tierlm serve --replicas exited: {proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise AssertionError("the cluster did not come up in 240 s")
-
+def cluster_process(*extra: str) -> ServerProcess:
+    return ServerProcess([*FLAGS, *extra], startup_timeout_s=240, stop_timeout_s=120)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    port = free_port()
-    proc = start(port)
-    url = f"http://127.0.0.1:{port}"
-    wait_up(url, proc)
-    yield url, proc
-    if proc.poll() is None:
-        proc.kill()
+    with cluster_process() as srv:
+        yield srv.url, srv.proc
+
 
 @pytest.mark.slow
 def test_replicas_serve_route_and_stop(cluster, default_llm):
@@ -86,11 +60,9 @@ def test_replicas_serve_route_and_stop(cluster, default_llm):
 
 @pytest.mark.slow
 def test_a_prefix_computed_on_one_replica_is_a_redis_hit_on_the_other(redis_server):
-    port = free_port()
-    proc = start(port, "--routing", "round_robin", "--redis-url", redis_server.url, "--tier-write", "write_through")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_up(url, proc)
+    with cluster_process("--routing", "round_robin", "--redis-url", redis_server.url,
+                         "--tier-write", "write_through") as srv:
+        url = srv.url
         body = {"prompt": PREFIX * 2 + "Question:", "max_tokens": 2, "temperature": 0}
         first = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert first.status_code == 200, first.text
@@ -100,9 +72,6 @@ def test_a_prefix_computed_on_one_replica_is_a_redis_hit_on_the_other(redis_serv
         details = second.json()["usage"]["prompt_tokens_details"]
         assert details["cached_tokens_by_tier"].get("redis", 0) >= 128, details
         assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 @pytest.mark.slow
@@ -110,11 +79,8 @@ def test_killing_a_replica_fails_no_request_that_has_not_started_streaming():
     import concurrent.futures
     import os
 
-    port = free_port()
-    proc = start(port, "--routing", "least_loaded")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_up(url, proc)
+    with cluster_process("--routing", "least_loaded") as srv:
+        url = srv.url
         pids = set()
         for i in range(6):  # find both replicas' pids
             r = httpx.post(f"{url}/v1/completions", json={"prompt": f"Warm up {i}", "max_tokens": 1}, timeout=60)
@@ -151,6 +117,3 @@ def test_killing_a_replica_fails_no_request_that_has_not_started_streaming():
         assert {r.rsplit(":", 1)[1] for r, _ in streamed} == {str(p) for p in pids}
         later = httpx.post(f"{url}/v1/completions", json={"prompt": "After", "max_tokens": 2}, timeout=120)
         assert later.status_code == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)

@@ -80,3 +80,41 @@ def test_a_caller_that_stops_reading_aborts_the_request(app):
             await asyncio.sleep(0.05)
         return False
     assert asyncio.run(go())
+
+
+def test_fetch_and_the_merged_metrics_of_two_replicas(app):
+    """The ingress's /metrics: each replica's exposition (the server's own) labelled with its replica id, plus the
+    ingress's families; nothing lost or summed across replicas."""
+    from prometheus_client.core import CounterMetricFamily
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tierlm.cluster.asgi import fetch
+    from tierlm.cluster.deploy import merged_metrics
+
+    a, _ = app
+    status, body = asyncio.run(fetch(a, "GET", "/health"))
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    run(a, "POST", "/v1/completions", {"prompt": "One more", "max_tokens": 3})
+    status, text = asyncio.run(fetch(a, "GET", "/metrics"))
+    assert status == 200
+    first = text.decode()
+    run(a, "POST", "/v1/completions", {"prompt": "And another", "max_tokens": 3})
+    second = asyncio.run(fetch(a, "GET", "/metrics"))[1].decode()  # the same server later: more requests
+
+    def requests_of(exposition: str, **labels) -> float:
+        return sum(x.value for f in text_string_to_metric_families(exposition) for x in f.samples
+                   if x.name == "tierlm_requests_total" and all(x.labels.get(k) == v for k, v in labels.items()))
+
+    merged = merged_metrics([{"id": "r1", "metrics": first}, {"id": "r2", "metrics": second}],
+                            [CounterMetricFamily("tierlm_cluster_retries", "retries", value=3)]).decode()
+    assert requests_of(merged, replica="r1") == requests_of(first) > 0
+    assert requests_of(merged, replica="r2") == requests_of(second) > requests_of(first)
+    assert "tierlm_cluster_retries_total 3.0" in merged
+    assert merged.count("# TYPE tierlm_requests_total ") == 1  # one family, both replicas' samples in it
+
+
+def test_replica_resources():
+    from tierlm.cluster.deploy import replica_actor_options
+
+    assert replica_actor_options() == {"num_cpus": 1}
+    assert replica_actor_options(4, 0.5) == {"num_cpus": 4, "num_gpus": 0.5}

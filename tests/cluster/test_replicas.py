@@ -54,6 +54,21 @@ def test_replicas_serve_route_and_stop(cluster, default_llm):
     details = seen[-1][1].prompt_tokens_details
     assert details is not None and details.cached_tokens >= 64  # ... and hits its prefix cache there
 
+    health = httpx.get(f"{url}/health", timeout=30).json()  # the whole cluster's, from the ingress
+    assert health["status"] == "ok" and health["replicas"]["running"] == 2, health
+    tags = {r["tag"] for r in health["replicas"]["by_replica"]}
+    assert len(tags) == 2 and seen[0][0] in tags
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    served = {}
+    for line in metrics.splitlines():  # every replica's own request counter, labelled with its replica id
+        if line.startswith("tierlm_requests_total{") and 'status="200"' in line:
+            rid = line.split('replica="', 1)[1].split('"', 1)[0]
+            served[rid] = served.get(rid, 0) + float(line.rsplit(" ", 1)[1])
+    assert len(served) == 2 and sum(served.values()) >= 7, served  # the 7 requests above, across both
+    assert 'tierlm_cluster_replicas{state="healthy"} 2.0' in metrics
+    assert 'tierlm_cluster_replicas{state="running"} 2.0' in metrics
+    assert 'tierlm_cluster_routed_total{by="prefix"}' in metrics
+
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
 
@@ -117,3 +132,16 @@ def test_killing_a_replica_fails_no_request_that_has_not_started_streaming():
         assert {r.rsplit(":", 1)[1] for r, _ in streamed} == {str(p) for p in pids}
         later = httpx.post(f"{url}/v1/completions", json={"prompt": "After", "max_tokens": 2}, timeout=120)
         assert later.status_code == 200
+        deadline = time.monotonic() + 120
+        while True:  # Serve starts a new replica; /health says what happened meanwhile
+            health = httpx.get(f"{url}/health", timeout=30).json()
+            pids_now = {int(r["tag"].rsplit(":", 1)[1]) for r in health["replicas"]["by_replica"]}
+            if (health["status"] == "ok" and len(pids_now) == 2) or time.monotonic() > deadline:
+                break
+            assert health["status"] in ("ok", "degraded") and health["replicas"]["running"] >= 1, health
+            time.sleep(2)
+        assert health["status"] == "ok" and health["replicas"]["replica_deaths"] >= 1, health
+        assert len(pids_now) == 2 and victim not in pids_now, health  # the dead one's report is gone
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        assert "tierlm_cluster_replica_deaths_total 1.0" in metrics, metrics[-800:]  # the one killed, once
+        assert "tierlm_cluster_retries_total" in metrics

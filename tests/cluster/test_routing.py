@@ -35,6 +35,21 @@ def test_longest_prefix_owner_wins():
     assert r.counters["prefix"] == 3
 
 
+def test_a_short_shared_prefix_does_not_pin_requests():
+    r = Router("cache", min_match=0.5)
+    system = list(range(64))  # 4 blocks everyone shares
+    r.record("a", route_key(system + [1] * 64))
+    # 4 of 8 blocks known: enough; 4 of 12: not, the least loaded takes it
+    assert r.choose(R, {"a": 1, "b": 0, "c": 0}, route_key(system + [2] * 64)) == "a"
+    assert r.choose(R, {"a": 1, "b": 0, "c": 0}, route_key(system + [2] * 128)) in ("b", "c")
+    assert r.counters["short_match"] == 1 and r.counters["prefix"] == 1
+    anywhere = Router("cache", min_match=0.0)
+    anywhere.record("a", route_key(system + [1] * 64))
+    assert anywhere.choose(R, {"a": 1, "b": 0, "c": 0}, route_key(system + [2] * 128)) == "a"
+    with pytest.raises(InvalidParameterError):
+        Router("cache", min_match=1.5)
+
+
 def test_unknown_prefix_goes_to_the_least_loaded():
     r = Router("cache")
     assert r.choose(R, {"a": 3, "b": 1, "c": 2}, route_key(list(range(32)))) == "b"

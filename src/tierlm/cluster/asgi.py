@@ -63,3 +63,15 @@ async def call(app, method: str, path: str, query: bytes, headers: list[tuple[by
                 await asyncio.wait_for(task, 30)
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the app's own error is not the caller's
                 task.cancel()
+
+
+async def fetch(app, method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None,
+                body: bytes = b"") -> tuple[int, bytes]:
+    """One request through the app, its whole response: (status, body)."""
+    status, chunks = 500, []
+    async for kind, value in call(app, method, path, b"", headers or [], body):
+        if kind == "start":
+            status = value[0]
+        else:
+            chunks.append(value)
+    return status, b"".join(chunks)

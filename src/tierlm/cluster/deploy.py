@@ -12,14 +12,22 @@ RequestRouter, which replica takes the request; it applies cluster/routing.py (l
 then least loaded; or round-robin). Replicas given the same `--redis-url` share that KV tier, so a prefix computed
 on one is a remote-tier hit on the others.
 
-A request whose replica dies before it sends its response head is retried on another replica (up to 2 times);
-once streaming, the ingress ends the stream with an error event. Ray restarts dead replicas.
+A request whose replica dies before it sends its response head is retried on another replica (up to 3 times);
+once streaming, the ingress ends the stream with an error event. Ray Serve starts a new replica for a dead one.
+The ingress answers GET /health, /metrics and /cluster/stats itself, for the whole cluster. Every replica reports
+its server's own /health and /metrics and its engine state every 2 s to a small Ray actor (the board; off Serve's
+request queues, so a busy replica still reports); the ingress joins the running replicas' reports with Serve's
+own view of them (running, starting) and what the ingress saw (retries, failed streams, replica deaths, routing
+decisions). /metrics labels each replica's samples replica="<Serve replica id>".
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 from fastapi import Request  # module level: the ingress's route annotations resolve here
@@ -40,6 +48,28 @@ class Route:
     session: str | None = None
 
 
+PUBLISH_S = 2.0  # how often each replica reports to the board
+STALE_S = 10.0  # a report older than this is a replica that stopped reporting (dead, or hung)
+BOARD = "tierlm-cluster-board"
+BOARD_NAMESPACE = "tierlm"
+
+
+class Board:
+    """A Ray actor: the replicas' latest reports (probe dicts), keyed by replica id."""
+
+    def __init__(self):
+        self.reports: dict[str, tuple[float, dict]] = {}
+
+    def put(self, replica_id: str, report: dict) -> None:
+        self.reports[replica_id] = (time.time(), report)
+
+    def snapshot(self, max_age_s: float = STALE_S) -> list[dict]:
+        now = time.time()
+        for rid in [r for r, (t, _) in self.reports.items() if now - t > 10 * max_age_s]:
+            del self.reports[rid]  # long gone
+        return [dict(report, age_s=round(now - t, 2)) for t, report in self.reports.values() if now - t <= max_age_s]
+
+
 # ---- the replica -----------------------------------------------------------------------------------
 class ReplicaServer:
     """One engine and tierlm's server app around it (a Serve deployment class; see `build`)."""
@@ -57,8 +87,33 @@ class ReplicaServer:
         self.aengine = AsyncEngine(self.engine).start()  # the app's lifespan never runs here: start the loop
         self.app = build_app(self.aengine, server_config)
         self.tag = f"{os.uname().nodename}:{os.getpid()}".encode()
+        try:
+            from ray import serve
+
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (tests build it directly)
+            self.replica_id = self.tag.decode()
+        self._stop = threading.Event()
+        threading.Thread(target=self._publish, name="tierlm-board", daemon=True).start()
+
+    def _publish(self) -> None:
+        """Every PUBLISH_S, this replica's probe to the board, which the ingress reads for the cluster's /health,
+        /metrics and /cluster/stats (the board is off Serve's request path, so a busy replica still reports)."""
+        import ray
+
+        board = None
+        while not self._stop.wait(0 if board is None else PUBLISH_S):
+            try:
+                board = board or ray.get_actor(BOARD, namespace=BOARD_NAMESPACE)
+                ray.get(board.put.remote(self.replica_id, asyncio.run(self.probe())), timeout=PUBLISH_S)
+            except Exception as e:  # noqa: BLE001 - no board (outside deploy()) or a slow one: try again later
+                log.debug("publishing to the board failed: %s", e)
+                if board is None:
+                    self._stop.wait(PUBLISH_S)
 
     async def handle(self, route: Route, method: str, path: str, query: bytes, headers: list, body: bytes):
+        """One HTTP request through the server app, streamed back as ("start", (status, headers)) then ("body",
+        bytes) items."""
         from tierlm.cluster.asgi import call
 
         async for kind, value in call(self.app, method, path, query, headers, body):
@@ -67,13 +122,21 @@ class ReplicaServer:
                 value = (status, hdrs + [(REPLICA_HEADER, self.tag)])
             yield kind, value
 
-    def stats(self) -> dict:
+    async def probe(self) -> dict:
+        """This replica's server /health and /metrics (its own, as a single server answers them) and engine state,
+        for the ingress's cluster-wide views."""
+        from tierlm.cluster.asgi import fetch
+
+        status, health = await fetch(self.app, "GET", "/health")
+        _, metrics = await fetch(self.app, "GET", "/metrics")
         e = self.engine
-        return {"replica": self.tag.decode(), "counters": dict(e.counters), "tiers": e.tier_stats(),
-                "prefix_cache_hits": e.kv.stats.prefix_cache_hits, "running": self.aengine.num_running,
-                "waiting": self.aengine.num_waiting}
+        return {"id": self.replica_id, "tag": self.tag.decode(), "health_status": status,
+                "health": json.loads(health), "metrics": metrics.decode(), "running": self.aengine.num_running,
+                "waiting": self.aengine.num_waiting, "counters": dict(e.counters), "tiers": e.tier_stats(),
+                "prefix_cache_hits": e.kv.stats.prefix_cache_hits}
 
     def __del__(self):
+        self._stop.set()
         try:
             self.aengine.shutdown()
             self.engine.close()
@@ -88,15 +151,28 @@ def _request_router_base():
     return LocalityMixin, MultiplexMixin, RequestRouter
 
 
+_ROUTERS: list = []  # this process's PrefixRequestRouter (the ingress's replica handle makes one on first use)
+
+
+def live_router():
+    import tierlm.cluster.deploy as this  # the imported module, whichever copy of this code runs
+
+    return this._ROUTERS[-1] if this._ROUTERS else None
+
+
 try:  # the class must live at module level for Ray to import it by name in the ingress process
     _Locality, _Multiplex, _Base = _request_router_base()
 
     class PrefixRequestRouter(_Locality, _Multiplex, _Base):
         """Serve's hook into cluster/routing.py; loads are this router's own counts of requests in flight."""
 
-        def initialize_state(self, mode: str = "cache", imbalance: int = 4, **kwargs):
-            self.policy = Router(mode, imbalance)
+        def initialize_state(self, mode: str = "cache", imbalance: int = 4, min_match: float = 0.5, **kwargs):
+            self.policy = Router(mode, imbalance, min_match)
             self.inflight: dict[str, int] = {}
+            self.dead: set[str] = set()  # Ray may report one death more than once
+            import tierlm.cluster.deploy as this  # not this copy's globals: Ray may have pickled it by value
+
+            this._ROUTERS.append(self)
 
         @staticmethod
         def _route(pending_request) -> Route:
@@ -104,6 +180,9 @@ try:  # the class must live at module level for Ray to import it by name in the 
             args = getattr(pending_request, "args", None) or ()
             first = args[0] if args else None
             return Route(tuple(getattr(first, "key", ()) or ()), getattr(first, "session", None))
+
+        def replica_ids(self) -> list[str]:
+            return sorted(r.unique_id for r in list(self.curr_replicas))
 
         async def choose_replicas(self, candidate_replicas, pending_request=None):
             by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -123,6 +202,7 @@ try:  # the class must live at module level for Ray to import it by name in the 
 
         def on_replica_actor_died(self, replica_id):
             super().on_replica_actor_died(replica_id)
+            self.dead.add(replica_id.unique_id)
             self.policy.forget(replica_id.unique_id)
             self.inflight.pop(replica_id.unique_id, None)
 except ImportError:  # no Ray: `tierlm serve --replicas` says how to install it
@@ -158,20 +238,131 @@ def route_of(tokenizer, path: str, body: bytes, headers: dict) -> Route:
     return Route(route_key(ids), session)
 
 
-def ingress_app(handle, model: str | None):
-    """The ingress's ASGI app (built in the ingress replica): route, relay, stream back."""
+PROBE_TIMEOUT_S = 5.0
+
+
+def merged_metrics(answers: list[dict], ingress: list) -> bytes:
+    """The replicas' Prometheus expositions as one, each sample labelled replica="<id>", then the ingress's own
+    metric families (`ingress`)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, object] = {}
+    for a in answers:
+        for fam in text_string_to_metric_families(a.get("metrics", "")):
+            samples = [x._replace(labels={**x.labels, "replica": a["id"]}) for x in fam.samples]
+            if fam.name in families:
+                families[fam.name].samples.extend(samples)
+            else:
+                fam.samples = samples
+                families[fam.name] = fam
+
+    class _Collector:
+        def collect(self):
+            return [*families.values(), *ingress]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return generate_latest(registry)
+
+
+def ingress_app(handle, model: str | None, replicas: int = 1):
+    """The ingress's ASGI app (built in the ingress replica): route, relay, stream back; and the cluster's
+    /health, /metrics and /cluster/stats. `replicas`: how many the deployment asks for."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     from tierlm.models.loader import load_checkpoint
 
     tokenizer = load_checkpoint(model).tokenizer
     app = FastAPI(title="tierlm cluster ingress")
     counts = {"retries": 0, "failed_streams": 0}
+    relay_handle = handle.options(stream=True, method_name="handle")
+
+    async def probe_all() -> list[dict]:
+        """The running replicas' latest reports (at most STALE_S old), from the board."""
+        import ray
+
+        try:
+            board = ray.get_actor(BOARD, namespace=BOARD_NAMESPACE)
+            reports = await asyncio.wait_for(board.snapshot.remote(STALE_S), PROBE_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - no board: no reports (health then rests on Serve's view)
+            log.warning("the cluster board did not answer: %s", e)
+            return []
+        router = live_router()
+        running = set(router.replica_ids()) if router is not None else None
+        return sorted((r for r in reports if running is None or r["id"] in running), key=lambda r: r["id"])
+
+    def deaths() -> int:
+        router = live_router()
+        return len(router.dead) if router is not None else 0
+
+    async def replica_states() -> dict[str, int]:
+        """Serve's own view of the replicas (its controller health-checks them, outside the request queues):
+        {"RUNNING": 2} or {"RUNNING": 1, "STARTING": 1}; {} when the controller does not answer."""
+        from ray import serve
+
+        try:
+            st = await asyncio.wait_for(asyncio.to_thread(serve.status), PROBE_TIMEOUT_S)
+            dep = st.applications[REPLICAS_APP].deployments[REPLICA_DEPLOYMENT]
+            return {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+        except Exception:  # noqa: BLE001 - reported as no running replica known
+            return {}
+
+    async def cluster_view() -> tuple[str, dict, list[dict]]:
+        """(status, Serve's replica states, probe answers). ok: all expected replicas running and none that
+        answered is unhealthy; unavailable: none running; else degraded."""
+        states, answers = await asyncio.gather(replica_states(), probe_all())
+        running = states.get("RUNNING", 0)
+        unhealthy = any("health_status" in a and a["health_status"] != 200 for a in answers)
+        status = ("unavailable" if not running else "ok" if running >= replicas and not unhealthy
+                  else "degraded")
+        return status, states, answers
+
+    @app.get("/health")
+    async def health():
+        status, states, answers = await cluster_view()
+        by = [{"id": a["id"], "tag": a["tag"], "running": a["running"], "waiting": a["waiting"],
+               "reported_s_ago": a["age_s"], **a["health"]} for a in answers]
+        body = {"status": status, "replicas": {"expected": replicas, "running": states.get("RUNNING", 0),
+                                               "states": states, "replica_deaths": deaths(), "by_replica": by},
+                "ingress": counts}
+        return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        _, states, answers = await cluster_view()
+        up = GaugeMetricFamily("tierlm_cluster_replicas", "engine replicas: expected, running (Serve's view), "
+                               "reporting (to the board, within 10 s), healthy", labels=["state"])
+        up.add_metric(["expected"], replicas)
+        up.add_metric(["running"], states.get("RUNNING", 0))
+        up.add_metric(["reporting"], len(answers))
+        up.add_metric(["healthy"], sum(a.get("health_status") == 200 for a in answers))
+        own = [up]
+        for name, doc, value in (
+                ("tierlm_cluster_replica_deaths", "replicas seen to die (Serve starts a new one)", deaths()),
+                ("tierlm_cluster_retries", "requests retried on another replica after theirs failed before "
+                                           "answering", counts["retries"]),
+                ("tierlm_cluster_failed_streams", "streams ended by an error event when their replica failed",
+                 counts["failed_streams"])):
+            own.append(CounterMetricFamily(name, doc, value=value))
+        router = live_router()
+        routed = CounterMetricFamily("tierlm_cluster_routed", "routing decisions by reason (overloaded and "
+                                     "short_match: affinity declined)", labels=["by"])
+        for by, n in (router.policy.counters.items() if router is not None else ()):
+            routed.add_metric([by], n)
+        own.append(routed)
+        return Response(merged_metrics(answers, own), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cluster/stats")
     async def cluster_stats():
-        return {"ingress": counts}
+        status, states, answers = await cluster_view()
+        router = live_router()
+        return {"status": status, "replica_states": states, "ingress": counts, "replica_deaths": deaths(),
+                "routing": dict(router.policy.counters) if router is not None else {},
+                "replicas": [{k: v for k, v in a.items() if k not in ("metrics", "health")} for a in answers]}
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
     async def relay(request: Request, path: str):
@@ -181,7 +372,7 @@ def ingress_app(handle, model: str | None):
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         last_error = None
         for attempt in range(RETRIES + 1):
-            gen = handle.options(stream=True).handle.remote(route, request.method, "/" + path,
+            gen = relay_handle.remote(route, request.method, "/" + path,
                                                            request.url.query.encode(), raw, body)
             try:
                 kind, head = await gen.__anext__()
@@ -219,22 +410,35 @@ def ingress_app(handle, model: str | None):
 
 # ---- deploying -------------------------------------------------------------------------------------
 REPLICAS_APP = "tierlm-replicas"
+REPLICA_DEPLOYMENT = "tierlm-replica"
 INGRESS_APP = "tierlm"
 
 
+def replica_actor_options(threads: int | None = None, gpus: float = 0.0) -> dict:
+    """Ray resources per replica: its CPU threads, and GPUs when it runs on CUDA (Ray sets CUDA_VISIBLE_DEVICES,
+    so the engine's device "auto" finds its own)."""
+    options: dict = {"num_cpus": threads or 1}
+    if gpus:
+        options["num_gpus"] = gpus
+    return options
+
+
 def deploy(engine_config, server_config, replicas: int, threads: int | None = None, mode: str = "cache",
-           imbalance: int = 4) -> None:
+           imbalance: int = 4, min_match: float = 0.5, gpus: float = 0.0) -> None:
     """Run the replicas (an application without a route) and the ingress (routed at /) on the connected cluster."""
+    import ray
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
+    ray.remote(Board).options(name=BOARD, namespace=BOARD_NAMESPACE, get_if_exists=True, num_cpus=0,
+                              lifetime="detached").remote()
     replica = serve.deployment(
-        ReplicaServer, name="tierlm-replica", num_replicas=replicas,
-        ray_actor_options={"num_cpus": threads or 1},
+        ReplicaServer, name=REPLICA_DEPLOYMENT, num_replicas=replicas,
+        ray_actor_options=replica_actor_options(threads, gpus),
         max_ongoing_requests=max(8, 2 * engine_config.scheduler.max_num_seqs),
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixRequestRouter,
-            request_router_kwargs={"mode": mode, "imbalance": imbalance}),
+            request_router_kwargs={"mode": mode, "imbalance": imbalance, "min_match": min_match}),
     ).bind(engine_config, server_config, threads)
     serve.run(replica, name=REPLICAS_APP, route_prefix=None)
     model = engine_config.model
@@ -242,7 +446,7 @@ def deploy(engine_config, server_config, replicas: int, threads: int | None = No
     def builder():
         from ray import serve as _serve
 
-        return ingress_app(_serve.get_deployment_handle("tierlm-replica", app_name=REPLICAS_APP), model)
+        return ingress_app(_serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=REPLICAS_APP), model, replicas)
 
     # Serve's default of 5 ongoing requests per replica would queue the ingress itself: it only relays, so it takes
     # every request the replicas together can hold (and the server's queue beyond that)

@@ -20,10 +20,11 @@ def run(args, config, ecfg) -> int:
         raise InvalidParameterError("--replicas runs the replicas on Ray Serve, which is not installed",
                                     f"pip install '{RAY_PIN}' (or pip install 'tierlm[cluster]')") from None
     from tierlm.cluster.deploy import deploy
-    from tierlm.cluster.routing import MODES
+    from tierlm.cluster.routing import Router
 
-    if args.routing not in MODES:
-        raise InvalidParameterError(f"--routing {args.routing}", f"use one of {', '.join(MODES)}")
+    Router(args.routing, args.routing_imbalance, args.routing_min_match)  # a bad flag fails here, not in Ray
+    if args.replica_gpus < 0:
+        raise InvalidParameterError(f"--replica-gpus {args.replica_gpus}", "give 0 (CPU replicas) or more")
     threads = args.replica_threads
     if args.ray_address:
         ray.init(address=args.ray_address, include_dashboard=False, logging_level="warning")
@@ -32,7 +33,8 @@ def run(args, config, ecfg) -> int:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning")
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
-        deploy(ecfg, config, args.replicas, threads, args.routing)
+        deploy(ecfg, config, args.replicas, threads, args.routing, imbalance=args.routing_imbalance,
+               min_match=args.routing_min_match, gpus=args.replica_gpus)
         where = args.ray_address or "a local Ray cluster"
         print(f"tierlm serve: {args.replicas} replica(s) on {where}, routing {args.routing}, on "
               f"http://{config.host}:{config.port}", file=sys.stderr, flush=True)

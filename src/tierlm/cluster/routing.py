@@ -6,7 +6,9 @@ that most recently took a request containing it (a bounded LRU table), and per s
 the session. It picks, in order:
 
   1. the session's replica (an optional user or session key), unless overloaded
-  2. the replica owning the longest known prefix, unless overloaded
+  2. the replica owning the longest known prefix, unless overloaded, when that prefix covers at least
+     `min_match` of the prompt's blocks (a short shared system prompt alone does not pin every request to one
+     replica: it is cached everywhere soon enough; SGLang's router has the same threshold)
   3. the least loaded replica (ties broken round-robin)
 
 "Overloaded": its load (requests queued or running) exceeds the least loaded replica's by more than `imbalance`;
@@ -42,16 +44,20 @@ def route_key(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS, max_bl
 class Router:
     """The routing policy; thread-unsafe by design (one router per ingress, called from its event loop)."""
 
-    def __init__(self, mode: str = "cache", imbalance: int = 4, max_entries: int = 200_000):
+    def __init__(self, mode: str = "cache", imbalance: int = 4, min_match: float = 0.5, max_entries: int = 200_000):
         if mode not in MODES:
             raise InvalidParameterError(f"unknown routing mode {mode!r}", f"use one of {', '.join(MODES)}")
+        if not 0.0 <= min_match <= 1.0:
+            raise InvalidParameterError(f"min_match {min_match}", "give a fraction of the prompt in [0, 1]")
         self.mode = mode
         self.imbalance = imbalance
+        self.min_match = min_match
         self.max_entries = max_entries
         self._owner: OrderedDict[int, str] = OrderedDict()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._rr = itertools.count()
-        self.counters = {"session": 0, "prefix": 0, "load": 0, "round_robin": 0, "overloaded": 0}
+        self._depth = 0
+        self.counters = {"session": 0, "prefix": 0, "load": 0, "round_robin": 0, "overloaded": 0, "short_match": 0}
 
     def choose(self, replicas: Sequence[str], load: dict[str, int], key: tuple = (),
                session: str | None = None) -> str:
@@ -68,6 +74,9 @@ class Router:
                             ("prefix", self._longest_owner(key, loads))):
                 if r is None or r not in loads:
                     continue
+                if kind == "prefix" and self._depth < self.min_match * len(key):
+                    self.counters["short_match"] += 1
+                    continue
                 if loads[r] - floor <= self.imbalance:
                     self.counters[kind] += 1
                     return r
@@ -77,10 +86,13 @@ class Router:
         return least[next(self._rr) % len(least)]
 
     def _longest_owner(self, key: tuple, alive: dict[str, int]) -> str | None:
-        for h in reversed(key):  # chained: the deepest known block is the longest prefix
-            r = self._owner.get(h)
+        """The live replica that saw the deepest of key's blocks; self._depth = how many blocks that covers."""
+        for i in range(len(key) - 1, -1, -1):  # chained: the deepest known block is the longest prefix
+            r = self._owner.get(key[i])
             if r is not None and r in alive:
+                self._depth = i + 1
                 return r
+        self._depth = 0
         return None
 
     def record(self, replica: str, key: tuple = (), session: str | None = None) -> None:

@@ -46,8 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run N engine replicas on Ray Serve behind this endpoint (0: one in-process engine)")
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     c.add_argument("--replica-threads", type=int, default=None, help="CPU threads (Ray CPUs) per replica")
+    c.add_argument("--replica-gpus", type=float, default=0.0,
+                   help="GPUs (Ray GPUs, fractions allowed) per replica; > 0 runs each replica's engine on CUDA")
     c.add_argument("--routing", default="cache", help="cache (longest prefix, then session, then load), "
                                                       "least_loaded or round_robin")
+    c.add_argument("--routing-min-match", type=float, default=0.5,
+                   help="cache routing: follow a known prefix only when it covers at least this fraction of the "
+                        "prompt (default 0.5)")
+    c.add_argument("--routing-imbalance", type=int, default=4,
+                   help="cache routing: leave the preferred replica when it has more than this many requests "
+                        "above the least loaded one (default 4)")
     add_engine_args(p)
 
 

@@ -87,14 +87,15 @@ class ReplicaServer:
         self.aengine = AsyncEngine(self.engine).start()  # the app's lifespan never runs here: start the loop
         self.app = build_app(self.aengine, server_config)
         self.tag = f"{os.uname().nodename}:{os.getpid()}".encode()
+        self._stop = threading.Event()
         try:
             from ray import serve
 
             self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 - outside Serve (tests build it directly)
+        except Exception:  # noqa: BLE001 - outside Serve: nobody to report to
             self.replica_id = self.tag.decode()
-        self._stop = threading.Event()
-        threading.Thread(target=self._publish, name="tierlm-board", daemon=True).start()
+        else:
+            threading.Thread(target=self._publish, name="tierlm-board", daemon=True).start()
 
     def _publish(self) -> None:
         """Every PUBLISH_S, this replica's probe to the board, which the ingress reads for the cluster's /health,
@@ -238,7 +239,7 @@ def route_of(tokenizer, path: str, body: bytes, headers: dict) -> Route:
     return Route(route_key(ids), session)
 
 
-PROBE_TIMEOUT_S = 5.0
+STATUS_TIMEOUT_S = 5.0  # the board's snapshot, Serve's status
 
 
 def merged_metrics(answers: list[dict], ingress: list) -> bytes:
@@ -287,7 +288,7 @@ def ingress_app(handle, model: str | None, replicas: int = 1):
 
         try:
             board = ray.get_actor(BOARD, namespace=BOARD_NAMESPACE)
-            reports = await asyncio.wait_for(board.snapshot.remote(STALE_S), PROBE_TIMEOUT_S)
+            reports = await asyncio.wait_for(board.snapshot.remote(STALE_S), STATUS_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - no board: no reports (health then rests on Serve's view)
             log.warning("the cluster board did not answer: %s", e)
             return []
@@ -305,7 +306,7 @@ def ingress_app(handle, model: str | None, replicas: int = 1):
         from ray import serve
 
         try:
-            st = await asyncio.wait_for(asyncio.to_thread(serve.status), PROBE_TIMEOUT_S)
+            st = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
             dep = st.applications[REPLICAS_APP].deployments[REPLICA_DEPLOYMENT]
             return {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
         except Exception:  # noqa: BLE001 - reported as no running replica known

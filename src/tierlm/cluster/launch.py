@@ -45,4 +45,10 @@ def run(args, config, ecfg) -> int:
         return 0
     finally:
         serve.shutdown()
+        try:  # the board is detached (it outlives a replica); it goes with the deployment
+            from tierlm.cluster.deploy import BOARD, BOARD_NAMESPACE
+
+            ray.kill(ray.get_actor(BOARD, namespace=BOARD_NAMESPACE))
+        except ValueError:  # never made (deploy failed early)
+            pass
         ray.shutdown()

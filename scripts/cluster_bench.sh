@@ -4,6 +4,8 @@
 # is there for the other), and the single-process server at the same total threads and KV memory, all driven by
 # one `tierlm bench` run over HTTP.
 #   scripts/cluster_bench.sh [OUT_DIR] [WORKLOAD] [KV_PER_REPLICA]
+# LOAD="--rate 0.8" drives it open-loop at that request rate instead of 16 concurrent users (equal offered load for
+# every peer; a user's next turn still waits for its last reply).
 # SHARED_TIER=none runs the same without Redis: each replica has only its own device pool, so a turn routed away
 # from its history recomputes it.
 # The default workload is multi-turn chat where each of 16 users has its own 768-token history (a document, an
@@ -40,7 +42,7 @@ for p in 8301 8302 8303; do
   for _ in $(seq 180); do curl -sf "localhost:$p/health" > /dev/null && break; sleep 1; done
 done
 # peers: 8301 = cache-aware replicas, 8302 = round-robin replicas, 8303 = one process at the same total threads
-$T bench --workload "$WORKLOAD" --concurrency 16 --config baseline --reps 1 --no-peer \
+$T bench --workload "$WORKLOAD" ${LOAD:---concurrency 16} --config baseline --reps 1 --no-peer \
   --peer-url http://127.0.0.1:8301 --peer-url http://127.0.0.1:8302 --peer-url http://127.0.0.1:8303 \
   --out "$OUT/bench" --json "$OUT/bench.json"
 for p in 8301 8302; do curl -s "localhost:$p/cluster/stats" > "$OUT/stats-$p.json" || true; done

@@ -114,3 +114,15 @@ def test_the_ingress_route_of_a_request():
     assert chat.key == route_key(tok.encode(text, add_special_tokens=False)) and chat.session == "s9"
     assert route_of(tok, "/v1/completions", b"{not json", {}).key == ()
     assert route_of(tok, "/health", b"", {}).key == ()
+
+
+@pytest.mark.parametrize("flags, named", [(["--routing", "nearest"], "--routing nearest"),
+                                          (["--routing-min-match", "1.5"], "--routing-min-match 1.5"),
+                                          (["--routing-imbalance", "-1"], "--routing-imbalance -1"),
+                                          (["--replica-gpus", "-1"], "--replica-gpus -1")])
+def test_bad_cluster_flags_fail_before_ray_starts(flags, named, capsys):
+    pytest.importorskip("ray.serve")
+    from tierlm.cli import main
+
+    assert main(["serve", "--replicas", "2", *flags]) == 2
+    assert named in capsys.readouterr().err

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tierlm.bench.command import add_parser as add_bench_parser
     from tierlm.drift.command import add_parser as add_drift_parser
-    from tierlm.server.command import add_parser as add_serve_parser
+    from tierlm.cluster.command import add_parser as add_serve_parser
     from tierlm.synth.command import add_parser as add_synth_parser
     from tierlm.train.command import add_parser as add_train_parser
 

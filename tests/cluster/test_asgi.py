@@ -89,7 +89,7 @@ def test_fetch_and_the_merged_metrics_of_two_replicas(app):
     from prometheus_client.parser import text_string_to_metric_families
 
     from tierlm.cluster.asgi import fetch
-    from tierlm.cluster.deploy import merged_metrics
+    from tierlm.cluster.ingress import merged_metrics
 
     a, _ = app
     status, body = asyncio.run(fetch(a, "GET", "/health"))

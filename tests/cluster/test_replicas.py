@@ -22,7 +22,7 @@ FLAGS = ["--replicas", "2", "--replica-threads", "1", "--kv-cache-memory", "128M
 
 
 def cluster_process(*extra: str) -> ServerProcess:
-    return ServerProcess([*FLAGS, *extra], startup_timeout_s=240, stop_timeout_s=120)
+    return ServerProcess([*FLAGS, *extra], startup_timeout_s=240, stop_timeout_s=120, module="tierlm.cluster")
 
 
 @pytest.fixture(scope="module")

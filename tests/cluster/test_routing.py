@@ -98,7 +98,7 @@ def test_table_is_bounded():
 def test_the_ingress_route_of_a_request():
     import json
 
-    from tierlm.cluster.deploy import route_of
+    from tierlm.cluster.ingress import route_of
     from tierlm.models.loader import load_checkpoint
 
     tok = load_checkpoint(None).tokenizer

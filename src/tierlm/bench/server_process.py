@@ -36,8 +36,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class ServerProcess:
     def __init__(self, engine_flags: list[str], *, host: str = "127.0.0.1", startup_timeout_s: float = 180.0,
-                 stop_timeout_s: float = 30.0, env: dict[str, str] | None = None):
+                 stop_timeout_s: float = 30.0, env: dict[str, str] | None = None, module: str = "tierlm.server"):
         self.flags = list(engine_flags)
+        self.module = module  # tierlm.cluster: the same server, able to run --replicas N
         self.host = host
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -74,7 +75,7 @@ class ServerProcess:
         import httpx
 
         self.port = free_port(self.host)
-        cmd = [sys.executable, "-m", "tierlm.server", "--host", self.host, "--port", str(self.port),
+        cmd = [sys.executable, "-m", self.module, "--host", self.host, "--port", str(self.port),
                "--log-level", "warning", "--timeout", "0", *self.flags]
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -41,21 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on shutdown (default 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    c = p.add_argument_group("replicas (Ray Serve; tierlm/cluster)")
-    c.add_argument("--replicas", type=int, default=0,
-                   help="run N engine replicas on Ray Serve behind this endpoint (0: one in-process engine)")
-    c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
-    c.add_argument("--replica-threads", type=int, default=None, help="CPU threads (Ray CPUs) per replica")
-    c.add_argument("--replica-gpus", type=float, default=0.0,
-                   help="GPUs (Ray GPUs, fractions allowed) per replica; > 0 runs each replica's engine on CUDA")
-    c.add_argument("--routing", default="cache", help="cache (longest prefix, then session, then load), "
-                                                      "least_loaded or round_robin")
-    c.add_argument("--routing-min-match", type=float, default=0.5,
-                   help="cache routing: follow a known prefix only when it covers at least this fraction of the "
-                        "prompt (default 0.5)")
-    c.add_argument("--routing-imbalance", type=int, default=4,
-                   help="cache routing: leave the preferred replica when it has more than this many requests "
-                        "above the least loaded one (default 4)")
     add_engine_args(p)
 
 
@@ -84,14 +69,6 @@ def server_config(args) -> ServerConfig:
 def run(args) -> int:
     config = server_config(args)  # validate before the model loads
     ecfg = engine_config(args)
-    if getattr(args, "replicas", 0):
-        if args.replicas < 1:
-            from tierlm.core.errors import InvalidParameterError
-
-            raise InvalidParameterError(f"--replicas {args.replicas}", "give 1 or more (0: no Ray)")
-        from tierlm.cluster.launch import run as run_cluster
-
-        return run_cluster(args, config, ecfg)
     from tierlm.engine.async_engine import AsyncEngine
     from tierlm.engine.llm_engine import LLMEngine
     from tierlm.server.app import build_app
@@ -115,14 +92,17 @@ def run(args) -> int:
         engine.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extra_arguments=None, command=None) -> int:
+    """`tierlm serve` as its own program; a consumer (cluster/) adds its flags and its command."""
     from tierlm.core.errors import TierlmError
 
     p = argparse.ArgumentParser(prog="tierlm serve", description="Serve the model behind an OpenAI-compatible API.")
     add_arguments(p)
+    if extra_arguments is not None:
+        extra_arguments(p)
     args = p.parse_args(argv)
     try:
-        return run(args)
+        return (command or run)(args)
     except TierlmError as e:
         print(f"tierlm: error: {e}", file=sys.stderr)
         return 2

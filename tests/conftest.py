@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.manual_seed(0)
+if not torch.cuda.is_available():  # the Triton kernels run under Triton's interpreter (before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def default_gguf_path() -> Path:

@@ -194,7 +194,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-scales", default=None, metavar="PATH",
                    help="calibration file for a static FP8 KV format (default: the one `tierlm calibrate` wrote)")
     g.add_argument("--attention-backend", default="auto",
-                   help="auto (cpu where it runs, else torch) | cpu (native decode, fp32 CPU) | torch (gather + SDPA)")
+                   help="auto (cpu where it runs, else torch) | cpu (native decode, fp32 CPU) | torch (gather + SDPA) "
+                        "| triton (in-place paged decode on CUDA, FP8 KV read as bytes; needed for captured decode)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="never replay decode steps from CUDA graphs (captured by default on CUDA with "
+                        "--attention-backend triton)")
+    g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="batch sizes to capture decode steps for (default 1 2 4 8 16 24 ... --max-num-seqs); "
+                        "a step is padded up to the next one")
     add_tier_args(p)
     add_sparse_args(p)
     add_drift_guard_args(p)
@@ -284,4 +291,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         quant_group=getattr(args, "quant_group", None),
                         quant_activations=getattr(args, "quant_activations", "int8"),
                         engram_backend=getattr(args, "engram_backend", "device"),
-                        engram_prefetch=getattr(args, "engram_prefetch", "auto"))
+                        engram_prefetch=getattr(args, "engram_prefetch", "auto"),
+                        captured_decode="off" if getattr(args, "enforce_eager", False) else "auto",
+                        cuda_graph_sizes=tuple(getattr(args, "cuda_graph_sizes", None) or ()))

@@ -343,8 +343,17 @@ class EngineConfig:
     # drop the mmap'ed table file's pages from the OS page cache at start: a cold start, every first row read goes
     # to the disk (the bench's engram-mmap-cold measures where prefetch stops hiding that latency)
     engram_cold_start: bool = False
+    # decode steps replayed from CUDA graphs (engine/captured.py): "auto" (on CUDA with a capturable attention
+    # backend), "off" (--enforce-eager), "on" (required; without a GPU the static-buffer path runs eagerly: tests)
+    captured_decode: str = "auto"
+    cuda_graph_sizes: tuple[int, ...] = ()  # batch sizes to capture; () = captured.default_sizes(max_num_seqs)
 
     def __post_init__(self) -> None:
+        if self.captured_decode not in ("auto", "on", "off"):
+            raise InvalidParameterError(f"unknown captured_decode {self.captured_decode!r}", "use auto, on or off")
+        if any(s < 1 for s in self.cuda_graph_sizes):
+            raise InvalidParameterError(f"--cuda-graph-sizes {list(self.cuda_graph_sizes)} must be positive",
+                                        "give batch sizes such as 1 2 4 8 16")
         if self.engram_backend not in ENGRAM_TABLE_BACKENDS:
             raise InvalidParameterError(f"unknown Engram table backend {self.engram_backend!r}",
                                         f"use one of {', '.join(ENGRAM_TABLE_BACKENDS)}")

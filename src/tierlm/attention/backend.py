@@ -39,6 +39,9 @@ class AttentionBackend(ABC):
     summary: ClassVar[str]
     # Whether decode reads spill ids (kvcache/spill.py) where they are; else the picks are staged on the device.
     reads_spill_in_place: ClassVar[bool] = False
+    # Whether a decode step through it can be captured in a CUDA graph (engine/captured.py): prepare and decode
+    # read the metadata tensors on the device only, with no host sync and launch shapes fixed by tensor shapes.
+    capturable: ClassVar[bool] = False
 
     @classmethod
     def unsupported(cls, device: torch.device, dtype: torch.dtype, kv_format: str) -> str | None:

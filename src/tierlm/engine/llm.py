@@ -24,7 +24,8 @@ class LLM:
                  kv_format: str | None = None, kv_scales: str | None = None,
                  drift_guard: DriftGuardConfig | None = None, sparse: SparseConfig | None = None,
                  quantization: str = "none", quant_group: int | None = None, quant_activations: str = "int16",
-                 engram_backend: str = "device", engram_prefetch: str = "auto"):
+                 engram_backend: str = "device", engram_prefetch: str = "auto", enforce_eager: bool = False,
+                 cuda_graph_sizes: Sequence[int] = ()):
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
                             enable_prefix_caching=enable_prefix_caching, hash_seed=hash_seed, kv_format=kv_format,
                             kv_scales_path=kv_scales)
@@ -36,7 +37,9 @@ class LLM:
                                           drift_guard=drift_guard or DriftGuardConfig(),
                                           sparse=sparse or SparseConfig(), quantization=quantization,
                                           quant_group=quant_group, quant_activations=quant_activations,
-                                          engram_backend=engram_backend, engram_prefetch=engram_prefetch)))
+                                          engram_backend=engram_backend, engram_prefetch=engram_prefetch,
+                                          captured_decode="off" if enforce_eager else "auto",
+                                          cuda_graph_sizes=tuple(cuda_graph_sizes))))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":

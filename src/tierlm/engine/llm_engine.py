@@ -26,6 +26,7 @@ from tierlm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from tierlm.core.registry import dtype_name, get_dtype, get_kv_format
 from tierlm.core.request import Request, RequestStatus
 from tierlm.core.sampling_params import SamplingParams
+from tierlm.engine.captured import DecodeGraphs, default_sizes
 from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.engine.model_runner import ModelRunner
 from tierlm.engine.sampler import Sampler
@@ -196,6 +197,9 @@ class LLMEngine:
             staging = 0 if self.attention_backend.reads_spill_in_place else sp.staging
             pool, num_spill = plan_spill(self.kv_spec.page_size_bytes, num_blocks, cc.block_size, sp.spill_bytes,
                                          staging, self.selector.sink_blocks + self.selector.window_blocks)
+        captured = self._captured_decode(num_spill) and pool > 1
+        if captured:
+            pool -= 1  # the last device block is the pad block: padded rows of a captured step write there
         # One sequence can never hold more KV than the whole pool (and the spill store): cap the context there,
         # and say so now rather than stopping requests early with no word of why.
         self.max_model_len, self.context_limit = self.model_max_len, ""  # context_limit: why it is capped, if it is
@@ -237,8 +241,36 @@ class LLMEngine:
         else:
             self.scheduler.kv = self.kv
         self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device, self.selector)
+        if captured:
+            sizes = self.config.cuda_graph_sizes or default_sizes(self.config.scheduler.max_num_seqs)
+            self.runner.graphs = DecodeGraphs(self.runner, sizes, -(-self.max_model_len // cc.block_size), pad_block=pool,
+                                              replay="cuda" if self.device.type == "cuda" else "rerun")
         for text in self.config.tiers.pinned_prefixes:
             self.pin_prefix(text)
+
+    def _captured_decode(self, num_spill: int) -> bool:
+        """Whether pure-decode steps replay from CUDA graphs (engine/captured.py); captured_decode="on" says why not."""
+        mode = self.config.captured_decode
+        if mode == "off":
+            return False
+        why = None
+        if not self.attention_backend.capturable:
+            why = f"the {self.attention_backend.name} attention backend cannot be captured (use --attention-backend triton)"
+        elif num_spill:
+            why = "a spill store (--sparse-spill) moves blocks between steps on the host"
+        elif self.selector is not None:
+            why = "a sparse selector picks blocks with host-side decisions"
+        elif getattr(self.model, "token_context", None) is not None:
+            why = "the model reads token context on the host (Engram)"
+        elif self.device.type != "cuda" and mode == "auto":
+            why = "there is no CUDA device"
+        if why is None:
+            return True
+        if mode == "on":
+            raise InvalidParameterError(f"captured decode cannot run: {why}", "use --enforce-eager")
+        if self.device.type == "cuda":
+            log.info("decode steps run eager: %s", why)
+        return False
 
     def _kv_key(self, kv_format: str) -> str:
         """The KV format as block hashes, tier entries and the drift guard name it (static: @ its scales)."""

@@ -4,12 +4,15 @@ Holds, never creates alone: the model (any tierlm.models.base.CausalLM), the KV 
 (kvcache.KVStorage, which owns the KV tensors) and the attention backend, chosen once at construction
 (tierlm.attention.select_backend). Per step it flattens the scheduled tokens (decodes first), builds the
 backend-neutral AttentionMetadata, lets the backend derive its per-step state, and runs the model with an
-AttentionContext. A model that reads more of a token's context than its id (a V4-mini: the earlier ids its
+AttentionContext. The step is first laid out as host lists (StepLayout); a pure-decode step that captured graphs
+accept (engine/captured.py, CUDA) is copied into their static buffers and replayed instead. A model that reads more of a token's context than its id (a V4-mini: the earlier ids its
 Engram N-grams hash, the slots of the earlier values its conv reads, `token_context`) gets them through
 `begin_step` as soon as the step is laid out, so its memory rows are fetched while the step is still prepared,
 and the next step's decode tokens through `hand_off` as soon as they are sampled (`prefetch_ahead`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +21,29 @@ from tierlm.core.request import Request
 from tierlm.kvcache.storage import KVStorage
 from tierlm.models.base import CausalLM
 from tierlm.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepLayout:
+    """One step's rows as host lists, decodes first (see attention/metadata.py for the row order)."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    prefill_qlens: list[int] = field(default_factory=list)
+    prefill_lens: list[int] = field(default_factory=list)
+    prefill_tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    sample_reqs: list[Request] = field(default_factory=list)
+    history: list[list[int]] = field(default_factory=list)  # token_context models only
+    taps: list[list[int]] = field(default_factory=list)
+
+    @property
+    def decode_only(self) -> bool:
+        """Every row a decode, and every decode samples (the shape a captured step has)."""
+        return not self.prefill_qlens and len(self.sample_rows) == len(self.ids)
 
 
 def _earlier_ids(req: Request, pos: int, width: int) -> list[int]:
@@ -36,25 +62,17 @@ class ModelRunner:
         self.block_size = kv.spec.block_size
         self.num_ids = kv.num_ids  # device blocks and spill ids (kvcache/spill.py): what tables may hold
         self.token_context = getattr(model, "token_context", None)  # (earlier ids, conv taps) or None
+        self.graphs = None  # engine.captured.DecodeGraphs: pure-decode steps replayed from captured graphs
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv.nbytes
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Request]]:
+    def _layout(self, out: SchedulerOutput) -> StepLayout:
+        """The step's rows as host lists (decodes first): what the eager path makes tensors of and a captured
+        step copies into its static buffers."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        p_qlens: list[int] = []
-        p_slens: list[int] = []
-        p_tables: list[torch.Tensor] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        history: list[list[int]] = []
-        taps: list[list[int]] = []
+        lay = StepLayout()
         width, back = self.token_context or (0, ())
         for s in out.scheduled:
             req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
@@ -62,42 +80,49 @@ class ModelRunner:
             table = s.block_table
             if self.token_context is not None:
                 for p in range(start, end):
-                    history.append(_earlier_ids(req, p, width))
-                    taps.append([table[(p - d) // bs] * bs + (p - d) % bs if p >= d else -1 for d in back])
+                    lay.history.append(_earlier_ids(req, p, width))
+                    lay.taps.append([table[(p - d) // bs] * bs + (p - d) % bs if p >= d else -1 for d in back])
             if s.is_decode:
-                ids.append(req.token_id_at(start))
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-                decode_tables.append(table[: (end + bs - 1) // bs])
-                decode_lens.append(end)
+                lay.ids.append(req.token_id_at(start))
+                lay.positions.append(start)
+                lay.slots.append(table[start // bs] * bs + start % bs)
+                lay.decode_tables.append(table[: (end + bs - 1) // bs])
+                lay.decode_lens.append(end)
             else:
-                ids.extend(req.all_token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-                p_qlens.append(n)
-                p_slens.append(end)
-                p_tables.append(torch.tensor(table[: (end + bs - 1) // bs], dtype=torch.long, device=self.device))
+                lay.ids.extend(req.all_token_ids[start:end])
+                lay.positions.extend(range(start, end))
+                lay.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                lay.prefill_qlens.append(n)
+                lay.prefill_lens.append(end)
+                lay.prefill_tables.append(table[: (end + bs - 1) // bs])
             if end == req.num_tokens:  # caught up: this row's logits pick the next token
-                sample_rows.append(len(ids) - 1)
-                sample_reqs.append(req)
-        nd = len(decode_tables)
+                lay.sample_rows.append(len(lay.ids) - 1)
+                lay.sample_reqs.append(req)
+        return lay
+
+    def _prepare(self, lay: StepLayout) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs, dev = self.block_size, self.device
+        nd = len(lay.decode_tables)
         dec_bt = dec_lens = None
         if nd:
-            mb = max(len(t) for t in decode_tables)
-            dec_bt = torch.tensor([t + [0] * (mb - len(t)) for t in decode_tables], dtype=torch.long, device=self.device)
-            dec_lens = torch.tensor(decode_lens, dtype=torch.long, device=self.device)
+            mb = max(len(t) for t in lay.decode_tables)
+            dec_bt = torch.tensor([t + [0] * (mb - len(t)) for t in lay.decode_tables], dtype=torch.long, device=dev)
+            dec_lens = torch.tensor(lay.decode_lens, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
-            block_size=bs, slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_size=bs, slot_mapping=torch.tensor(lay.slots, dtype=torch.long, device=dev),
             num_decodes=nd, decode_block_tables=dec_bt, decode_seq_lens=dec_lens,
-            prefill_query_lens=p_qlens, prefill_seq_lens=p_slens, prefill_block_tables=p_tables,
+            prefill_query_lens=lay.prefill_qlens, prefill_seq_lens=lay.prefill_lens,
+            prefill_block_tables=[torch.tensor(t, dtype=torch.long, device=dev) for t in lay.prefill_tables],
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        input_ids = torch.tensor(lay.ids, dtype=torch.long, device=dev)
         if self.token_context is not None:
-            self.model.begin_step(input_ids, torch.tensor(history, dtype=torch.long).view(len(ids), width),
-                                  torch.tensor(taps, dtype=torch.long).view(len(ids), len(back)) if back else None)
+            width, back = self.token_context
+            n = len(lay.ids)
+            self.model.begin_step(input_ids, torch.tensor(lay.history, dtype=torch.long).view(n, width),
+                                  torch.tensor(lay.taps, dtype=torch.long).view(n, len(back)) if back else None)
         self.backend.prepare(meta, self.num_ids)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return input_ids, pos, meta, sample_rows, sample_reqs
+        pos = torch.tensor(lay.positions, dtype=torch.long, device=dev)
+        return input_ids, pos, meta
 
     def hand_off(self, reqs: list[Request], token_ids: list[int]) -> None:
         """This step's sampled tokens, each its request's next decode input: a model that reads memory by token id
@@ -112,10 +137,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[Request]]:
         """Run one step. Returns (logits [N, vocab] fp32 for the N requests that sample, those requests)."""
-        input_ids, positions, meta, rows, reqs = self._prepare(out)
+        lay = self._layout(out)
+        if self.graphs is not None and self.graphs.accepts(lay, self):
+            return self.graphs.run(lay), lay.sample_reqs
+        input_ids, positions, meta = self._prepare(lay)
         if self.kv.spill is not None:
             self.kv.spill.begin_step()
         hidden = self.model(input_ids, positions, AttentionContext(meta, self.kv, self.backend, self.selector))
-        if not rows:
+        if not lay.sample_rows:
             return None, []
-        return self.model.compute_logits(hidden[rows]), reqs
+        return self.model.compute_logits(hidden[lay.sample_rows]), lay.sample_reqs

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from helpers.random_model import write_random_model, write_tokenizer
+from helpers.random_model import write_random_model
+from helpers.tiny_llama import BASE, EOS, VOCAB, ids, write_word_tokenizer
 from tierlm.config import ModelConfig
 from tierlm.core.request import Request
 from tierlm.engine.sampler import Sampler
@@ -27,37 +28,14 @@ DEVICE = os.environ.get("TIERLM_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
                                 reason="needs a CUDA device")
 
-VOCAB = 512
-EOS = 2
 FP32_TOL = 1e-3
-BASE = dict(architecture="llama", vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=1024, rope_theta=10000.0,
-            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(EOS,))
 FAMILIES = {
     "llama": {},
     "qwen2": dict(architecture="qwen2", attention_bias=True, rope_theta=1000000.0),  # q/k/v bias
     "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=64, rope_theta=1000000.0),  # q/k norm, wide heads
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-def ids(n: int, seed: int) -> list[int]:
-    """n token ids in [3, VOCAB) (no special tokens), the same on every machine."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-
 PROMPTS = [ids(5, 1), ids(17, 2), ids(40, 3), ids(90, 4)]
-
-
-def write_word_tokenizer(d) -> None:
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
-    write_tokenizer(d, tok)
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +207,23 @@ def test_chunked_prefill_gives_same_output(tiny):
     prompt = ids(150, 500)
     ref = engine(path, max_num_batched_tokens=512).generate(prompt, GREEDY)[0].outputs[0].token_ids
     assert engine(path, max_num_batched_tokens=16).generate(prompt, GREEDY)[0].outputs[0].token_ids == ref
+
+
+def test_host_tier_loads_give_the_same_output(tiny):
+    """Prefixes evicted from a small device pool to the host tier come back through the load path (on CUDA: pinned
+    staging, copies and scatter on the load stream, the compute stream waiting on their event) and give the
+    same tokens as recomputing them."""
+    from tierlm.config import TierConfig
+
+    path = tiny("llama")
+    prompts = [ids(64, 600 + i) + ids(4, 700 + i) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    ref = tokens(engine(path, enable_prefix_caching=False).generate(prompts, params))
+    llm = engine(path, num_kv_blocks=12, tiers=TierConfig(host_memory_bytes=8 << 20))
+    first = tokens(llm.generate(prompts, params))  # one at a time fits; each evicts the one before
+    again = tokens(llm.generate(prompts, params))
+    assert first == ref and again == ref
+    assert llm.engine.tier_stats()["host"]["hit_tokens"] >= 3 * 64
 
 
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="the default KV budget on CUDA")

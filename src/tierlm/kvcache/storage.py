@@ -242,8 +242,11 @@ class KVStorage:
             out[name] = stacked.contiguous().view(first.dtype)
         return out
 
-    def scatter_blocks(self, block_ids: Sequence[int], parts: dict[str, torch.Tensor]) -> None:
-        """Write block-major parts (as `gather_blocks` returns them, from any device) into the given blocks."""
+    def scatter_blocks(self, block_ids: Sequence[int], parts: dict[str, torch.Tensor],
+                       non_blocking: bool = False) -> None:
+        """Write block-major parts (as `gather_blocks` returns them, from any device) into the given blocks.
+        `non_blocking`: copy pinned host parts asynchronously on the current stream (the caller orders
+        readers after it, e.g. with an event; torch's pinned allocator keeps the buffer until the copy ran)."""
         idx = self._index(block_ids)
         layout = self.part_layout()
         if set(parts) != set(layout):
@@ -253,7 +256,7 @@ class KVStorage:
             if src.shape[0] != len(idx) or src.shape[1] != len(holders):
                 raise ValueError(f"part {name!r} has shape {tuple(src.shape)}: expected [{len(idx)}, "
                                  f"{len(holders)}, ...]")
-            src = _raw(src.to(self.device))  # a blocking copy: the caller may reuse its buffer at once
+            src = _raw(src.to(self.device, non_blocking=non_blocking))  # blocking by default: the caller may reuse its buffer
             for i, layer in enumerate(self.layers[j] for j in holders):
                 t, dim = layer.parts()[name]
                 piece = src[:, i]  # [n, *rest]

@@ -8,6 +8,10 @@ runs the layers before the first Engram layer. `get` then waits (normally not at
 
 A failure on the worker (a bad id, an unreadable table) is raised by `get`, in the caller's thread. `fetch_s`: the
 worker's time hashing and gathering; `wait_s`: the time `get` waited for it (the latency prefetch did not hide).
+
+On CUDA with the table off the device (host memory or a mapped file) the worker gathers into pinned memory and copies
+to the device on a side stream, the way the KV tiers load (kvcache/tiers/controller.py): `get` makes the compute
+stream wait for that copy's event, on the device, and hands the rows to the compute stream (record_stream).
 """
 from __future__ import annotations
 
@@ -26,25 +30,45 @@ class Prefetcher:
             raise ValueError(f"the hasher addresses {hasher.total_rows} rows, the table has {table.rows}")
         self.table, self.hasher, self.device = table, hasher, torch.device(device)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+        self._stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda" and table.backend != "device"
+                        else None)
         self.fetch_s = self.wait_s = 0.0
+
+    def _fetch(self, ids: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+        """(rows [..., T, slots, dim] fp32 on the device, the side stream's event after their copy, or None)."""
+        t0 = time.perf_counter()
+        rid = self.hasher.row_ids(ids.cpu(), None if history is None else history.cpu())
+        ready = None
+        if self._stream is None:
+            out = self.table.gather(rid, self.device)
+        else:
+            host = self.table.gather(rid, "cpu", out=torch.empty((rid.numel(), self.table.dim), pin_memory=True))
+            with torch.cuda.stream(self._stream):
+                out = host.to(self.device, non_blocking=True)
+                ready = self._stream.record_event()
+        self.fetch_s += time.perf_counter() - t0
+        return out.view(*rid.shape, self.table.dim), ready
+
+    def _settle(self, rows: torch.Tensor, ready) -> torch.Tensor:
+        if ready is not None:  # the caller's stream reads the rows after their copy; the allocator learns it uses them
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            rows.record_stream(stream)
+        return rows
 
     def rows(self, ids: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """The rows for normalized ids [..., T], synchronously: [..., T, slots, dim] fp32."""
-        t0 = time.perf_counter()
-        rid = self.hasher.row_ids(ids.cpu(), None if history is None else history.cpu())
-        out = self.table.gather(rid, self.device).view(*rid.shape, self.table.dim)
-        self.fetch_s += time.perf_counter() - t0
-        return out
+        return self._settle(*self._fetch(ids, history))
 
     def submit(self, ids: torch.Tensor, history: torch.Tensor | None = None) -> Future:
-        return self._pool.submit(self.rows, ids.clone(), None if history is None else history.clone())
+        return self._pool.submit(self._fetch, ids.clone(), None if history is None else history.clone())
 
     def get(self, ticket: Future) -> torch.Tensor:
         if ticket.done():
-            return ticket.result()
+            return self._settle(*ticket.result())
         t0 = time.perf_counter()
         try:
-            return ticket.result()
+            return self._settle(*ticket.result())
         finally:
             self.wait_s += time.perf_counter() - t0
 

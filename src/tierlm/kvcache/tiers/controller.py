@@ -90,14 +90,21 @@ class LoadJob:
     error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     event: threading.Event = field(default_factory=threading.Event)
+    copied: object = None  # CUDA: an event on the load stream after the copies into the blocks (else None)
+    device: torch.device | None = None
 
     def wait(self, timeout: float) -> bool:
         return self.event.wait(timeout)
 
     def cancel(self) -> bool:
-        """Stop the job from writing. True if it had already finished (its loaded blocks are usable)."""
+        """Stop the job from writing. True if it had already finished (its loaded blocks are usable). On CUDA
+        the compute stream then waits for its copies (on the device, no host sync), before anything reads the
+        blocks, or writes them once they are freed."""
         with self.lock:
             if self.done:
+                if self.copied is not None:
+                    torch.cuda.current_stream(self.device).wait_event(self.copied)
+                    self.copied = None
                 return True
             self.cancelled = True
             return False
@@ -154,6 +161,9 @@ class TierController:
         # On CUDA the staging buffers between the device and host memory are pinned, so copies run at full
         # PCIe speed (and a device->host gather does not bounce through a pageable buffer).
         self._pin = storage.device.type == "cuda" and torch.cuda.is_available()
+        # ... and a load's host-to-device copies and scatter run on a side stream, so they overlap the forward
+        # pass on the compute stream, which waits for them (an event, no host sync) only at finish_load.
+        self._stream = torch.cuda.Stream(storage.device) if self._pin else None
         probe = storage.gather_blocks([0], device="cpu")
         self._parts = [(name, t.dtype, tuple(t.shape[1:]), t[0].numel() * t.element_size()) for name, t in probe.items()]
         self.entry_payload_bytes = sum(nb for *_, nb in self._parts)
@@ -179,7 +189,9 @@ class TierController:
         return [(r.key, encode_entry(self.identity, r.token_ids, [memoryview(a[i]) for a in raw]))
                 for i, r in enumerate(refs)]
 
-    def _scatter(self, block_ids: Sequence[int], payloads: Sequence[memoryview]) -> None:
+    def _scatter(self, block_ids: Sequence[int], payloads: Sequence[memoryview]):
+        """Write the payloads into the blocks. CUDA: asynchronously on the load stream; returns the event that
+        follows the copies (the pinned staging buffer is held by torch's host allocator until it has passed)."""
         n = len(block_ids)
         buf = torch.empty((n, self.entry_payload_bytes), dtype=torch.uint8, pin_memory=self._pin)
         arr = buf.numpy()
@@ -189,7 +201,12 @@ class TierController:
         for name, dtype, shape, nb in self._parts:
             parts[name] = buf[:, off:off + nb].view(dtype).reshape(n, *shape)
             off += nb
-        self.storage.scatter_blocks(block_ids, parts)
+        if self._stream is None:
+            self.storage.scatter_blocks(block_ids, parts)
+            return None
+        with torch.cuda.stream(self._stream):
+            self.storage.scatter_blocks(block_ids, parts, non_blocking=True)
+            return self._stream.record_event()
 
     # ---- lookups and loads (engine thread) ---------------------------------------------------------
     @_engine_verb
@@ -267,7 +284,7 @@ class TierController:
     def finish_load(self, job: LoadJob) -> int:
         """Settle a job: the number of leading blocks that hold verified KV (0 if it was cancelled late).
         Counts hit tokens by tier and notes the hits for admission."""
-        usable = job.cancel()
+        usable = job.cancel()  # CUDA: the next forward pass reads the blocks after the load's copies
         if not usable:
             self.stats.fallback_timeout += len(job.hit) * self.block_size
             return 0
@@ -329,7 +346,7 @@ class TierController:
                 i += 1
             with job.lock:
                 if not job.cancelled and payloads:
-                    self._scatter(job.block_ids[:len(payloads)], payloads)
+                    job.copied, job.device = self._scatter(job.block_ids[:len(payloads)], payloads), self.storage.device
                     job.loaded = len(payloads)
                     job.by_tier = by_tier
                 job.done = not job.cancelled

@@ -4,7 +4,7 @@
 # $OUT/device_check.log; perf results to $OUT/perf_cuda_{bf16,fp32}.json; test results to $OUT/*.xml.
 # A failing step is recorded and the next one still runs; each step has its own time limit, so a hang
 # costs that step only, and what the log holds so far is already in $OUT. Expected wall time on an
-# H200: about 3-4 minutes; the step limits add up to at most about 8.5 (9.5 with both no-peer reruns).
+# H200: not yet measured with the GPU-scale steps (3.); the step limits bound each step.
 #
 #   bash scripts/device_check.sh                      # on the GPU machine ($OUT is set there)
 #   DEVICE=cpu QUICK=1 PY=.venv/bin/python OUT=/tmp/dc bash scripts/device_check.sh   # local dry run
@@ -88,9 +88,12 @@ print("tierlm", tierlm.__version__, "from", tierlm.__file__)
 import platformdirs, gguf  # lazy in tierlm (cache dir without $TIERLM_CACHE_DIR; GGUF files): not on this path
 print("platformdirs", platformdirs.__version__, "gguf from", gguf.__file__)'
 
-# 1. Engine behaviour on the device (tiny random models; no default model needed).
-step test-cuda 120 env TIERLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
-  tests/engine/test_cuda.py --durations=8 --junitxml="$OUT/test_cuda.xml"
+# 1. Engine behaviour on the device (tiny random models; no default model needed): parity with CPU and transformers,
+#    host-tier loads through the load stream, the Triton decode kernel against the torch backend (every KV format,
+#    split-KV, sparse tables), and captured decode steps (real CUDA graphs) against eager.
+step test-cuda 180 env TIERLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
+  tests/engine/test_cuda.py tests/engine/test_captured_decode.py tests/attention/test_triton_attention.py \
+  --durations=8 --junitxml="$OUT/test_cuda.xml"
 
 # 2. Speed: random weights in SmolLM2-135M's exact shape, tierlm vs transformers on the same device.
 step random-model 60 "$PY" tests/helpers/random_model.py "$MODEL_DIR" --like "$SHAPE_DIR" --seed 0
@@ -108,7 +111,33 @@ for dt in bf16 fp32; do
   fi
 done
 
-# 3. The device-independent suites under this machine's torch (CPU; no default model needed).
+# 3. GPU scale (issue 17): a ~1B Llama with random weights (bf16 on disk), captured vs eager decode (Triton attention)
+#    and transformers eager at batch 1..256, then dense bf16 vs FP8 KV vs FP8 + Quest sparse at long contexts.
+#    BIG=1 adds the ~8B shape (15 GB of weights to write: a few minutes).
+if [ "$QUICK" = 1 ]; then
+  B1_ARGS=(--batch 1 4 --new-tokens 8 --reps 1 --prefill-len 256 --prompt-len 32)
+  LONG_CTX=(512); LONG_ARGS=(--batch 1 --new-tokens 8 --reps 1 --prefill-len 64); SPARSE=256
+else
+  B1_ARGS=(--batch 1 16 64 256 --new-tokens 128 --reps 3 --prefill-len 2048 8192 --prompt-len 128)
+  LONG_CTX=(8192 32000); LONG_ARGS=(--batch 1 8 --new-tokens 64 --reps 2 --prefill-len 2048); SPARSE=2048
+fi
+for size in 1b $([ "${BIG:-0}" = 1 ] && echo 8b); do
+  dir="/tmp/llama-$size"
+  step "random-$size" 300 "$PY" tests/helpers/random_model.py "$dir" --like "$SHAPE_DIR" --shape "llama-$size" \
+    --dtype bf16 --seed 0
+  step "perf-$size-captured" 300 "$PY" -m tierlm.bench.perf --model "$dir" --device "$DEVICE" --dtype bf16 \
+    --attention-backend triton --variant eager:enforce_eager=1 --variant torch-eager:attention_backend=torch,enforce_eager=1 \
+    "${B1_ARGS[@]}" --progress --json "$OUT/perf_${size}_captured.json"
+  for ctx in "${LONG_CTX[@]}"; do
+    step "perf-$size-ctx$ctx" 300 "$PY" -m tierlm.bench.perf --model "$dir" --device "$DEVICE" --dtype bf16 \
+      --attention-backend triton --prompt-len "$ctx" --no-peer --no-reference \
+      --variant fp8:kv_format=fp8_e4m3 --variant fp8-sparse:kv_format=fp8_e4m3,sparse_budget=$SPARSE \
+      "${LONG_ARGS[@]}" --progress --json "$OUT/perf_${size}_ctx${ctx}.json"
+  done
+  rm -rf "$dir"
+done
+
+# 4. The device-independent suites under this machine's torch (CPU; no default model needed).
 step cpu-suites 60 "$PY" -m pytest -q -p no:cacheprovider -x tests/attention tests/kvcache tests/scheduler \
   tests/engine/test_sampler.py --junitxml="$OUT/cpu_suites.xml"
 

@@ -128,3 +128,28 @@ def test_reference_failure_keeps_the_measurements(tmp_path, tiny_model, monkeypa
     assert "reference" not in res and "no room" in res["reference_error"]
     assert res["rows"] and "fp32 reference check failed" in capsys.readouterr().out
 
+
+
+def test_variants_are_sides_of_the_same_run(tmp_path, tiny_model, capsys):
+    """--variant adds tierlm engines with changed settings to the paired run: their own tok/s, ratios, KV bytes per
+    token (FP8: about a quarter of fp32) and greedy diff against the tierlm side."""
+    res = run_perf(tmp_path, tiny_model, "--no-peer", "--variant", "fp8:kv_format=fp8_e4m3",
+                   "--variant", "torch-eager:attention_backend=torch,enforce_eager=1")
+    assert res["sides"] == ["tierlm", "fp8", "torch-eager"]
+    kv = res["environment"]["kv_bytes_per_token"]
+    assert kv["fp8"] < kv["tierlm"] / 3 and kv["torch-eager"] == kv["tierlm"]
+    assert res["environment"]["variants"]["torch-eager"] == {"attention_backend": "torch", "enforce_eager": True}
+    for r in res["rows"]:
+        assert set(r["tok_per_s"]) == {"tierlm", "fp8", "torch-eager"}
+    diffs = {(g["side"], g["batch"]) for g in res["correctness"]}
+    assert diffs == {(s, b) for s in ("fp8", "torch-eager") for b in (1, 2)}
+    # the torch backend computes the same fp32 attention: the same greedy tokens
+    assert all(g["exact_match"] == g["prompts"] for g in res["correctness"] if g["side"] == "torch-eager")
+    assert "greedy diff vs fp8, batch 2:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["x", "tierlm:kv_format=fp8_e4m3", "a:nope=1", "a:kv_format"])
+def test_bad_variant_names_the_form(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        perf.main(["--variant", bad])
+    assert e.value.code == 2 and "--variant" in capsys.readouterr().err

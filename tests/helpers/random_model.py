@@ -5,6 +5,7 @@ both tierlm (`LLM(model=OUT_DIR)`) and transformers (`AutoModelForCausalLM.from_
 load the same weights, so their greedy outputs stay comparable.
 
     python tests/helpers/random_model.py OUT_DIR --like CONFIG_DIR [--seed 0] [--std 0.05]
+                                         [--shape llama-1b|llama-8b] [--context N] [--dtype fp32|bf16]
 
 CONFIG_DIR holds a config.json (e.g. the default model's converted cache entry, whose weights are not
 needed) and usually tokenizer.json / tokenizer_config.json / generation_config.json, which are copied.
@@ -56,7 +57,7 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = DEFAULT_STD,
 
 def write_random_model(out_dir: str | Path, config: ModelConfig, *, tokenizer_dir: str | Path | None = None,
                        seed: int = 0, std: float = DEFAULT_STD, norm_std: float = 0.0,
-                       model_id: str | None = None) -> Path:
+                       model_id: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write config.json, generation_config.json, model.safetensors (+ tokenizer files from `tokenizer_dir`)
     into `out_dir` (created if needed). Returns out_dir."""
     from safetensors.torch import save_file
@@ -74,7 +75,8 @@ def write_random_model(out_dir: str | Path, config: ModelConfig, *, tokenizer_di
             src = Path(tokenizer_dir) / f
             if src.exists():
                 shutil.copyfile(src, out / f)
-    save_file(random_weights(config, seed, std, norm_std), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_weights(config, seed, std, norm_std, dtype), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     return out
 
 
@@ -99,6 +101,24 @@ def config_like(config_dir: str | Path) -> ModelConfig:
     return model_config_from_hf(cfg, where=str(d / "config.json"), model_id=d.name, extra_eos_token_ids=eos)
 
 
+# Llama-family shapes for GPU measurements (the vocabulary stays --like's, so its tokenizer fits): about 1B and 8B
+# parameters (Llama 3.2 1B's and Llama 3.1 8B's layers; with a 49K vocabulary 1.07B and 7.4B).
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                     head_dim=64, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                     head_dim=128, tie_word_embeddings=False),
+}
+
+
+def shaped_like(config: ModelConfig, shape: str, context: int | None = None) -> ModelConfig:
+    """`config` (architecture, vocabulary, special tokens) with the layer shape SHAPES[shape], a llama architecture,
+    and a context of `context` tokens (default: at least 32K)."""
+    ctx = context or max(config.max_position_embeddings, 32768)
+    return dataclasses.replace(config, architecture="llama", max_position_embeddings=ctx, rope_theta=500000.0,
+                               sliding_window=None, **SHAPES[shape])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
@@ -107,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--std", type=float, default=DEFAULT_STD, help="std of matrices, embeddings and biases")
     ap.add_argument("--norm-std", type=float, default=0.0, help="spread of the norm weights around 1")
     ap.add_argument("--model-id", default=None)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="layer shape of a Llama of about 1B or 8B parameters (--like still gives vocab + tokenizer)")
+    ap.add_argument("--context", type=int, default=None, help="with --shape: max_position_embeddings (default 32K+)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written weights")
     a = ap.parse_args(argv)
     config = config_like(a.like)
+    if a.shape:
+        config = shaped_like(config, a.shape, a.context)
     out = write_random_model(a.out_dir, config, tokenizer_dir=a.like, seed=a.seed, std=a.std,
-                             norm_std=a.norm_std, model_id=a.model_id)
+                             norm_std=a.norm_std, model_id=a.model_id,
+                             dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     print(f"wrote {out}: {config.architecture}, {config.num_params / 1e6:.1f}M params, seed {a.seed}, std {a.std}")
     return 0
 

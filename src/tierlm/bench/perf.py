@@ -3,7 +3,9 @@
 
     python -m tierlm.bench.perf [--model default] [--device cpu|cuda] [--dtype fp32|bf16]
                                 [--prefill-len 512 1024 2048 4096 8192] [--batch 1 16] [--prompt-len 32]
-                                [--new-tokens 128] [--reps 3] [--attention-backend auto|cpu|torch]
+                                [--new-tokens 128] [--reps 3] [--attention-backend auto|cpu|torch|triton]
+                                [--kv-format F] [--enforce-eager] [--sparse-budget TOKENS]
+                                [--variant NAME:key=value,...]...
                                 [--no-peer] [--peer-cache static|dynamic] [--peer-compile] [--no-reference]
                                 [--progress] [--json out.json]
                                 [--quantization q4_1 [--quant-activations int16] [--baseline]]
@@ -33,6 +35,11 @@ as the engine flag); --baseline adds the unquantized engine as a side of its own
 speed-up is paired in the same run; --llama-server URL adds llama.cpp's server (scripts/llama_server.sh serve,
 same GGUF, same threads) as a side, driven over HTTP through its native /completion endpoint with the same token
 ids. Every other side's column gets a "tierlm / side" ratio, and its decode tokens are diffed against tierlm's.
+
+Variants (--variant NAME:key=value,...): more tierlm engines in the same paired run, each the tierlm side with some
+settings changed (attention backend, KV format, eager vs captured decode, Quest sparse budget, weight format): e.g.
+captured vs eager decode, or dense bf16 vs FP8 KV vs FP8 + sparse at a long --prompt-len. Achieved GB/s counts each
+side's own weight and KV bytes (a sparse side is credited with its whole context: an upper bound on what it read).
 
 --model takes the default model, a .gguf file or a Hugging Face directory (e.g. random weights in the
 default model's shape: python tests/helpers/random_model.py OUT --like CONFIG_DIR).
@@ -80,17 +87,45 @@ def kv_blocks_for(seq_lens: list[int], batches: list[int], decode_len: int) -> i
     return max([cdiv(n) for n in seq_lens] + [b * cdiv(decode_len) for b in batches] + [1])
 
 
+# --variant keys: engine settings a side may change (the others are the tierlm side's)
+VARIANT_KEYS = ("attention_backend", "kv_format", "enforce_eager", "sparse_budget", "quantization")
+
+
 def make_llm(model: str | None, dtype: str, device: str, max_num_seqs: int, max_seq_len: int, num_kv_blocks: int,
-             attention_backend: str = "auto", quantization: str = "none", quant_activations: str = "int16"):
+             attention_backend: str = "auto", quantization: str = "none", quant_activations: str = "int16",
+             kv_format: str | None = None, enforce_eager: bool = False, sparse_budget: int | None = None):
     """The engine both the timed runs and the reference use: no prefix cache, chunked prefill at the engine
     default (512 tokens a step), context max_seq_len tokens (capped at the model's), and a pool of at least
-    num_kv_blocks blocks that also holds one whole context (so the engine caps nothing further)."""
+    num_kv_blocks blocks that also holds one whole context (so the engine caps nothing further).
+    `sparse_budget`: Quest sparse decoding within that many tokens."""
     from tierlm import LLM
+    from tierlm.config import SparseConfig
 
     blocks = max(num_kv_blocks, -(-max_seq_len // BLOCK_SIZE))
+    sparse = SparseConfig(selector="quest", budget_tokens=sparse_budget) if sparse_budget else None
     return LLM(model, dtype=dtype, device=device, enable_prefix_caching=False, max_model_len=max_seq_len,
                block_size=BLOCK_SIZE, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
-               attention_backend=attention_backend, quantization=quantization, quant_activations=quant_activations)
+               attention_backend=attention_backend, quantization=quantization, quant_activations=quant_activations,
+               kv_format=kv_format, enforce_eager=enforce_eager, sparse=sparse)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"NAME:key=value,key=value" -> (NAME, settings) for another tierlm side (keys: VARIANT_KEYS)."""
+    name, _, rest = text.partition(":")
+    if not name or name == "tierlm" or not rest:
+        raise ValueError(f"--variant {text!r}: give NAME:key=value[,key=value...], NAME not 'tierlm'")
+    out: dict = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in VARIANT_KEYS:
+            raise ValueError(f"--variant {text!r}: {item!r} is not key=value with a key in {', '.join(VARIANT_KEYS)}")
+        if key == "enforce_eager":
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif key == "sparse_budget":
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return name, out
 
 
 def reference_tokens(model: str | None, device: str, prompt_sets: list[list[list[int]]], new_tokens: int,
@@ -191,8 +226,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="prompt lengths of the prefill rows (one prompt, one new token each)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="paired repetitions; the median is reported")
-    ap.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "triton"],
                     help="the engine's attention backend (torch: the gather + mask reference path)")
+    ap.add_argument("--kv-format", default=None, help="the tierlm side's KV format (default: the compute dtype)")
+    ap.add_argument("--enforce-eager", action="store_true", help="the tierlm side never replays CUDA graphs")
+    ap.add_argument("--sparse-budget", type=int, default=None, metavar="TOKENS",
+                    help="the tierlm side decodes with Quest sparse attention within TOKENS")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                    help="another tierlm side, paired in the same run: the tierlm side's settings with these "
+                         f"changed (keys: {', '.join(VARIANT_KEYS)}), e.g. eager:enforce_eager=1 or "
+                         "fp8-sparse:kv_format=fp8_e4m3,sparse_budget=2048; repeatable")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--peer-cache", choices=["static", "dynamic"], default="static",
                     help="transformers' KV cache: static (preallocated) or dynamic (its default); which is faster "
@@ -223,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available here; use --device cpu")
     try:
+        a.variants = [parse_variant(v) for v in a.variant]
+    except ValueError as e:
+        ap.error(str(e))
+    try:
         return _run(a, ap)
     except TierlmError as e:
         print(f"tierlm.bench.perf: error: {e}", file=sys.stderr)
@@ -235,8 +282,10 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     decode_len = a.prompt_len + a.new_tokens
     max_seq_len = max(max(a.prefill_len) + 1, decode_len)
     blocks = kv_blocks_for([max_seq_len], a.batch, decode_len)
-    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, a.attention_backend,
-                   a.quantization, a.quant_activations)
+    own = dict(attention_backend=a.attention_backend, quantization=a.quantization, kv_format=a.kv_format,
+               enforce_eager=a.enforce_eager, sparse_budget=a.sparse_budget)
+    llm = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, quant_activations=a.quant_activations,
+                   **own)
     engine, tokenizer = llm.engine, llm.tokenizer
     context = engine.max_model_len
     if decode_len > context:
@@ -249,11 +298,21 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     from tierlm.bench.memory import weight_bytes as model_weight_bytes
 
     weights = {"tierlm": model_weight_bytes(engine.model)[1]}  # what one step reads (the bench's definition)
+    kv_tok = {"tierlm": engine.kv_spec.bytes_per_token}
+    variants = []  # kept alive for the timed runs
+    for name, settings in a.variants:
+        v = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks,
+                     quant_activations=a.quant_activations, **{**own, **settings})
+        variants.append(v)
+        sides.append(EngineSide(v.engine, name=name))
+        weights[name] = model_weight_bytes(v.engine.model)[1]
+        kv_tok[name] = v.engine.kv_spec.bytes_per_token
     base = None
     if a.baseline and a.quantization != "none":
         base = make_llm(a.model, a.dtype, a.device, max(a.batch), max_seq_len, blocks, a.attention_backend)
         sides.append(EngineSide(base.engine, name=f"tierlm-{a.dtype}"))
         weights[sides[-1].name] = model_weight_bytes(base.engine.model)[1]
+        kv_tok[sides[-1].name] = base.engine.kv_spec.bytes_per_token
     if a.llama_server:
         from tierlm.bench.http_driver import check_server
         from tierlm.bench.phases import LlamaServerSide
@@ -266,12 +325,12 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     names = [s.name for s in sides]
     cfg = engine.model_config
     weight_bytes = weights["tierlm"]
-    kv_tok = engine.kv_spec.bytes_per_token
     backend = engine.attention_backend.name
+    captured = engine.runner.graphs is not None  # a bool: nothing here may keep the engine alive
     chunk = engine.config.scheduler.max_num_batched_tokens
     bw = measure_bandwidth(1 << 30 if device.type == "cuda" else 256 << 20, device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    gb_s = lambda row, tok_s, name: achieved_gb_s(row, tok_s, weights.get(name), kv_tok)  # noqa: E731
+    gb_s = lambda row, tok_s, name: achieved_gb_s(row, tok_s, weights.get(name), kv_tok.get(name, 0))  # noqa: E731
     table = _Table(names, gb_s, bw)
     for n in notes:
         print(f"note: {n}")
@@ -290,7 +349,7 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         # After every timed run: free the timed engine and peer, then generate the same prompts with tierlm in
         # fp32 on the same device. A failure here (e.g. no room for fp32 weights) must not lose the
         # measurements: it is reported.
-        llm = engine = peer = sides = base = None
+        llm = engine = peer = sides = base = variants = None
         free_device_memory(device)
         try:
             ref = reference_tokens(a.model, a.device, [make_prompts(tokenizer, r.batch, a.prompt_len)
@@ -303,7 +362,8 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
             free_device_memory(device)
 
     print(f"\nmodel {cfg.model_id}, {a.dtype}, {device.type} ({where}); weights {weight_bytes / 1e6:.0f} MB; "
-          f"KV {kv_tok} B/token; measured copy bandwidth {bw:.1f} GB/s; attention backend {backend}; "
+          f"KV {kv_tok['tierlm']} B/token; measured copy bandwidth {bw:.1f} GB/s; attention backend {backend}"
+          f"{' (decode captured in CUDA graphs)' if captured else ''}; "
           f"prefill chunked at {chunk} tokens a step; {a.reps} paired rep(s), medians"
           + ("" if a.no_peer else f"; transformers with its {a.peer_cache} KV cache"))
     print(table.header())
@@ -326,7 +386,9 @@ def _run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
                "dtype": a.dtype, "model": cfg.model_id, "peer_compile": a.peer_compile, "peer_cache": a.peer_cache,
                "attention_backend": backend, "max_num_batched_tokens": chunk, "context": context, "reps": a.reps,
                "quantization": a.quantization, "quant_activations": a.quant_activations,
-               "weight_bytes_per_step": weights, "llama_server": a.llama_server}
+               "weight_bytes_per_step": weights, "kv_bytes_per_token": kv_tok, "llama_server": a.llama_server,
+               "captured_decode": captured, "kv_format": a.kv_format, "sparse_budget": a.sparse_budget,
+               "variants": {n: s for n, s in a.variants}}
         if device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(device)
             env["cuda"] = torch.version.cuda

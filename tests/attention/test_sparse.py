@@ -31,8 +31,11 @@ def storage(kv_format="fp32", hkv=2, d=8, nb=64):
 
 
 @settings(max_examples=40, deadline=None)
-@given(lens=st.lists(st.integers(1, 23), min_size=1, max_size=3), chunk=st.integers(1, 9), seed=st.integers(0, 99))
-def test_key_bounds_are_the_min_and_max_of_each_blocks_stored_keys(lens, chunk, seed):
+@given(lens=st.lists(st.integers(1, 23), min_size=1, max_size=3), chunk=st.integers(1, 9), seed=st.integers(0, 99),
+       sync_free=st.booleans())
+def test_key_bounds_are_the_min_and_max_of_each_blocks_stored_keys(lens, chunk, seed, sync_free):
+    """Both ways of starting a block afresh (picked out on the CPU; rewritten in place, sync-free, on a GPU and in a
+    captured step) keep the same bounds."""
     torch.manual_seed(seed)
     s = storage()
     layer = s[0]
@@ -50,7 +53,7 @@ def test_key_bounds_are_the_min_and_max_of_each_blocks_stored_keys(lens, chunk, 
             pos = torch.arange(a, min(a + chunk, len(k)))
             slots = table[pos // BS] * BS + pos % BS
             stored, _ = layer.write_slots(slots, k[pos], k[pos])
-            update_key_bounds(layer, slots, stored, BS)
+            update_key_bounds(layer, slots, stored, BS, sync_free)
     for table, k in zip(tables, keys):
         for j, b in enumerate(table.tolist()):
             kb = k[j * BS:(j + 1) * BS]
@@ -112,7 +115,11 @@ def test_picks_equal_the_oracle_and_keep_sink_window_and_the_last_partial_block(
     layer.block_meta["key_max"].copy_(layer.block_meta["key_min"] + torch.rand(s.num_blocks, 2, 8) * 2)
     q = torch.randn(len(lens), 4, 8)
     picks = sel.select(q, layer, perm, torch.tensor(lens), 0.35)
+    static = sel.select(q, layer, perm, torch.tensor(lens), 0.35, static=True)  # a captured step's (and any GPU's)
+    assert static.block_tables.shape[1] == min(mb, sel.budget_blocks) and torch.equal(static.seq_lens, picks.seq_lens)
     for i, n in enumerate(lens):
+        w = -(-int(picks.seq_lens[i]) // BS)
+        assert torch.equal(static.block_tables[i, :w], picks.block_tables[i, :w])
         nb = -(-n // BS)
         want = oracle_picks(q[i], layer.block_meta["key_min"][perm[i]], layer.block_meta["key_max"][perm[i]], nb,
                             sel.sink_blocks, sel.window_blocks, sel.budget_blocks, 0.35)

@@ -97,19 +97,39 @@ def test_padded_rows_write_only_the_pad_block(tiny):
 
 
 def test_what_runs_eager(tiny):
-    """Prefill steps, a sparse selector, and the torch backend run eager; captured_decode="on" says why not."""
+    """Prefill steps run eager; the torch backend and a spill store cannot be captured (captured_decode="on" says why)."""
     _, eng = run(config(tiny, "triton", "on"), prompts=[ids(40, 5)],
                  params=SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert eng.runner.graphs.counters["replays"] == 2  # 3 tokens: the first sampled from the prefill step
     with pytest.raises(InvalidParameterError, match="cannot be captured"):
         LLM.from_config(config(tiny, "torch", "on"))
-    with pytest.raises(InvalidParameterError, match="sparse selector"):
-        LLM.from_config(config(tiny, "triton", "on", sparse=SparseConfig(selector="quest", budget_tokens=256)))
+    with pytest.raises(InvalidParameterError, match="spill store"):
+        LLM.from_config(config(tiny, "triton", "on", sparse=SparseConfig(selector="quest", budget_tokens=256,
+                                                                        spill_bytes=1 << 20)))
     auto = LLM.from_config(config(tiny, "triton", "auto"))
     try:
         assert (auto.engine.runner.graphs is not None) == DEVICE.startswith("cuda")
     finally:
         auto.close()
+
+
+@pytest.mark.parametrize("selector", ["quest", "index"])
+def test_sparse_decode_captured_matches_eager(tiny, selector):
+    """A capturable selector picks on the device with static shapes inside the captured step: the same tokens as the
+    eager sparse engine (whose picks on a CPU come from the native selector), with contexts past the budget."""
+    sparse = SparseConfig(selector=selector, budget_tokens=48, sink_tokens=16, window_tokens=16, dense_layers=0)
+    prompts = [ids(90, 21), ids(120, 22)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+    eager, _ = run(config(tiny, "triton", sparse=sparse), prompts, params)
+    captured, eng = run(config(tiny, "triton", "on", sparse=sparse), prompts, params)
+    dense, _ = run(config(tiny, "triton"), prompts, params)
+    same_tokens_close_logprobs(captured, eager)
+    assert eng.runner.graphs.counters["replays"] >= 7
+    # the budget binds: sparse decoding's tokens or logprobs differ from dense's
+    def seen(outs):
+        return [[(p.token_id, round(p.logprob, 4)) for lp in o.outputs[0].logprobs for p in lp] for o in outs]
+
+    assert seen(captured) != seen(dense)
 
 
 def test_the_checker_finds_host_syncs():
@@ -125,3 +145,55 @@ def test_default_sizes_and_bad_sizes():
     assert default_sizes(3) == [1, 2, 3]
     with pytest.raises(InvalidParameterError, match="cuda-graph-sizes"):
         EngineConfig(cuda_graph_sizes=(0, 4))
+
+
+@pytest.mark.parametrize("kv_format", ["fp32", "bf16", "fp8_e4m3", "fp8_e5m2_g64_ue8m0", "fp8_e4m3_static"])
+def test_every_kv_format_writes_and_decodes_capturably(kv_format):
+    """A decode layer's K/V write (FP8: quantize on write) and Triton attention hold no uncapturable operation, in
+    every KV format (a static format once built a tensor from a Python list: a blocking copy on CUDA)."""
+    from tierlm.attention import AttentionContext, AttentionMetadata
+    from tierlm.kvcache import KVSpec, KVStorage
+
+    dev = torch.device(DEVICE)
+    spec = KVSpec(num_layers=1, num_kv_heads=2, head_dim=128, kv_format=kv_format, block_size=4)
+    storage = KVStorage(spec, 8, dev)
+    if storage[0].static_scales is not None:
+        storage[0].static_scales = torch.full((2, 2), 0.01, device=dev)
+    meta = AttentionMetadata(block_size=4, slot_mapping=torch.tensor([5, 13], device=dev), num_decodes=2,
+                             decode_block_tables=torch.tensor([[0, 1], [2, 3]], device=dev),
+                             decode_seq_lens=torch.tensor([6, 6], device=dev))
+    q, k, v = torch.randn(2, 4, 128, device=dev), torch.randn(2, 2, 128, device=dev), torch.randn(2, 2, 128, device=dev)
+    backend = TritonBackend()
+    backend.prepare(meta, 8)
+    out, bad = check_capturable(lambda: AttentionContext(meta, storage, backend).forward(0, q, k, v, 128 ** -0.5))
+    assert bad == [] and out.shape == (2, 4, 128)
+
+
+@pytest.mark.parametrize("selector", ["quest", "index"])
+def test_sparse_picks_are_capturable(selector):
+    """A captured step's selector work (metadata kept on write, picks with static shapes) holds no uncapturable
+    operation; the eager picks (dynamic widths) do, which is why a captured step asks for static ones."""
+    from tierlm.attention import AttentionContext, AttentionMetadata
+    from tierlm.attention.sparse import build_selector
+    from tierlm.kvcache import KVSpec, KVStorage
+
+    dev = torch.device(DEVICE)
+    sel = build_selector(SparseConfig(selector=selector, budget_tokens=16, sink_tokens=4, window_tokens=4,
+                                      dense_layers=0), 4)
+    storage = KVStorage(KVSpec(num_layers=1, num_kv_heads=2, head_dim=64, kv_format="fp8_e4m3", block_size=4), 16, dev)
+    sel.add_meta(storage)
+    layer = storage[0]
+    slots = torch.arange(44, device=dev)
+    kk = torch.randn(44, 2, 64, device=dev)
+    layer.write_slots(slots, kk, kk)
+    sel.on_write(layer, slots, kk, 4)
+    meta = AttentionMetadata(block_size=4, slot_mapping=torch.tensor([43], device=dev), num_decodes=1,
+                             decode_block_tables=torch.arange(11, device=dev)[None], decode_seq_lens=torch.tensor([44], device=dev))
+    q, k = torch.randn(1, 4, 64, device=dev), torch.randn(1, 2, 64, device=dev)
+    backend = TritonBackend()
+    backend.prepare(meta, 16)
+    for captured in (True, False):
+        ctx = AttentionContext(meta, storage, backend, sel, captured=captured)
+        _, bad = check_capturable(lambda: ctx.forward(0, q, k, k, 0.125))
+        if captured or dev.type == "cpu":  # on a GPU every pick is static
+            assert (bad == []) == captured, bad

@@ -79,6 +79,7 @@ class AttentionContext:
     kv: KVStorage
     backend: AttentionBackend
     selector: object = None  # attention.sparse.QuestSelector, or None (dense)
+    captured: bool = False  # the step is being captured in a CUDA graph: picks keep static shapes, no host sync
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write layer `layer_idx`'s new K/V, then attend: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. With
@@ -90,9 +91,9 @@ class AttentionContext:
         tables, lens = meta.decode_block_tables, meta.decode_seq_lens
         picked = False
         if sel is not None and sel.applies(layer_idx):
-            sel.on_write(layer, meta.slot_mapping, k, meta.block_size)
+            sel.on_write(layer, meta.slot_mapping, k, meta.block_size, sync_free=self.captured or None)
             if meta.num_decodes:
-                picks = sel.select(q[: meta.num_decodes], layer, tables, lens, scale)
+                picks = sel.select(q[: meta.num_decodes], layer, tables, lens, scale, static=self.captured)
                 tables, lens, picked = picks.block_tables, picks.seq_lens, True
         spill = self.kv.spill
         if spill is not None and meta.num_decodes:

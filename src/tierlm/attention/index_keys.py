@@ -77,8 +77,9 @@ class IndexKeySelector(QuestSelector):
     def add_meta(self, storage: KVStorage) -> None:
         add_index_keys(storage)
 
-    def on_write(self, layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
-        write_index_keys(layer, slots, k, block_size)
+    def on_write(self, layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int,
+                 sync_free: bool | None = None) -> None:
+        write_index_keys(layer, slots, k, block_size)  # sync-free on every device
 
     def _select_native(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor, scale: float,
                        width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -89,7 +90,7 @@ class IndexKeySelector(QuestSelector):
                                         scale, width)
 
     def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
-                      scale: float) -> Picks:
+                      scale: float, static: bool = False) -> Picks:
         """`select` in torch ops (any device; the definition the native kernel matches)."""
         bs = self.block_size
         n, mb = tables.shape
@@ -105,4 +106,4 @@ class IndexKeySelector(QuestSelector):
             lse = logits.logsumexp(2).masked_fill(~valid[:, :, None], float("-inf"))  # [N, MB, Hq]
             return (lse - lse.logsumexp(1, keepdim=True)).amax(-1)
 
-        return self.pick(tables, lens, share)
+        return self.pick(tables, lens, share, static)

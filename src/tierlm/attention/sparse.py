@@ -45,15 +45,26 @@ def add_quest_meta(storage: KVStorage) -> None:
         storage.add_block_meta(name, shape, torch.float32)
 
 
-def update_key_bounds(layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+def update_key_bounds(layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int,
+                      sync_free: bool | None = None) -> None:
     """Fold the keys just written (k [T, Hkv, D] as stored, at slots [T]) into their blocks' bounds. A block's
     first slot (offset 0) starts its bounds afresh: a block is always written from its first token on, so
-    stale bounds from its previous owner never survive."""
+    stale bounds from its previous owner never survive.
+
+    `sync_free` (default: off the CPU): no host sync and no data-dependent shapes, as a captured decode step
+    needs: the touched blocks' bounds are first rewritten with their base (+-inf for a block started afresh, else
+    as they are; the same value for every token of a block, so duplicate indices agree), then folded. On the CPU
+    the blocks started afresh are picked out instead (fewer ops; a host sync costs nothing there)."""
     lo, hi = layer.block_meta["key_min"], layer.block_meta["key_max"]
     blocks = torch.div(slots, block_size, rounding_mode="floor")
     kf = k.to(lo.dtype)
     first = (slots % block_size) == 0
-    if bool(first.any()):
+    if sync_free if sync_free is not None else k.device.type != "cpu":
+        fresh = torch.zeros(lo.shape[0], dtype=lo.dtype, device=lo.device).scatter_reduce_(
+            0, blocks, first.to(lo.dtype), "amax", include_self=True)[blocks].view(-1, 1, 1) > 0  # [T, 1, 1]
+        lo.index_copy_(0, blocks, torch.where(fresh, float("inf"), lo.index_select(0, blocks)))
+        hi.index_copy_(0, blocks, torch.where(fresh, float("-inf"), hi.index_select(0, blocks)))
+    elif bool(first.any()):
         lo.index_copy_(0, blocks[first], kf[first])
         hi.index_copy_(0, blocks[first], kf[first])
     idx = blocks.view(-1, 1, 1).expand_as(kf)
@@ -94,6 +105,7 @@ class QuestSelector:
     imported: attention sits below config)."""
 
     name = "quest"
+    capturable = True  # select(static=True) keeps shapes and stays on the device (engine/captured.py)
 
     def __init__(self, config, block_size: int):
         self.config = config
@@ -115,18 +127,24 @@ class QuestSelector:
         """Register the per-block metadata this selector keeps (before the tiers: entries carry every part)."""
         add_quest_meta(storage)
 
-    def on_write(self, layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
-        """Keep the metadata of the keys just written (as stored) in a sparse layer."""
-        update_key_bounds(layer, slots, k, block_size)
+    def on_write(self, layer: LayerKV, slots: torch.Tensor, k: torch.Tensor, block_size: int,
+                 sync_free: bool | None = None) -> None:
+        """Keep the metadata of the keys just written (as stored) in a sparse layer (`sync_free`: see
+        update_key_bounds; a captured step asks for it)."""
+        update_key_bounds(layer, slots, k, block_size, sync_free)
 
     def select(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
-               scale: float) -> Picks:
+               scale: float, static: bool = False) -> Picks:
         """q [N, Hq, D] (decode rows); tables [N, MB], lens [N] (the dense decode metadata); scale: the
         attention's logit scale -> the compacted tables and lengths. On the CPU with the native kernels
         built, one native call (`_select_native`: the metadata read in place through the tables; ties go to
-        the lower position); otherwise `_select_torch`, the reference. Every selector shares this rule."""
+        the lower position); otherwise `_select_torch`, the reference. Every selector shares this rule.
+        `static` (a captured step, and any GPU): `_select_torch` with shapes fixed by the table width and budget
+        and no host sync (`pick`)."""
         qf = q.float()
-        if q.device.type == "cpu" and cpu_kernels.usable(qf):
+        if static or q.device.type != "cpu":
+            return self._select_torch(q, layer, tables, lens, scale, static=True)
+        if cpu_kernels.usable(qf):
             longest = -(-int(lens.max()) // self.block_size)
             if longest <= self.budget_blocks:
                 return Picks(tables, lens)  # every context within the budget: dense, exactly
@@ -145,7 +163,7 @@ class QuestSelector:
                                         self.window_blocks, self.budget_blocks, scale, width)
 
     def _select_torch(self, q: torch.Tensor, layer: LayerKV, tables: torch.Tensor, lens: torch.Tensor,
-                      scale: float) -> Picks:
+                      scale: float, static: bool = False) -> Picks:
         """`select` in torch ops (any device; the definition the native kernel matches)."""
 
         def rel(valid: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -159,17 +177,18 @@ class QuestSelector:
             gap = torch.where(cand[:, :, None], (u - best) * scale, torch.full_like(u, float("-inf")))
             return torch.logsumexp(gap, dim=-1)  # [N, MB]; -inf for non-candidates
 
-        return self.pick(tables, lens, rel)
+        return self.pick(tables, lens, rel, static)
 
-    def pick(self, tables: torch.Tensor, lens: torch.Tensor, score) -> Picks:
+    def pick(self, tables: torch.Tensor, lens: torch.Tensor, score, static: bool = False) -> Picks:
         """The blocks each decode row reads, given `score(valid, cand)` -> [N, MB] (higher first; only candidates
         count): every block of a row within the budget; else its sink, its window and the best candidates
         between them, as compacted tables in position order (padded with the row's first block id) and their
-        lengths. The rules every block selector shares."""
+        lengths. The rules every block selector shares. `static`: no host sync; the tables are min(MB, budget
+        blocks) wide whatever the lengths (the same picks; a captured step keeps the shape)."""
         bs, kb = self.block_size, self.budget_blocks
         n, mb = tables.shape
         nblocks = torch.div(lens + bs - 1, bs, rounding_mode="floor")  # [N]
-        if int(nblocks.max()) <= kb:
+        if not static and int(nblocks.max()) <= kb:
             return Picks(tables, lens)  # every context within the budget: dense, exactly
         pos = torch.arange(mb, device=tables.device)
         valid = pos[None, :] < nblocks[:, None]
@@ -177,7 +196,7 @@ class QuestSelector:
         cand = valid & ~keep
         rel = score(valid, cand).masked_fill(~cand, float("-inf"))
         free = (kb - keep.sum(1)).clamp_min(0)  # candidate blocks each row may take
-        take = min(int(free.max()), mb)
+        take = min(kb, mb) if static else min(int(free.max()), mb)
         if take:
             top = rel.topk(take, dim=1).indices  # [N, take], best first
             rank = torch.arange(take, device=tables.device)[None, :]
@@ -188,7 +207,8 @@ class QuestSelector:
         within = nblocks <= kb  # rows inside the budget read all their blocks
         keep = torch.where(within[:, None], valid, keep)
         count = keep.sum(1)  # [N]
-        order = torch.where(keep, pos[None, :], pos[None, :] + mb).sort(1).values[:, : int(count.max())]
+        width = min(kb, mb) if static else int(count.max())
+        order = torch.where(keep, pos[None, :], pos[None, :] + mb).sort(1).values[:, :width]
         order = torch.where(order < mb, order, torch.zeros_like(order))
         compact = tables.gather(1, order)
         last = lens - (nblocks - 1) * bs  # tokens in each row's last block

@@ -11,9 +11,11 @@ with one call. What a replay may change is only the contents of the tensors it w
                      K/V to the pad block (one block the KV manager never hands out) and attending over it
     the step         model forward + logits over the static buffers, with the attention metadata built from
                      them inside the captured region (backend.prepare runs on the device at every replay)
-    eager            any other step: prefill chunks, more rows or blocks than captured, a sparse selector, a
-                     spill store, a model that reads host-side token context (V4-mini), or a swapped backend
-                     (the drift recorders); and everything with --enforce-eager
+    sparse           a capturable selector (Quest, FP8 index keys) picks with static shapes on the device
+                     (select(static=True): tables min(MB, budget blocks) wide, no host sync)
+    eager            any other step: prefill chunks, more rows or blocks than captured, a spill store, a model
+                     that reads host-side token context (V4-mini), or a swapped backend (the drift recorders);
+                     and everything with --enforce-eager
 
 Only a backend whose decode reads tables and lengths on the device with a grid fixed by shapes can be
 captured (AttentionBackend.capturable: the Triton one). Graphs are captured at the first step of each size,
@@ -40,8 +42,10 @@ from tierlm.core.errors import InvalidParameterError
 if TYPE_CHECKING:
     from tierlm.engine.model_runner import ModelRunner, StepLayout
 
-# aten ops a CUDA graph cannot capture: a device-to-host read of a value, or an output shaped by values.
+# aten ops a CUDA graph cannot capture: a device-to-host read of a value, an output shaped by values, or a tensor
+# made from host data (torch.tensor(list): a blocking host-to-device copy on CUDA).
 UNCAPTURABLE = frozenset({
+    "aten.lift_fresh",
     "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
     "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.is_nonzero", "aten.equal",
     "aten.allclose", "aten.bincount", "aten.repeat_interleave.Tensor", "aten.nonzero_static_fallback",
@@ -120,7 +124,7 @@ class DecodeGraphs:
     def accepts(self, lay: StepLayout, runner: ModelRunner) -> bool:
         """Whether this step runs from a graph (see the module docstring for what runs eager)."""
         return (bool(lay.ids) and lay.decode_only and len(lay.ids) <= self.sizes[-1]
-                and runner.backend is self.backend and runner.selector is None and runner.kv.spill is None
+                and runner.backend is self.backend and runner.kv.spill is None
                 and runner.token_context is None and max(map(len, lay.decode_tables)) <= self.max_blocks)
 
     def run(self, lay: StepLayout) -> torch.Tensor:
@@ -161,7 +165,8 @@ class DecodeGraphs:
         meta = AttentionMetadata(block_size=r.block_size, slot_mapping=self.slots[:b], num_decodes=b,
                                  decode_block_tables=self.tables[:b], decode_seq_lens=self.lens[:b])
         self.backend.prepare(meta, r.num_ids)
-        hidden = r.model(self.ids[:b], self.positions[:b], AttentionContext(meta, r.kv, self.backend, None))
+        ctx = AttentionContext(meta, r.kv, self.backend, r.selector, captured=True)
+        hidden = r.model(self.ids[:b], self.positions[:b], ctx)
         return r.model.compute_logits(hidden)
 
     def _capture(self, b: int):

@@ -258,8 +258,8 @@ class LLMEngine:
             why = f"the {self.attention_backend.name} attention backend cannot be captured (use --attention-backend triton)"
         elif num_spill:
             why = "a spill store (--sparse-spill) moves blocks between steps on the host"
-        elif self.selector is not None:
-            why = "a sparse selector picks blocks with host-side decisions"
+        elif self.selector is not None and not getattr(self.selector, "capturable", False):
+            why = f"the {self.selector.name} sparse selector picks blocks with host-side decisions"
         elif getattr(self.model, "token_context", None) is not None:
             why = "the model reads token context on the host (Engram)"
         elif self.device.type != "cuda" and mode == "auto":

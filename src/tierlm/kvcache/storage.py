@@ -137,7 +137,7 @@ class LayerKV:
             held = dequantize(data, scales, self.scheme)
         else:  # static: row 0 is K, row 1 is V
             held = dequantize_kv_rows(data, None, self.scheme, self.static_scales,
-                                      torch.tensor([False, True], device=data.device))
+                                      torch.arange(2, device=data.device) == 1)  # no host data: capturable
         return held[0], held[1]
 
     def parts(self) -> dict[str, tuple[torch.Tensor, int]]:

@@ -8,6 +8,7 @@
 #
 #   bash scripts/device_check.sh                      # on the GPU machine ($OUT is set there)
 #   DEVICE=cpu QUICK=1 PY=.venv/bin/python OUT=/tmp/dc bash scripts/device_check.sh   # local dry run
+#   (SCALE_ONLY=1: only the GPU-scale steps, 3.; BIG=1: also the ~8B model)
 #
 # Needs, next to the working tree: .whl/ (pure-Python wheels of packages tierlm pins that the machine
 # lacks: platformdirs, gguf; unpacked into a private dir, no pip, no index) and .devcheck/smollm2_shape/
@@ -88,6 +89,7 @@ print("tierlm", tierlm.__version__, "from", tierlm.__file__)
 import platformdirs, gguf  # lazy in tierlm (cache dir without $TIERLM_CACHE_DIR; GGUF files): not on this path
 print("platformdirs", platformdirs.__version__, "gguf from", gguf.__file__)'
 
+if [ "${SCALE_ONLY:-0}" != 1 ]; then
 # 1. Engine behaviour on the device (tiny random models; no default model needed): parity with CPU and transformers,
 #    host-tier loads through the load stream, the Triton decode kernel against the torch backend (every KV format,
 #    split-KV, sparse tables), and captured decode steps (real CUDA graphs) against eager.
@@ -111,6 +113,8 @@ for dt in bf16 fp32; do
   fi
 done
 
+fi  # SCALE_ONLY
+
 # 3. GPU scale (issue 17): a ~1B Llama with random weights (bf16 on disk), captured vs eager decode (Triton attention)
 #    and transformers eager at batch 1..256, then dense bf16 vs FP8 KV vs FP8 + Quest sparse at long contexts.
 #    BIG=1 adds the ~8B shape (15 GB of weights to write: a few minutes).
@@ -121,16 +125,18 @@ else
   B1_ARGS=(--batch 1 16 64 256 --new-tokens 128 --reps 3 --prefill-len 2048 8192 --prompt-len 128)
   LONG_CTX=(8192 32000); LONG_ARGS=(--batch 1 8 --new-tokens 64 --reps 2 --prefill-len 2048); SPARSE=2048
 fi
+# The Triton backend on a CPU runs under Triton's interpreter (~0.5 tok/s for 1B): a CPU dry run uses torch.
+SCALE_BACKEND=triton; [ "$DEVICE" = cpu ] && SCALE_BACKEND=torch
 for size in 1b $([ "${BIG:-0}" = 1 ] && echo 8b); do
   dir="/tmp/llama-$size"
   step "random-$size" 300 "$PY" tests/helpers/random_model.py "$dir" --like "$SHAPE_DIR" --shape "llama-$size" \
     --dtype bf16 --seed 0
   step "perf-$size-captured" 300 "$PY" -m tierlm.bench.perf --model "$dir" --device "$DEVICE" --dtype bf16 \
-    --attention-backend triton --variant eager:enforce_eager=1 --variant torch-eager:attention_backend=torch,enforce_eager=1 \
+    --attention-backend $SCALE_BACKEND --variant eager:enforce_eager=1 --variant torch-eager:attention_backend=torch,enforce_eager=1 \
     "${B1_ARGS[@]}" --progress --json "$OUT/perf_${size}_captured.json"
   for ctx in "${LONG_CTX[@]}"; do
     step "perf-$size-ctx$ctx" 300 "$PY" -m tierlm.bench.perf --model "$dir" --device "$DEVICE" --dtype bf16 \
-      --attention-backend triton --prompt-len "$ctx" --no-peer --no-reference \
+      --attention-backend $SCALE_BACKEND --prompt-len "$ctx" --no-peer --no-reference \
       --variant fp8:kv_format=fp8_e4m3 --variant fp8-sparse:kv_format=fp8_e4m3,sparse_budget=$SPARSE \
       "${LONG_ARGS[@]}" --progress --json "$OUT/perf_${size}_ctx${ctx}.json"
   done
@@ -138,7 +144,7 @@ for size in 1b $([ "${BIG:-0}" = 1 ] && echo 8b); do
 done
 
 # 4. The device-independent suites under this machine's torch (CPU; no default model needed).
-step cpu-suites 60 "$PY" -m pytest -q -p no:cacheprovider -x tests/attention tests/kvcache tests/scheduler \
+step cpu-suites 120 "$PY" -m pytest -q -p no:cacheprovider -x tests/attention tests/kvcache tests/scheduler \
   tests/engine/test_sampler.py --junitxml="$OUT/cpu_suites.xml"
 
 echo; echo "=== summary ($(( $(date +%s) - T0 ))s in all)"

@@ -185,7 +185,8 @@ class DecodeGraphs:
                 self._step(b)
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the tier loader and the drift guard's worker keep using their own streams during a capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self.logits[b] = self._step(b)
         self._pool = graph.pool()
         self.graphs[b] = graph

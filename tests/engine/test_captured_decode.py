@@ -97,7 +97,8 @@ def test_padded_rows_write_only_the_pad_block(tiny):
 
 
 def test_what_runs_eager(tiny):
-    """Prefill steps run eager; the torch backend and a spill store cannot be captured (captured_decode="on" says why)."""
+    """Prefill steps run eager; the torch backend and a spill store cannot be captured (captured_decode="on" says
+    why)."""
     _, eng = run(config(tiny, "triton", "on"), prompts=[ids(40, 5)],
                  params=SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert eng.runner.graphs.counters["replays"] == 2  # 3 tokens: the first sampled from the prefill step
@@ -188,7 +189,8 @@ def test_sparse_picks_are_capturable(selector):
     layer.write_slots(slots, kk, kk)
     sel.on_write(layer, slots, kk, 4)
     meta = AttentionMetadata(block_size=4, slot_mapping=torch.tensor([43], device=dev), num_decodes=1,
-                             decode_block_tables=torch.arange(11, device=dev)[None], decode_seq_lens=torch.tensor([44], device=dev))
+                             decode_block_tables=torch.arange(11, device=dev)[None],
+                             decode_seq_lens=torch.tensor([44], device=dev))
     q, k = torch.randn(1, 4, 64, device=dev), torch.randn(1, 2, 64, device=dev)
     backend = TritonBackend()
     backend.prepare(meta, 16)

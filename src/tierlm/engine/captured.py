@@ -114,8 +114,11 @@ class DecodeGraphs:
         self.slots = torch.full((b,), self.pad_slot, dtype=torch.long, device=dev)
         self.tables = torch.full((b, max_blocks), pad_block, dtype=torch.long, device=dev)
         self.lens = torch.ones(b, dtype=torch.long, device=dev)
-        pin = dev.type == "cuda"  # host staging: one non-blocking copy per buffer
-        self._host = torch.empty((b, 4 + max_blocks), dtype=torch.long, pin_memory=pin)
+        # host staging, one row per batch row: id, position, slot, length, then the block table. Pinned on CUDA (one
+        # non-blocking copy a step); every entry always a valid block id (stale columns past a row's blocks are read
+        # by nothing that matters: the kernels stop at the row's length, a selector's scores mask them out)
+        self._host = torch.full((b, 4 + max_blocks), pad_block, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._np = self._host.numpy()
         self.graphs: dict[int, object] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.counters = {"replays": 0, "captures": 0}
@@ -139,25 +142,22 @@ class DecodeGraphs:
         return self.logits[b][:n].clone()
 
     def _fill(self, lay: StepLayout, b: int) -> None:
-        n, mb = len(lay.ids), self.max_blocks
-        h = self._host[:b]
-        h[:, 0] = 0
-        h[:, 1] = 0
-        h[:, 2] = self.pad_slot
-        h[:, 3] = 1
-        h[:, 4:] = self.pad_block
-        h[:n, 0] = torch.as_tensor(lay.ids)
-        h[:n, 1] = torch.as_tensor(lay.positions)
-        h[:n, 2] = torch.as_tensor(lay.slots)
-        h[:n, 3] = torch.as_tensor(lay.decode_lens)
+        """The step's rows into the static buffers (rows n..b padded): numpy writes into the staging rows, then
+        one copy of the columns in use (the widest table's) to the device."""
+        n, h = len(lay.ids), self._np
+        h[:n, 0], h[:n, 1], h[:n, 2], h[:n, 3] = lay.ids, lay.positions, lay.slots, lay.decode_lens
+        h[n:b, :5] = (0, 0, self.pad_slot, 1, self.pad_block)
+        width = 1
         for i, t in enumerate(lay.decode_tables):
-            h[i, 4:4 + len(t)] = torch.as_tensor(t)
-        dev = h.to(self.runner.device, non_blocking=True) if self.runner.device.type == "cuda" else h
+            h[i, 4:4 + len(t)] = t
+            width = max(width, len(t))
+        rows = self._host[:b, :4 + width]
+        dev = rows.to(self.runner.device, non_blocking=True) if self.runner.device.type == "cuda" else rows
         self.ids[:b].copy_(dev[:, 0])
         self.positions[:b].copy_(dev[:, 1])
         self.slots[:b].copy_(dev[:, 2])
         self.lens[:b].copy_(dev[:, 3])
-        self.tables[:b, :mb].copy_(dev[:, 4:])
+        self.tables[:b, :width].copy_(dev[:, 4:])
 
     def _step(self, b: int) -> torch.Tensor:
         """The captured function: reads the static buffers only."""

@@ -243,8 +243,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_storage, self.attention_backend, self.device, self.selector)
         if captured:
             sizes = self.config.cuda_graph_sizes or default_sizes(self.config.scheduler.max_num_seqs)
-            self.runner.graphs = DecodeGraphs(self.runner, sizes, -(-self.max_model_len // cc.block_size), pad_block=pool,
-                                              replay="cuda" if self.device.type == "cuda" else "rerun")
+            self.runner.graphs = DecodeGraphs(self.runner, sizes, -(-self.max_model_len // cc.block_size),
+                                              pad_block=pool, replay="cuda" if self.device.type == "cuda" else "rerun")
         for text in self.config.tiers.pinned_prefixes:
             self.pin_prefix(text)
 
@@ -255,7 +255,8 @@ class LLMEngine:
             return False
         why = None
         if not self.attention_backend.capturable:
-            why = f"the {self.attention_backend.name} attention backend cannot be captured (use --attention-backend triton)"
+            why = (f"the {self.attention_backend.name} attention backend cannot be captured "
+                   "(use --attention-backend triton)")
         elif num_spill:
             why = "a spill store (--sparse-spill) moves blocks between steps on the host"
         elif self.selector is not None and not getattr(self.selector, "capturable", False):

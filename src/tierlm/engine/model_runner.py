@@ -4,11 +4,12 @@ Holds, never creates alone: the model (any tierlm.models.base.CausalLM), the KV 
 (kvcache.KVStorage, which owns the KV tensors) and the attention backend, chosen once at construction
 (tierlm.attention.select_backend). Per step it flattens the scheduled tokens (decodes first), builds the
 backend-neutral AttentionMetadata, lets the backend derive its per-step state, and runs the model with an
-AttentionContext. The step is first laid out as host lists (StepLayout); a pure-decode step that captured graphs
-accept (engine/captured.py, CUDA) is copied into their static buffers and replayed instead. A model that reads more of a token's context than its id (a V4-mini: the earlier ids its
-Engram N-grams hash, the slots of the earlier values its conv reads, `token_context`) gets them through
-`begin_step` as soon as the step is laid out, so its memory rows are fetched while the step is still prepared,
-and the next step's decode tokens through `hand_off` as soon as they are sampled (`prefetch_ahead`).
+AttentionContext. The step is first laid out as host lists (StepLayout); a pure-decode step that captured
+graphs accept (engine/captured.py, CUDA) is copied into their static buffers and replayed instead. A model
+that reads more of a token's context than its id (a V4-mini: the earlier ids its Engram N-grams hash, the slots
+of the earlier values its conv reads, `token_context`) gets them through `begin_step` as soon as the step is laid
+out, so its memory rows are fetched while the step is still prepared, and the next step's decode tokens through
+`hand_off` as soon as they are sampled (`prefetch_ahead`).
 """
 from __future__ import annotations
 

@@ -102,7 +102,8 @@ if triton is not None:
         if SPLIT:
             l_safe = tl.where(l_i > 0, l_i, 1.0)
             lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))  # -inf: an empty split
-            tl.store(part_ptr + n * s_pn + heads[:, None] * s_ph + s * s_ps + d[None, :], acc / l_safe[:, None], mask=om)
+            tl.store(part_ptr + n * s_pn + heads[:, None] * s_ph + s * s_ps + d[None, :], acc / l_safe[:, None],
+                     mask=om)
             tl.store(lse_ptr + n * s_ln + heads * s_lh + s, lse, mask=gm)
         else:
             o = acc / l_i[:, None]

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: one script, run from the repository root on the device machine (one H200, Python 3.12 +
 # torch/transformers preinstalled, no internet, no default model). Everything it prints goes to
-# $OUT/device_check.log; perf results to $OUT/perf_cuda_{bf16,fp32}.json; test results to $OUT/*.xml.
+# $OUT/device_check.log; perf results to $OUT/perf_*.json; test results to $OUT/*.xml.
 # A failing step is recorded and the next one still runs; each step has its own time limit, so a hang
 # costs that step only, and what the log holds so far is already in $OUT. Expected wall time on an
-# H200: not yet measured with the GPU-scale steps (3.); the step limits bound each step.
+# H200: not yet measured (planned ~8-10 minutes: the device tests, then the ~1B scale steps); each step has a limit.
 #
 #   bash scripts/device_check.sh                      # on the GPU machine ($OUT is set there)
 #   DEVICE=cpu QUICK=1 PY=.venv/bin/python OUT=/tmp/dc bash scripts/device_check.sh   # local dry run
-#   (SCALE_ONLY=1: only the GPU-scale steps, 3.; BIG=1: also the ~8B model)
+#   (SCALE_ONLY=1: only the GPU-scale steps, 3.; BIG=1: also the ~8B model; SMOL=1: also the 135M-shape runs, 2.)
 #
 # Needs, next to the working tree: .whl/ (pure-Python wheels of packages tierlm pins that the machine
 # lacks: platformdirs, gguf; unpacked into a private dir, no pip, no index) and .devcheck/smollm2_shape/
@@ -97,7 +97,9 @@ step test-cuda 180 env TIERLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cac
   tests/engine/test_cuda.py tests/engine/test_captured_decode.py tests/attention/test_triton_attention.py \
   --durations=8 --junitxml="$OUT/test_cuda.xml"
 
-# 2. Speed: random weights in SmolLM2-135M's exact shape, tierlm vs transformers on the same device.
+# 2. Speed: random weights in SmolLM2-135M's exact shape, tierlm vs transformers on the same device (measured in the
+#    fifth session; SMOL=1 runs it again).
+if [ "${SMOL:-0}" = 1 ]; then
 step random-model 60 "$PY" tests/helpers/random_model.py "$MODEL_DIR" --like "$SHAPE_DIR" --seed 0
 if [ "$QUICK" = 1 ]; then
   PERF_ARGS=(--batch 1 4 --new-tokens 8 --reps 1 --prefill-len 64)
@@ -112,6 +114,7 @@ for dt in bf16 fp32; do
       --dtype "$dt" "${PERF_ARGS[@]}" --no-peer --progress --json "$OUT/perf_${DEVICE}_${dt}_nopeer.json"
   fi
 done
+fi  # SMOL
 
 fi  # SCALE_ONLY
 
@@ -122,8 +125,8 @@ if [ "$QUICK" = 1 ]; then
   B1_ARGS=(--batch 1 4 --new-tokens 8 --reps 1 --prefill-len 256 --prompt-len 32)
   LONG_CTX=(512); LONG_ARGS=(--batch 1 --new-tokens 8 --reps 1 --prefill-len 64); SPARSE=256
 else
-  B1_ARGS=(--batch 1 16 64 256 --new-tokens 128 --reps 3 --prefill-len 2048 8192 --prompt-len 128)
-  LONG_CTX=(8192 32000); LONG_ARGS=(--batch 1 8 --new-tokens 64 --reps 2 --prefill-len 2048); SPARSE=2048
+  B1_ARGS=(--batch 1 16 64 256 --new-tokens 128 --reps 2 --prefill-len 2048 8192 --prompt-len 128)
+  LONG_CTX=(32000 8192); LONG_ARGS=(--batch 1 4 --new-tokens 64 --reps 2 --prefill-len 2048); SPARSE=2048
 fi
 # The Triton backend on a CPU runs under Triton's interpreter (~0.5 tok/s for 1B): a CPU dry run uses torch.
 SCALE_BACKEND=triton; [ "$DEVICE" = cpu ] && SCALE_BACKEND=torch

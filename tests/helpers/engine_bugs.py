@@ -82,7 +82,7 @@ def _mass_select(invert: bool):
 
     from tierlm.attention.sparse import Picks
 
-    def select(self, q, layer, tables, lens, scale):
+    def select(self, q, layer, tables, lens, scale, static=False):  # static: host work is fine here (never captured)
         bs, kb = self.block_size, self.budget_blocks
         nblocks = (lens + bs - 1) // bs
         if int(nblocks.max()) <= kb:

@@ -30,6 +30,8 @@ or an output whose shape depends on values, such as nonzero): `check_capturable`
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -41,6 +43,8 @@ from tierlm.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from tierlm.engine.model_runner import ModelRunner, StepLayout
+
+log = logging.getLogger(__name__)
 
 # aten ops a CUDA graph cannot capture: a device-to-host read of a value, an output shaped by values, or a tensor
 # made from host data (torch.tensor(list): a blocking host-to-device copy on CUDA).
@@ -171,13 +175,21 @@ class DecodeGraphs:
 
     def _capture(self, b: int):
         self.counters["captures"] += 1
-        if self.replay_mode == "rerun":
-            out, bad = check_capturable(lambda: self._step(b))
-            if bad:
-                raise RuntimeError(f"the decode step runs operations a CUDA graph cannot capture: {', '.join(bad)}")
-            self.logits[b] = out
-            self.graphs[b] = _Rerun(lambda: self._step(b), out)
-            return self.graphs[b]
+        t0 = time.perf_counter()
+        graph = self._capture_rerun(b) if self.replay_mode == "rerun" else self._capture_cuda(b)
+        log.info("decode step captured for batch size %d in %.2f s (%d sizes so far)", b, time.perf_counter() - t0,
+                 len(self.graphs))
+        return graph
+
+    def _capture_rerun(self, b: int):
+        out, bad = check_capturable(lambda: self._step(b))
+        if bad:
+            raise RuntimeError(f"the decode step runs operations a CUDA graph cannot capture: {', '.join(bad)}")
+        self.logits[b] = out
+        self.graphs[b] = _Rerun(lambda: self._step(b), out)
+        return self.graphs[b]
+
+    def _capture_cuda(self, b: int):
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(side):

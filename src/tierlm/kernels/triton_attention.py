@@ -42,7 +42,7 @@ def _pow2(n: int) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["sm_scale", "blocks_per_split"])  # values that change step by step: no recompiles
     def _decode_kernel(q_ptr, kv_ptr, sc_ptr, tab_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
                        sm_scale, blocks_per_split,
                        s_qn, s_qh, s_kv, s_kb, s_kt, s_kh, s_sv, s_sb, s_st, s_sh, s_tn,
@@ -109,7 +109,7 @@ if triton is not None:
             o = acc / l_i[:, None]
             tl.store(out_ptr + n * s_on + heads[:, None] * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=om)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits, s_pn, s_ph, s_ps, s_ln, s_lh, s_on, s_oh,
                       D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr):
         n = tl.program_id(0)

@@ -53,7 +53,7 @@ if triton is not None:
         n = tl.program_id(0)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
-        seq_len = tl.load(len_ptr + n)
+        seq_len = tl.load(len_ptr + n).to(tl.int32)  # int32 block arithmetic (and loop bounds of one type)
         nblocks = (seq_len + BS - 1) // BS
         b_start = s * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nblocks)

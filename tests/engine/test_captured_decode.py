@@ -18,7 +18,7 @@ from tierlm import LLM, SamplingParams
 from tierlm.attention import TritonBackend
 from tierlm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SparseConfig
 from tierlm.core.errors import InvalidParameterError
-from tierlm.engine.captured import check_capturable, default_sizes
+from tierlm.engine.captured import check_capturable, default_sizes, table_widths
 from helpers.random_model import write_random_model
 from helpers.tiny_llama import BASE, ids, write_word_tokenizer
 
@@ -70,8 +70,8 @@ def test_triton_and_captured_match_eager_torch(tiny, kv_format):
     same_tokens_close_logprobs(eager, ref)
     same_tokens_close_logprobs(captured, ref)
     g = eng.runner.graphs
-    # 3 sequences decode together (size 4, one padded row), then fewer as none stop early: ignore_eos
-    assert g.counters["replays"] >= 8 and 4 in g.graphs
+    # 3 sequences decode together (size 4, one padded row; ignore_eos: none stops early)
+    assert g.counters["replays"] >= 8 and (4, 64) in g.graphs
 
 
 def test_padded_rows_write_only_the_pad_block(tiny):
@@ -86,7 +86,7 @@ def test_padded_rows_write_only_the_pad_block(tiny):
         b = cap_llm.generate(prompts, GREEDY)
         assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
         g = cap_llm.engine.runner.graphs
-        assert list(g.graphs) == [2] and g.pad_block == cap_llm.engine.kv.num_blocks
+        assert list(g.graphs) == [(2, 64)] and g.pad_block == cap_llm.engine.kv.num_blocks  # 1024 tokens: 64 blocks
         pad = g.pad_block
         ka, kb = eager_llm.engine.kv_storage[0].data, cap_llm.engine.kv_storage[0].data
         torch.testing.assert_close(kb[:, :pad], ka[:, :pad], atol=1e-5, rtol=1e-5)
@@ -133,6 +133,27 @@ def test_sparse_decode_captured_matches_eager(tiny, selector):
     assert seen(captured) != seen(dense)
 
 
+@pytest.mark.parametrize("selector", ["dense", "quest"])
+def test_table_widths_follow_the_longest_context(tiny, selector):
+    """A step runs the graph of the narrowest captured table width that holds its longest table (block size 4: the
+    1024-token context is 256 blocks, captured 64 and 256 wide): a short and a long request each get theirs, with
+    the eager engine's tokens."""
+    sparse = SparseConfig(selector=selector, budget_tokens=64, sink_tokens=8, window_tokens=16, dense_layers=0)
+    cfg = dataclasses.replace(config(tiny, "triton", "on", sparse=sparse),
+                              cache=CacheConfig(memory_bytes=4 << 20, block_size=4),
+                              scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512))  # one prefill step
+    prompts = [ids(30, 31), ids(300, 32)]  # 10 and 78 blocks by the end
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    captured, eng = run(cfg, prompts, params)
+    eager, _ = run(dataclasses.replace(cfg, captured_decode="off"), prompts, params)
+    same_tokens_close_logprobs(captured, eager)
+    assert eng.runner.graphs.widths == [64, 256]
+    assert set(eng.runner.graphs.graphs) == {(2, 256)}  # decoded together: the long one sets the width
+    one, eng1 = run(cfg, prompts[:1], params)
+    assert set(eng1.runner.graphs.graphs) == {(1, 64)}
+    assert one[0].outputs[0].token_ids == captured[0].outputs[0].token_ids
+
+
 def test_the_checker_finds_host_syncs():
     x = torch.arange(6.0)
     _, bad = check_capturable(lambda: x[x > 2].sum() + x.max().item())
@@ -141,8 +162,9 @@ def test_the_checker_finds_host_syncs():
     assert ok == []
 
 
-def test_default_sizes_and_bad_sizes():
+def test_default_sizes_widths_and_bad_sizes():
     assert default_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert table_widths(2048) == [64, 256, 1024, 2048] and table_widths(64) == [64] and table_widths(10) == [10]
     assert default_sizes(3) == [1, 2, 3]
     with pytest.raises(InvalidParameterError, match="cuda-graph-sizes"):
         EngineConfig(cuda_graph_sizes=(0, 4))

@@ -6,9 +6,12 @@ with one call. What a replay may change is only the contents of the tensors it w
 
     static buffers   ids [B], positions [B], slots [B], tables [B, MB], lens [B] (MB: blocks of the longest
                      context), filled from the step's host lists before each replay; logits [B, V] out
-    sizes            one graph per padded batch size (1, 2, 4, 8, 16, 24, ... up to max_num_seqs); a step of
-                     n rows runs the smallest size >= n, rows n.. padded: token 0 at position 0, writing its
-                     K/V to the pad block (one block the KV manager never hands out) and attending over it
+    sizes            one graph per padded batch size (1, 2, 4, 8, 16, 24, ... up to max_num_seqs) and table width
+                     (64, 256, 1024, ... blocks up to MB, each 4x the last); a step of n rows whose longest table
+                     has w blocks runs the smallest size >= n and width >= w, rows n.. padded: token 0 at
+                     position 0, writing its K/V to the pad block (one block the KV manager never hands out) and
+                     attending over it. The width keeps what a step reads per row near its longest context: the
+                     split count of the attention grid and, with a sparse selector, the block scores
     the step         model forward + logits over the static buffers, with the attention metadata built from
                      them inside the captured region (backend.prepare runs on the device at every replay)
     sparse           a capturable selector (Quest, FP8 index keys) picks with static shapes on the device
@@ -54,6 +57,15 @@ UNCAPTURABLE = frozenset({
     "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.is_nonzero", "aten.equal",
     "aten.allclose", "aten.bincount", "aten.repeat_interleave.Tensor", "aten.nonzero_static_fallback",
 })
+
+
+def table_widths(max_blocks: int, first: int = 64, factor: int = 4) -> list[int]:
+    """The captured table widths: first, first * factor, ... below max_blocks, then max_blocks."""
+    out, w = [], first
+    while w < max_blocks:
+        out.append(w)
+        w *= factor
+    return out + [max_blocks]
 
 
 def default_sizes(max_num_seqs: int) -> list[int]:
@@ -108,6 +120,7 @@ class DecodeGraphs:
         self.backend = runner.backend  # what the graphs hold; a swapped runner.backend runs eager
         self.sizes = sorted(set(sizes))
         self.max_blocks = max_blocks
+        self.widths = table_widths(max_blocks)
         self.pad_block = pad_block
         self.replay_mode = replay
         dev, b = runner.device, self.sizes[-1]
@@ -123,8 +136,8 @@ class DecodeGraphs:
         # by nothing that matters: the kernels stop at the row's length, a selector's scores mask them out)
         self._host = torch.full((b, 4 + max_blocks), pad_block, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._np = self._host.numpy()
-        self.graphs: dict[int, object] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], object] = {}  # (batch size, table width) -> graph
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.counters = {"replays": 0, "captures": 0}
         self._pool = None
 
@@ -135,15 +148,16 @@ class DecodeGraphs:
                 and runner.token_context is None and max(map(len, lay.decode_tables)) <= self.max_blocks)
 
     def run(self, lay: StepLayout) -> torch.Tensor:
-        """Replay the graph of the smallest captured size >= the step's rows -> logits [n, V] (a copy: the
-        next replay overwrites the graph's output)."""
+        """Replay the graph of the smallest captured size >= the step's rows and width >= its longest table ->
+        logits [n, V] (a copy: the next replay overwrites the graph's output)."""
         n = len(lay.ids)
-        b = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self._fill(lay, b)
-        graph = self.graphs.get(b) or self._capture(b)
+        key = (self.sizes[bisect.bisect_left(self.sizes, n)],
+               self.widths[bisect.bisect_left(self.widths, max(map(len, lay.decode_tables)))])
+        self._fill(lay, key[0])
+        graph = self.graphs.get(key) or self._capture(key)
         graph.replay()
         self.counters["replays"] += 1
-        return self.logits[b][:n].clone()
+        return self.logits[key][:n].clone()
 
     def _fill(self, lay: StepLayout, b: int) -> None:
         """The step's rows into the static buffers (rows n..b padded): numpy writes into the staging rows, then
@@ -163,43 +177,43 @@ class DecodeGraphs:
         self.lens[:b].copy_(dev[:, 3])
         self.tables[:b, :width].copy_(dev[:, 4:])
 
-    def _step(self, b: int) -> torch.Tensor:
-        """The captured function: reads the static buffers only."""
-        r = self.runner
+    def _step(self, key: tuple[int, int]) -> torch.Tensor:
+        """The captured function for (batch size, table width): reads the static buffers only."""
+        r, (b, w) = self.runner, key
         meta = AttentionMetadata(block_size=r.block_size, slot_mapping=self.slots[:b], num_decodes=b,
-                                 decode_block_tables=self.tables[:b], decode_seq_lens=self.lens[:b])
+                                 decode_block_tables=self.tables[:b, :w], decode_seq_lens=self.lens[:b])
         self.backend.prepare(meta, r.num_ids)
         ctx = AttentionContext(meta, r.kv, self.backend, r.selector, captured=True)
         hidden = r.model(self.ids[:b], self.positions[:b], ctx)
         return r.model.compute_logits(hidden)
 
-    def _capture(self, b: int):
+    def _capture(self, key: tuple[int, int]):
         self.counters["captures"] += 1
         t0 = time.perf_counter()
-        graph = self._capture_rerun(b) if self.replay_mode == "rerun" else self._capture_cuda(b)
-        log.info("decode step captured for batch size %d in %.2f s (%d sizes so far)", b, time.perf_counter() - t0,
-                 len(self.graphs))
+        graph = self._capture_rerun(key) if self.replay_mode == "rerun" else self._capture_cuda(key)
+        log.info("decode step captured for batch size %d, tables %d blocks wide, in %.2f s (%d graphs)", *key,
+                 time.perf_counter() - t0, len(self.graphs))
         return graph
 
-    def _capture_rerun(self, b: int):
-        out, bad = check_capturable(lambda: self._step(b))
+    def _capture_rerun(self, key: tuple[int, int]):
+        out, bad = check_capturable(lambda: self._step(key))
         if bad:
             raise RuntimeError(f"the decode step runs operations a CUDA graph cannot capture: {', '.join(bad)}")
-        self.logits[b] = out
-        self.graphs[b] = _Rerun(lambda: self._step(b), out)
-        return self.graphs[b]
+        self.logits[key] = out
+        self.graphs[key] = _Rerun(lambda: self._step(key), out)
+        return self.graphs[key]
 
-    def _capture_cuda(self, b: int):
+    def _capture_cuda(self, key: tuple[int, int]):
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(b)
+                self._step(key)
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the tier loader and the drift guard's worker keep using their own streams during a capture
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self.logits[b] = self._step(b)
+            self.logits[key] = self._step(key)
         self._pool = graph.pool()
-        self.graphs[b] = graph
+        self.graphs[key] = graph
         return graph

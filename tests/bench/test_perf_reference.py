@@ -148,7 +148,7 @@ def test_variants_are_sides_of_the_same_run(tmp_path, tiny_model, capsys):
     assert "greedy diff vs fp8, batch 2:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad", ["x", "tierlm:kv_format=fp8_e4m3", "a:nope=1", "a:kv_format"])
+@pytest.mark.parametrize("bad", ["x", "tierlm:kv_format=fp8_e4m3", "a:nope=1", "a:kv_format", "a:sparse_budget=lots"])
 def test_bad_variant_names_the_form(bad, capsys):
     with pytest.raises(SystemExit) as e:
         perf.main(["--variant", bad])

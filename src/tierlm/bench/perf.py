@@ -122,6 +122,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if key == "enforce_eager":
             out[key] = value.lower() in ("1", "true", "yes")
         elif key == "sparse_budget":
+            if not value.isdigit():
+                raise ValueError(f"--variant {text!r}: sparse_budget takes a number of tokens, not {value!r}")
             out[key] = int(value)
         else:
             out[key] = value

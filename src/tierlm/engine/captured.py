@@ -16,7 +16,7 @@ with one call. What a replay may change is only the contents of the tensors it w
                      them inside the captured region (backend.prepare runs on the device at every replay)
     sparse           a capturable selector (Quest, FP8 index keys) picks with static shapes on the device
                      (select(static=True): tables min(MB, budget blocks) wide, no host sync)
-    eager            any other step: prefill chunks, more rows or blocks than captured, a spill store, a model
+    eager            any other step: prefill chunks, more rows than captured, a spill store, a model
                      that reads host-side token context (V4-mini), or a swapped backend (the drift recorders);
                      and everything with --enforce-eager
 
@@ -138,37 +138,34 @@ class DecodeGraphs:
         self._np = self._host.numpy()
         self.graphs: dict[tuple[int, int], object] = {}  # (batch size, table width) -> graph
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
-        self.counters = {"replays": 0, "captures": 0}
+        self.counters = {"replays": 0}  # captures: len(self.graphs)
         self._pool = None
 
     def accepts(self, lay: StepLayout, runner: ModelRunner) -> bool:
         """Whether this step runs from a graph (see the module docstring for what runs eager)."""
         return (bool(lay.ids) and lay.decode_only and len(lay.ids) <= self.sizes[-1]
                 and runner.backend is self.backend and runner.kv.spill is None
-                and runner.token_context is None and max(map(len, lay.decode_tables)) <= self.max_blocks)
+                and runner.token_context is None)  # tables never pass max_blocks: the context is capped there
 
     def run(self, lay: StepLayout) -> torch.Tensor:
         """Replay the graph of the smallest captured size >= the step's rows and width >= its longest table ->
         logits [n, V] (a copy: the next replay overwrites the graph's output)."""
-        n = len(lay.ids)
-        key = (self.sizes[bisect.bisect_left(self.sizes, n)],
-               self.widths[bisect.bisect_left(self.widths, max(map(len, lay.decode_tables)))])
-        self._fill(lay, key[0])
+        n, longest = len(lay.ids), max(map(len, lay.decode_tables))
+        key = (self.sizes[bisect.bisect_left(self.sizes, n)], self.widths[bisect.bisect_left(self.widths, longest)])
+        self._fill(lay, key[0], longest)
         graph = self.graphs.get(key) or self._capture(key)
         graph.replay()
         self.counters["replays"] += 1
         return self.logits[key][:n].clone()
 
-    def _fill(self, lay: StepLayout, b: int) -> None:
+    def _fill(self, lay: StepLayout, b: int, width: int) -> None:
         """The step's rows into the static buffers (rows n..b padded): numpy writes into the staging rows, then
-        one copy of the columns in use (the widest table's) to the device."""
+        one copy of the columns in use (`width`: the widest table's) to the device."""
         n, h = len(lay.ids), self._np
         h[:n, 0], h[:n, 1], h[:n, 2], h[:n, 3] = lay.ids, lay.positions, lay.slots, lay.decode_lens
         h[n:b, :5] = (0, 0, self.pad_slot, 1, self.pad_block)
-        width = 1
         for i, t in enumerate(lay.decode_tables):
             h[i, 4:4 + len(t)] = t
-            width = max(width, len(t))
         rows = self._host[:b, :4 + width]
         dev = rows.to(self.runner.device, non_blocking=True) if self.runner.device.type == "cuda" else rows
         self.ids[:b].copy_(dev[:, 0])
@@ -188,7 +185,6 @@ class DecodeGraphs:
         return r.model.compute_logits(hidden)
 
     def _capture(self, key: tuple[int, int]):
-        self.counters["captures"] += 1
         t0 = time.perf_counter()
         graph = self._capture_rerun(key) if self.replay_mode == "rerun" else self._capture_cuda(key)
         log.info("decode step captured for batch size %d, tables %d blocks wide, in %.2f s (%d graphs)", *key,

@@ -15,9 +15,9 @@ width), never on lengths, so a captured decode step (engine/cuda_graph.py) repla
 selector's compacted tables (attention/sparse.py) go through the same kernel: it reads whatever blocks a
 row's table names.
 
-Triton is optional: `available()` says whether it imports. On a machine without a GPU the kernels run under
-Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported), which the tests use on small
-shapes against the torch backend (the reference).
+Triton is optional (the backend checks for it before importing this module). On a machine without a GPU the
+kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported), which the tests
+use on small shapes against the torch backend (the reference).
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ except ImportError:  # optional: the torch backend runs everywhere
     triton = None
 
 SCALES_NONE, SCALES_FP32, SCALES_UE8M0, SCALES_STATIC = 0, 1, 2, 3
-
-
-def available() -> bool:
-    return triton is not None
 
 
 def _pow2(n: int) -> int:

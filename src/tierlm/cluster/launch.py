@@ -20,16 +20,9 @@ def run(args, config, ecfg) -> int:
         raise InvalidParameterError("--replicas runs the replicas on Ray Serve, which is not installed",
                                     f"pip install '{RAY_PIN}' (or pip install 'tierlm[cluster]')") from None
     from tierlm.cluster.deploy import deploy
-    from tierlm.cluster.routing import MODES
+    from tierlm.cluster.routing import Router
 
-    # bad flags fail here, naming the flag, not later inside Ray
-    if args.routing not in MODES:
-        raise InvalidParameterError(f"--routing {args.routing}", f"use one of {', '.join(MODES)}")
-    if not 0.0 <= args.routing_min_match <= 1.0:
-        raise InvalidParameterError(f"--routing-min-match {args.routing_min_match}",
-                                    "give a fraction of the prompt in [0, 1]")
-    if args.routing_imbalance < 0:
-        raise InvalidParameterError(f"--routing-imbalance {args.routing_imbalance}", "give 0 or more requests")
+    Router(args.routing, args.routing_imbalance, args.routing_min_match)  # bad flags fail here, not inside Ray
     if args.replica_gpus < 0:
         raise InvalidParameterError(f"--replica-gpus {args.replica_gpus}", "give 0 (CPU replicas) or more")
     threads = args.replica_threads

@@ -45,10 +45,13 @@ class Router:
     """The routing policy; thread-unsafe by design (one router per ingress, called from its event loop)."""
 
     def __init__(self, mode: str = "cache", imbalance: int = 4, min_match: float = 0.5, max_entries: int = 200_000):
+        # named as the serve flags they come from (cluster/command.py); launch.py builds one to check them before Ray
         if mode not in MODES:
-            raise InvalidParameterError(f"unknown routing mode {mode!r}", f"use one of {', '.join(MODES)}")
+            raise InvalidParameterError(f"--routing {mode}", f"use one of {', '.join(MODES)}")
         if not 0.0 <= min_match <= 1.0:
-            raise InvalidParameterError(f"min_match {min_match}", "give a fraction of the prompt in [0, 1]")
+            raise InvalidParameterError(f"--routing-min-match {min_match}", "give a fraction of the prompt in [0, 1]")
+        if imbalance < 0:
+            raise InvalidParameterError(f"--routing-imbalance {imbalance}", "give 0 or more requests")
         self.mode = mode
         self.imbalance = imbalance
         self.min_match = min_match

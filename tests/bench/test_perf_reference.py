@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tierlm.bench import perf
 from helpers.random_model import write_random_model, write_tokenizer
@@ -146,6 +147,21 @@ def test_variants_are_sides_of_the_same_run(tmp_path, tiny_model, capsys):
     # the torch backend computes the same fp32 attention: the same greedy tokens
     assert all(g["exact_match"] == g["prompts"] for g in res["correctness"] if g["side"] == "torch-eager")
     assert "greedy diff vs fp8, batch 2:" in capsys.readouterr().out
+
+
+def test_the_gate_flags_a_broken_triton_variant(tmp_path, tiny_model, monkeypatch):
+    """A triton side (the kernel under Triton's interpreter here) gives the tierlm side's greedy tokens; the same
+    run with the kernel's logit scale dropped (a deliberately broken decode) is reported as diverging."""
+    from tierlm.attention import TritonBackend
+
+    if TritonBackend.unsupported(torch.device("cpu"), torch.float32, "fp32") is not None:
+        pytest.skip("triton backend cannot run here")
+    res = run_perf(tmp_path, tiny_model, "--no-peer", "--variant", "triton:attention_backend=triton")
+    assert [g["exact_match"] == g["prompts"] for g in res["correctness"]] == [True, True]
+    decode = TritonBackend.decode
+    monkeypatch.setattr(TritonBackend, "decode", lambda self, q, layer, meta, scale: decode(self, q, layer, meta, 1.0))
+    res = run_perf(tmp_path, tiny_model, "--no-peer", "--variant", "triton:attention_backend=triton")
+    assert not all(g["exact_match"] == g["prompts"] for g in res["correctness"])
 
 
 @pytest.mark.parametrize("bad", ["x", "tierlm:kv_format=fp8_e4m3", "a:nope=1", "a:kv_format", "a:sparse_budget=lots"])
